@@ -1,0 +1,73 @@
+"""Settings from flags and environment: the one place defaults live."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+DB_FILENAME = "pulse.db"
+LOCK_FILENAME = "serve.lock"
+SERVER_FILENAME = "server.json"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("pulse-data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # ingest limits
+    max_body_bytes: int = 1024 * 1024
+    # single writer
+    queue_max_events: int = 200_000
+    write_batch_max_events: int = 20_000
+    ack: str = "commit"  # "commit": 202 after the commit; "enqueue": 202 when queued
+    synchronous: str = "FULL"  # SQLite synchronous pragma for the writer
+    # readers
+    reader_threads: int = 2
+    query_timeout_s: float = 10.0
+    # network
+    trust_proxy: bool = False
+    catalog_poll_s: float = 0.25
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / DB_FILENAME
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Defaults, then PULSE_* environment variables, then explicit overrides (flags)."""
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            raw = os.environ.get(f"PULSE_{field.name.upper()}")
+            if raw is None:
+                continue
+            values[field.name] = _coerce(field.type, raw, field.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.ack not in ("commit", "enqueue"):
+            raise ValueError(f"ack must be 'commit' or 'enqueue', not {self.ack!r}")
+        if self.synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {self.synchronous!r}")
+        if self.queue_max_events < 1000:
+            raise ValueError("queue_max_events must be at least 1000 (one full batch)")
+
+
+def _coerce(kind: object, raw: str, name: str) -> object:
+    kind = str(kind)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise ValueError(f"PULSE_{name.upper()}: expected {kind}, got {raw!r}") from None
+    return raw

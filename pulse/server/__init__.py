@@ -1,0 +1,1 @@
+"""The aiohttp server: ingest, the read API, health. Never imports Textual."""

@@ -1,0 +1,121 @@
+"""create_app(settings) -> web.Application, and run() on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
+from pulse.server import analytics, ingest
+from pulse.server.auth import KeyRing
+from pulse.server.keys import KEYRING, READER, SETTINGS, WRITER
+from pulse.server.middlewares import cors_middleware, error_middleware
+from pulse.storage.reader import Reader
+from pulse.storage.writer import EventWriter
+
+log = logging.getLogger("pulse.server")
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    stats = request.app[WRITER].stats
+    return web.json_response({
+        "status": "ok",
+        "queued_events": stats.queued_events,
+        "last_commit_at": stats.last_commit_at,
+        "events_written": stats.events_written,
+        "writer_lag_seconds": (
+            round(time.monotonic() - stats.oldest_queued_at, 3) if stats.oldest_queued_at is not None else 0.0
+        ),
+    })
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    writer = EventWriter(
+        settings.db_path,
+        max_queued_events=settings.queue_max_events,
+        batch_max_events=settings.write_batch_max_events,
+        synchronous=settings.synchronous,
+    )
+    await writer.start()  # creates and migrates the database
+    reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s)
+    keyring = KeyRing(reader)
+    await keyring.reload()
+    app[WRITER], app[READER], app[KEYRING] = writer, reader, keyring
+    watcher = asyncio.create_task(keyring.watch(settings.catalog_poll_s), name="pulse-keyring-watch")
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await writer.close()
+        await reader.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[error_middleware, cors_middleware],
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(storage_ctx)
+    app.add_routes(routes)
+    app.add_routes(ingest.routes)
+    app.add_routes(analytics.routes)
+    return app
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def serve_lock(settings: Settings):
+    """One server per data directory; also records where it listens, for local tools."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = settings.data_dir / LOCK_FILENAME
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(f"another pulse server is using {settings.data_dir}") from None
+    info_path = settings.data_dir / SERVER_FILENAME
+    try:
+        info_path.write_text(json.dumps({
+            "url": f"http://{settings.host}:{settings.port}", "pid": os.getpid(),
+        }))
+        yield
+    finally:
+        info_path.unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def run(settings: Settings, *, print_fn=print) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain the queue, commit and return."""
+    import uvloop
+
+    with serve_lock(settings):
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            loop=uvloop.new_event_loop(),
+            access_log=None,
+            shutdown_timeout=30.0,
+            print=lambda _: print_fn(f"pulse listening on http://{settings.host}:{settings.port}"),
+        )

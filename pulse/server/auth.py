@@ -1,0 +1,79 @@
+"""Ingest keys and read tokens: kept in memory by digest, reloaded as soon as the catalog changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from pulse.server.errors import ApiError
+from pulse.storage.projects import INGEST, READ, KeyGrant, Project, catalog_version, digest, list_projects, load_grants, now_ms
+from pulse.storage.reader import Reader
+
+log = logging.getLogger(__name__)
+
+
+def _load(conn) -> tuple[int, dict[bytes, KeyGrant], dict[int, Project]]:
+    return catalog_version(conn), load_grants(conn), {p.id: p for p in list_projects(conn)}
+
+
+def _version(conn) -> int:
+    return catalog_version(conn)
+
+
+class KeyRing:
+    """Every key's grant by SHA-256 digest, and every project, as of the last catalog version."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.version = -1
+        self.grants: dict[bytes, KeyGrant] = {}
+        self.projects: dict[int, Project] = {}
+
+    async def reload(self) -> None:
+        self.version, self.grants, self.projects = await self.reader.run(_load)
+
+    async def watch(self, interval: float) -> None:
+        """Reload whenever another process (the CLI) changes projects or keys."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.reader.run(_version) != self.version:
+                    await self.reload()
+            except Exception:
+                log.exception("reloading keys failed")
+
+    def grant(self, secret: str) -> KeyGrant | None:
+        found = self.grants.get(digest(secret))
+        if found is None or not found.valid(now_ms()) or found.project_id not in self.projects:
+            return None
+        return found
+
+    def ingest(self, request: web.Request) -> Project:
+        """The project an ingest request is for, from `X-API-Key` or `?key=`."""
+        secret = request.headers.get("X-API-Key") or request.query.get("key")
+        if not secret:
+            raise ApiError(401, "missing ingest key: send it in the X-API-Key header or the key query parameter")
+        found = self.grant(secret)
+        if found is None:
+            raise ApiError(401, "invalid or revoked ingest key")
+        if found.kind != INGEST:
+            raise ApiError(403, "this is a read token; sending events needs the project's ingest key (pk_…)")
+        return self.projects[found.project_id]
+
+    def read(self, request: web.Request, project_id: int) -> Project:
+        """The project a read request may see, from `Authorization: Bearer sk_…` (or `?token=`)."""
+        header = request.headers.get("Authorization", "")
+        secret = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token")
+        if not secret:
+            raise ApiError(401, "missing read token: send Authorization: Bearer sk_…",
+                           headers={"WWW-Authenticate": "Bearer"})
+        found = self.grant(secret)
+        if found is None:
+            raise ApiError(401, "invalid or revoked read token", headers={"WWW-Authenticate": "Bearer"})
+        if found.kind != READ:
+            raise ApiError(403, "ingest keys cannot read; use the project's read token (sk_…)")
+        if found.project_id != project_id:
+            raise ApiError(403, f"this token does not grant access to project {project_id}")
+        return self.projects[project_id]

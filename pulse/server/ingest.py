@@ -1,0 +1,73 @@
+"""POST /api/v1/events/ingest: decode, validate, hand to the writer, answer after the commit."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from pulse.protocol import IngestAck, batch_decoder, json_encoder
+from pulse.server.errors import ApiError, validation_error
+from pulse.server.keys import KEYRING, SETTINGS, WRITER
+from pulse.storage.rollups import IngestJob, to_ms
+from pulse.storage.writer import QueueFull, WriteFailed, WriterClosed
+
+routes = web.RouteTableDef()
+
+
+def _retrieve(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def client_ip(request: web.Request, trust_proxy: bool) -> str:
+    if trust_proxy:
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded:
+            return forwarded.split(",", 1)[0].strip()
+    return request.remote or ""
+
+
+@routes.post("/api/v1/events/ingest")
+async def ingest(request: web.Request) -> web.Response:
+    app = request.app
+    project = app[KEYRING].ingest(request)
+    body = await request.read()
+    received = time.time_ns() // 1_000_000
+    try:
+        batch = batch_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise validation_error(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}", field="body") from None
+    skew = 0
+    if batch.sent_at is not None:
+        skew = received - to_ms(batch.sent_at)
+    settings = app[SETTINGS]
+    job = IngestJob(
+        project_id=project.id,
+        events=batch.events,
+        received_ms=received,
+        skew_ms=skew,
+        ip=client_ip(request, settings.trust_proxy),
+        user_agent=request.headers.get("User-Agent", "")[:512],
+        project_domain=project.domain,
+    )
+    try:
+        future = app[WRITER].enqueue(job)
+    except QueueFull as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    except WriterClosed as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
+    if settings.ack == "enqueue":
+        future.add_done_callback(_retrieve)
+        accepted, duplicates = len(batch.events), 0
+    else:
+        try:
+            accepted, duplicates = await future
+        except WriteFailed as exc:
+            raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
+    return web.Response(
+        status=202, body=json_encoder.encode(IngestAck(accepted, duplicates)), content_type="application/json"
+    )

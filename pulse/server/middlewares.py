@@ -1,0 +1,51 @@
+"""JSON errors for everything, and CORS so browsers on any origin can send events."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from pulse.server.errors import ApiError, json_error
+
+log = logging.getLogger(__name__)
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type, X-API-Key, Authorization",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS" and request.path.startswith("/api/"):
+        return web.Response(status=204, headers=CORS_HEADERS)
+    response = await handler(request)
+    if request.path.startswith("/api/") and not response.prepared:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = exc.response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = json_error(413, f"request body too large: at most {exc.max_size} bytes", field="body")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = json_error(exc.status, exc.reason, headers={
+            k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")
+        })
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = json_error(500, "internal server error")
+    if request.path.startswith("/api/"):
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    return response

@@ -1,0 +1,1 @@
+"""SQLite storage: schema, the single writer, queries, projects and keys. The only package that imports apsw."""

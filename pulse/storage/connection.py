@@ -1,0 +1,45 @@
+"""Connection setup in one place: WAL, busy timeout, pragmas, read-only readers with a time limit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import apsw
+
+BUSY_TIMEOUT_MS = 5000
+
+
+class QueryTimeout(Exception):
+    """A read query ran past its time limit and was interrupted."""
+
+
+def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FULL") -> apsw.Connection:
+    """Open the database. Writers get WAL and the chosen durability; readers are read-only."""
+    if readonly:
+        flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+    else:
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
+    conn = apsw.Connection(str(path), flags=flags)
+    conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    conn.pragma("foreign_keys", True)
+    conn.pragma("temp_store", "MEMORY")
+    conn.pragma("cache_size", -32_000)  # KiB
+    if not readonly:
+        conn.pragma("journal_mode", "wal")
+        conn.pragma("synchronous", synchronous.upper())
+        conn.pragma("journal_size_limit", 64 * 1024 * 1024)
+    return conn
+
+
+def set_deadline(conn: apsw.Connection, seconds: float | None) -> None:
+    """Interrupt any statement on this connection that runs past `seconds` from now."""
+    if seconds is None:
+        conn.set_progress_handler(None)
+        return
+    deadline = time.monotonic() + seconds
+
+    def check() -> bool:
+        return time.monotonic() > deadline  # True aborts the statement
+
+    conn.set_progress_handler(check, 10_000)

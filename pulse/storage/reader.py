@@ -1,0 +1,58 @@
+"""Read-only connections, one per worker thread, each query under a time limit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import apsw
+
+from pulse.storage.connection import QueryTimeout, connect, set_deadline
+
+T = TypeVar("T")
+
+
+class Reader:
+    def __init__(self, path: Path, *, threads: int = 2, timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._connections: list[apsw.Connection] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pulse-reader")
+
+    def _connection(self) -> apsw.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, readonly=True)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        conn = self._connection()
+        set_deadline(conn, self.timeout_s)
+        conn.execute("BEGIN")  # one snapshot for every statement of the call
+        try:
+            return fn(conn, *args)
+        except apsw.InterruptError:
+            raise QueryTimeout(f"query took longer than {self.timeout_s:g}s") from None
+        finally:
+            conn.execute("COMMIT")
+            set_deadline(conn, None)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(connection, *args) on a reader thread inside one read transaction."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, args)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()

@@ -1,0 +1,163 @@
+"""Numbered migrations on PRAGMA user_version, each applied in one transaction."""
+
+from __future__ import annotations
+
+import apsw
+
+
+class SchemaTooNew(Exception):
+    pass
+
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO meta(key, value) VALUES ('catalog', 0);
+
+    CREATE TABLE projects (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        domain TEXT,
+        timezone TEXT NOT NULL DEFAULT 'UTC',
+        retention_days INTEGER NOT NULL DEFAULT 180,
+        created_at INTEGER NOT NULL
+    );
+
+    -- secrets are stored as SHA-256 digests; `prefix` is the first characters, for listing
+    CREATE TABLE keys (
+        id INTEGER PRIMARY KEY,
+        project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('ingest', 'read')),
+        digest BLOB NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER
+    );
+    CREATE INDEX keys_project ON keys(project_id);
+
+    -- interned strings: event names, URLs, paths, referrers, UTM values
+    CREATE TABLE strings (
+        id INTEGER PRIMARY KEY,
+        value TEXT NOT NULL UNIQUE
+    );
+
+    CREATE TABLE agents (
+        id INTEGER PRIMARY KEY,
+        ua TEXT NOT NULL UNIQUE,
+        browser TEXT NOT NULL,
+        os TEXT NOT NULL,
+        device TEXT NOT NULL,
+        is_bot INTEGER NOT NULL
+    );
+
+    CREATE TABLE persons (
+        id INTEGER PRIMARY KEY,
+        project_id INTEGER NOT NULL,
+        distinct_id TEXT NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        event_count INTEGER NOT NULL DEFAULT 0,
+        traits TEXT
+    );
+    CREATE INDEX persons_project ON persons(project_id, last_seen);
+
+    -- every distinct_id ever seen, mapped to its person (identify links several ids to one)
+    CREATE TABLE person_ids (
+        project_id INTEGER NOT NULL,
+        distinct_id TEXT NOT NULL,
+        person_id INTEGER NOT NULL,
+        PRIMARY KEY (project_id, distinct_id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY,
+        project_id INTEGER NOT NULL,
+        session_key TEXT NOT NULL,
+        person_id INTEGER NOT NULL,
+        first_ts INTEGER NOT NULL,
+        last_ts INTEGER NOT NULL,
+        events INTEGER NOT NULL DEFAULT 0,
+        pageviews INTEGER NOT NULL DEFAULT 0,
+        entry_ts INTEGER,
+        entry_path_id INTEGER,
+        exit_ts INTEGER,
+        exit_path_id INTEGER,
+        referrer_id INTEGER,
+        utm_source_id INTEGER,
+        utm_medium_id INTEGER,
+        utm_campaign_id INTEGER,
+        agent_id INTEGER,
+        UNIQUE (project_id, session_key)
+    );
+    CREATE INDEX sessions_project_first ON sessions(project_id, first_ts);
+
+    -- raw events, append-only; ts and received are epoch milliseconds
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        project_id INTEGER NOT NULL,
+        uuid BLOB NOT NULL,
+        ts INTEGER NOT NULL,
+        received INTEGER NOT NULL,
+        name_id INTEGER NOT NULL,
+        person_id INTEGER NOT NULL,
+        session_id INTEGER,
+        url_id INTEGER,
+        path_id INTEGER,
+        referrer_id INTEGER,
+        referrer_domain_id INTEGER,
+        agent_id INTEGER,
+        ip_hash BLOB,
+        props TEXT
+    );
+    CREATE UNIQUE INDEX events_uuid ON events(project_id, uuid);
+    CREATE INDEX events_ts ON events(project_id, ts);
+
+    -- hourly rollups; name_id 0 is every event of the hour. user_set and session_set are
+    -- serialized roaring bitmaps of person and session ids, so unions over any range are exact
+    CREATE TABLE hourly (
+        project_id INTEGER NOT NULL,
+        hour INTEGER NOT NULL,
+        name_id INTEGER NOT NULL,
+        bot INTEGER NOT NULL,
+        events INTEGER NOT NULL,
+        users INTEGER NOT NULL,
+        sessions INTEGER NOT NULL,
+        user_set BLOB NOT NULL,
+        session_set BLOB NOT NULL,
+        PRIMARY KEY (project_id, hour, name_id, bot)
+    ) WITHOUT ROWID;
+
+    -- the daily salt of the IP hash; deleted once its day is over
+    CREATE TABLE salts (
+        day INTEGER PRIMARY KEY,
+        salt BLOB NOT NULL
+    );
+    """,
+]
+
+
+def current_version(conn: apsw.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Bring the database up to the newest schema; refuse one newer than this code."""
+    version = current_version(conn)
+    if version > len(MIGRATIONS):
+        raise SchemaTooNew(
+            f"database schema version {version} is newer than this pulse ({len(MIGRATIONS)}); upgrade pulse"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(script)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return len(MIGRATIONS)
