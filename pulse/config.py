@@ -16,6 +16,8 @@ class Settings:
     data_dir: Path = Path("pulse-data")
     host: str = "127.0.0.1"
     port: int = 8000
+    # the address sites use to reach this server (for the script tag); default http://host:port
+    public_url: str = ""
     # ingest limits
     max_body_bytes: int = 1024 * 1024
     # single writer
@@ -33,6 +35,13 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / DB_FILENAME
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def script_tag(self, ingest_key: str) -> str:
+        return f'<script src="{self.base_url}/static/sdk/tracker.js" data-project="{ingest_key}" defer></script>'
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from pulse.server.errors import ApiError, json_error
+from pulse.server.keys import SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         response = exc.response()
-    except web.HTTPRequestEntityTooLarge as exc:
-        response = json_error(413, f"request body too large: at most {exc.max_size} bytes", field="body")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        response = json_error(413, f"request body too large: at most {limit} bytes", field="body")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -1,0 +1,77 @@
+"""Keys and tokens: ingest keys only send, read tokens only read, each for its own project only."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pulse.storage.projects import get_project, rotate_key
+from tests.conftest import event
+
+INGEST = "/api/v1/events/ingest"
+
+
+async def post(client, key):
+    return await client.post(INGEST, json={"events": [event()]}, headers={"X-API-Key": key})
+
+
+async def overview(client, project_id, token):
+    return await client.get(f"/api/v1/projects/{project_id}/overview", headers={"Authorization": f"Bearer {token}"})
+
+
+async def wait_for_status(call, status, attempts=50):
+    """The server reloads keys when the catalog changes (polled); wait for it to take effect."""
+    for _ in range(attempts):
+        response = await call()
+        if response.status == status:
+            return response
+        await asyncio.sleep(0.05)
+    return response
+
+
+async def test_missing_and_unknown_keys_are_401(client, project):
+    response = await client.post(INGEST, json={"events": [event()]})
+    assert response.status == 401
+    assert "X-API-Key" in (await response.json())["error"]
+    assert (await post(client, "pk_made_up")).status == 401
+    response = await client.get(f"/api/v1/projects/{project.id}/overview")
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_ingest_key_cannot_read_and_read_token_cannot_send(client, project):
+    response = await overview(client, project.id, project.ingest_key)
+    assert response.status == 403
+    assert "ingest keys cannot read" in (await response.json())["error"]
+    response = await post(client, project.read_token)
+    assert response.status == 403
+
+
+async def test_token_of_project_a_cannot_touch_project_b(aiohttp_client, settings, make_project):
+    from pulse.server.app import create_app
+
+    a = make_project("a")
+    b = make_project("b")
+    client = await aiohttp_client(create_app(settings))
+    assert (await overview(client, b.id, a.read_token)).status == 403
+    assert (await overview(client, a.id, a.read_token)).status == 200
+    assert (await overview(client, 999, a.read_token)).status == 403
+
+
+async def test_rotated_key_stops_working_at_once(client, project, db):
+    assert (await post(client, project.ingest_key)).status == 202
+    new_key = rotate_key(db, get_project(db, project.id), "ingest")  # as `pulse keys rotate` does
+    assert (await wait_for_status(lambda: post(client, project.ingest_key), 401)).status == 401
+    assert (await post(client, new_key)).status == 202
+
+
+async def test_rotation_with_grace_keeps_old_key_for_a_while(client, project, db):
+    new_token = rotate_key(db, get_project(db, project.id), "read", grace_seconds=3600)
+    assert (await wait_for_status(lambda: overview(client, project.id, new_token), 200)).status == 200
+    assert (await overview(client, project.id, project.read_token)).status == 200
+
+
+async def test_deleted_project_keys_are_refused(client, project, db):
+    from pulse.storage.projects import delete_project
+
+    delete_project(db, get_project(db, project.id))
+    assert (await wait_for_status(lambda: post(client, project.ingest_key), 401)).status == 401

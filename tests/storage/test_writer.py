@@ -1,0 +1,150 @@
+"""The single writer: group commit, dedup, rollups that agree with a recount of the raw events."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+from pyroaring import BitMap
+
+from pulse.protocol import IngestEvent
+from pulse.storage.rollups import HOUR_MS, IngestJob
+from pulse.storage.writer import EventWriter
+
+BASE = 1_790_000_000_000 - 1_790_000_000_000 % HOUR_MS  # an hour boundary
+
+
+def job(project_id: int, events: list[IngestEvent], ua: str = "test-agent") -> IngestJob:
+    return IngestJob(project_id, events, received_ms=BASE + 10 * HOUR_MS, skew_ms=0, ip="192.0.2.1", user_agent=ua)
+
+
+def ev(name: str, ts: int, user: str, session: str | None = None, uid: uuid.UUID | None = None, **kw) -> IngestEvent:
+    return IngestEvent(event=name, uuid=uid or uuid.uuid4(), distinct_id=user, session_id=session, timestamp=ts, **kw)
+
+
+def rollups(conn, project_id):
+    return {
+        (hour, name_id, bot): (events, users, sessions, BitMap.deserialize(us), BitMap.deserialize(ss))
+        for hour, name_id, bot, events, users, sessions, us, ss in conn.execute(
+            "SELECT hour, name_id, bot, events, users, sessions, user_set, session_set FROM hourly WHERE project_id = ?",
+            (project_id,),
+        )
+    }
+
+
+def recount_hourly(conn, project_id):
+    """Per (hour, event name) and per hour (name 0): count, distinct users, distinct sessions, from raw rows."""
+    found = {}
+    for grouping in ("e.name_id", "0"):
+        for hour, name_id, bot, count, users, sessions in conn.execute(
+            f"SELECT e.ts / {HOUR_MS}, {grouping}, a.is_bot, count(*), count(DISTINCT e.person_id),"
+            " count(DISTINCT e.session_id) FROM events e JOIN agents a ON a.id = e.agent_id"
+            f" WHERE e.project_id = ? GROUP BY 1, 2, 3",
+            (project_id,),
+        ):
+            found[(hour, name_id, bot)] = (count, users, sessions)
+    return found
+
+
+async def test_rollups_agree_with_recount_after_many_batches(db, project, settings):
+    writer = EventWriter(settings.db_path, synchronous="NORMAL")
+    await writer.start()
+    rng = random.Random(7)
+    names = ["page_view", "click", "signup", "purchase"]
+    sent = 0
+    try:
+        for _ in range(40):  # many batches, all hitting the same few hours
+            events = [
+                ev(rng.choice(names), BASE + rng.randrange(3 * HOUR_MS), f"user{rng.randrange(60)}",
+                   f"s{rng.randrange(90)}")
+                for _ in range(rng.randrange(1, 30))
+            ]
+            sent += len(events)
+            ua = rng.choice(["test-agent", "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"])
+            accepted, duplicates = await writer.submit(job(project.id, events, ua))
+            assert (accepted, duplicates) == (len(events), 0)
+    finally:
+        await writer.close()
+    expected = recount_hourly(db, project.id)
+    stored = rollups(db, project.id)
+    assert set(stored) == set(expected)
+    for key, (count, users, sessions) in expected.items():
+        assert stored[key][:3] == (count, users, sessions), key
+        assert len(stored[key][3]) == users and len(stored[key][4]) == sessions
+    assert sum(v[0] for k, v in stored.items() if k[1] == 0) == sent
+
+
+async def test_duplicate_uuids_are_stored_and_counted_once(db, project, settings):
+    writer = EventWriter(settings.db_path, synchronous="NORMAL")
+    await writer.start()
+    try:
+        same = uuid.uuid4()
+        first = [ev("click", BASE, "u1", "s1", uid=same), ev("click", BASE + 1, "u2", "s2", uid=same)]
+        assert await writer.submit(job(project.id, first)) == (1, 1)  # duplicate inside one batch
+        again = [ev("click", BASE + 5, "u3", "s3", uid=same), ev("click", BASE + 6, "u4", "s4")]
+        assert await writer.submit(job(project.id, again)) == (1, 1)  # duplicate of a committed event
+        # the same uuid under another project is a different event
+        other = db.execute("INSERT INTO projects(name, created_at) VALUES ('other', 0) RETURNING id").fetchone()[0]
+        assert await writer.submit(job(other, [ev("click", BASE, "u1", uid=same)])) == (1, 0)
+    finally:
+        await writer.close()
+    assert db.execute("SELECT count(*) FROM events WHERE project_id = ?", (project.id,)).fetchone()[0] == 2
+    stored = rollups(db, project.id)
+    assert sum(v[0] for k, v in stored.items() if k[1] == 0) == 2
+    assert db.execute("SELECT sum(event_count) FROM persons WHERE project_id = ?", (project.id,)).fetchone()[0] == 2
+
+
+async def test_concurrent_submits_share_commits(db, project, settings):
+    writer = EventWriter(settings.db_path, synchronous="FULL")
+    await writer.start()
+    try:
+        jobs = [job(project.id, [ev("click", BASE + i, f"u{i}")]) for i in range(300)]
+        results = await asyncio.gather(*(writer.submit(j) for j in jobs))
+    finally:
+        await writer.close()
+    assert results == [(1, 0)] * 300
+    assert writer.stats.commits < 300  # requests waiting together were committed together
+    assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 300
+
+
+async def test_identify_links_anonymous_id_to_one_person(db, project, settings):
+    writer = EventWriter(settings.db_path, synchronous="NORMAL")
+    await writer.start()
+    try:
+        await writer.submit(job(project.id, [ev("page_view", BASE, "anon-1", "s1")]))
+        await writer.submit(job(project.id, [
+            ev("$identify", BASE + 10, "user_42", "s1", anon_id="anon-1", traits={"gender": "Female"}),
+            ev("purchase", BASE + 20, "user_42", "s1"),
+        ]))
+        await writer.submit(job(project.id, [ev("page_view", BASE + 30, "anon-1", "s1")]))
+    finally:
+        await writer.close()
+    persons = db.execute("SELECT distinct_id, event_count, traits FROM persons WHERE project_id = ?",
+                         (project.id,)).fetchall()
+    assert persons == [("user_42", 4, '{"gender":"Female"}')]
+    assert rollups(db, project.id)[(BASE // HOUR_MS, 0, 0)][1] == 1
+
+
+async def test_sessions_track_entry_exit_and_counts(db, project, settings):
+    writer = EventWriter(settings.db_path, synchronous="NORMAL")
+    await writer.start()
+    try:
+        await writer.submit(job(project.id, [
+            ev("page_view", BASE + 2000, "u1", "s1", page_url="https://site.example/pricing"),
+            ev("click", BASE + 2500, "u1", "s1"),
+        ]))
+        # an earlier page view arriving later becomes the entry page
+        await writer.submit(job(project.id, [
+            ev("page_view", BASE + 1000, "u1", "s1", page_url="https://site.example/?utm_source=news",
+               referrer="https://www.google.com/search?q=x"),
+            ev("page_view", BASE + 9000, "u1", "s1", page_url="https://site.example/signup"),
+        ]))
+    finally:
+        await writer.close()
+    row = db.execute(
+        "SELECT s.first_ts, s.last_ts, s.events, s.pageviews, entry.value, exit.value, ref.value, src.value"
+        " FROM sessions s JOIN strings entry ON entry.id = s.entry_path_id JOIN strings exit ON exit.id = s.exit_path_id"
+        " LEFT JOIN strings ref ON ref.id = s.referrer_id LEFT JOIN strings src ON src.id = s.utm_source_id"
+    ).fetchone()
+    assert row == (BASE + 1000, BASE + 9000, 4, 3, "/", "/signup", "google.com", "news")
