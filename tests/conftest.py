@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pyroaring import BitMap
 
 from pulse.config import Settings
 from pulse.server.app import create_app
 from pulse.storage.connection import connect
 from pulse.storage.projects import create_project
+from pulse.storage.rollups import HOUR_MS
 from pulse.storage.schema import migrate
 
 
@@ -76,3 +78,27 @@ def recount(conn, project_id: int, start_ms: int | None = None, end_ms: int | No
         args,
     ).fetchone()
     return {"events": row[0], "unique_users": row[1], "sessions": row[2]}
+
+
+def rollups(conn, project_id):
+    return {
+        (hour, name_id, bot): (events, users, sessions, BitMap.deserialize(us), BitMap.deserialize(ss))
+        for hour, name_id, bot, events, users, sessions, us, ss in conn.execute(
+            "SELECT hour, name_id, bot, events, users, sessions, user_set, session_set FROM hourly WHERE project_id = ?",
+            (project_id,),
+        )
+    }
+
+
+def recount_hourly(conn, project_id):
+    """Per (hour, event name) and per hour (name 0): count, distinct users, distinct sessions, from raw rows."""
+    found = {}
+    for grouping in ("e.name_id", "0"):
+        for hour, name_id, bot, count, users, sessions in conn.execute(
+            f"SELECT e.ts / {HOUR_MS}, {grouping}, a.is_bot, count(*), count(DISTINCT e.person_id),"
+            " count(DISTINCT e.session_id) FROM events e JOIN agents a ON a.id = e.agent_id"
+            f" WHERE e.project_id = ? GROUP BY 1, 2, 3",
+            (project_id,),
+        ):
+            found[(hour, name_id, bot)] = (count, users, sessions)
+    return found

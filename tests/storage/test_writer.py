@@ -6,11 +6,10 @@ import asyncio
 import random
 import uuid
 
-from pyroaring import BitMap
-
 from pulse.protocol import IngestEvent
 from pulse.storage.rollups import HOUR_MS, IngestJob
 from pulse.storage.writer import EventWriter
+from tests.conftest import recount_hourly, rollups
 
 BASE = 1_790_000_000_000 - 1_790_000_000_000 % HOUR_MS  # an hour boundary
 
@@ -21,30 +20,6 @@ def job(project_id: int, events: list[IngestEvent], ua: str = "test-agent") -> I
 
 def ev(name: str, ts: int, user: str, session: str | None = None, uid: uuid.UUID | None = None, **kw) -> IngestEvent:
     return IngestEvent(event=name, uuid=uid or uuid.uuid4(), distinct_id=user, session_id=session, timestamp=ts, **kw)
-
-
-def rollups(conn, project_id):
-    return {
-        (hour, name_id, bot): (events, users, sessions, BitMap.deserialize(us), BitMap.deserialize(ss))
-        for hour, name_id, bot, events, users, sessions, us, ss in conn.execute(
-            "SELECT hour, name_id, bot, events, users, sessions, user_set, session_set FROM hourly WHERE project_id = ?",
-            (project_id,),
-        )
-    }
-
-
-def recount_hourly(conn, project_id):
-    """Per (hour, event name) and per hour (name 0): count, distinct users, distinct sessions, from raw rows."""
-    found = {}
-    for grouping in ("e.name_id", "0"):
-        for hour, name_id, bot, count, users, sessions in conn.execute(
-            f"SELECT e.ts / {HOUR_MS}, {grouping}, a.is_bot, count(*), count(DISTINCT e.person_id),"
-            " count(DISTINCT e.session_id) FROM events e JOIN agents a ON a.id = e.agent_id"
-            f" WHERE e.project_id = ? GROUP BY 1, 2, 3",
-            (project_id,),
-        ):
-            found[(hour, name_id, bot)] = (count, users, sessions)
-    return found
 
 
 async def test_rollups_agree_with_recount_after_many_batches(db, project, settings):

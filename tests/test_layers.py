@@ -1,0 +1,36 @@
+"""Import hygiene: only storage imports apsw; server and storage never import Textual."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def imported_after(module: str) -> set[str]:
+    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return set(output.split())
+
+
+@pytest.mark.parametrize("module", ["pulse.server.app", "pulse.storage.writer", "pulse.storage.queries", "pulse.cli"])
+def test_server_storage_and_cli_do_not_import_textual(module):
+    assert not any(name == "textual" or name.startswith("textual.") for name in imported_after(module))
+
+
+@pytest.mark.parametrize("module", ["pulse.protocol", "pulse.config", "pulse.enrich"])
+def test_shared_modules_import_no_database(module):
+    loaded = imported_after(module)
+    assert "apsw" not in loaded and "aiosqlite" not in loaded
+
+
+def test_only_storage_imports_apsw():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "pulse"
+    offenders = [
+        str(path.relative_to(root)) for path in root.rglob("*.py")
+        if "import apsw" in path.read_text() and path.parent.name != "storage"
+    ]
+    assert offenders == []
