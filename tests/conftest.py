@@ -81,13 +81,21 @@ def recount(conn, project_id: int, start_ms: int | None = None, end_ms: int | No
 
 
 def rollups(conn, project_id):
-    return {
-        (hour, name_id, bot): (events, users, sessions, BitMap.deserialize(us), BitMap.deserialize(ss))
-        for hour, name_id, bot, events, users, sessions, us, ss in conn.execute(
-            "SELECT hour, name_id, bot, events, users, sessions, user_set, session_set FROM hourly WHERE project_id = ?",
-            (project_id,),
-        )
-    }
+    """Each rollup key's events, users, sessions and sets, summed over the key's rows."""
+    found: dict = {}
+    for hour, name_id, bot, events, users, sessions, us, ss in conn.execute(
+        "SELECT hour, name_id, bot, events, users, sessions, user_set, session_set FROM hourly WHERE project_id = ?",
+        (project_id,),
+    ):
+        user_set, session_set = BitMap.deserialize(us), BitMap.deserialize(ss)
+        total = found.get((hour, name_id, bot))
+        if total is not None:
+            assert not (total[3] & user_set) and not (total[4] & session_set), "rows of one key overlap"
+            user_set |= total[3]
+            session_set |= total[4]
+            events, users, sessions = events + total[0], users + total[1], sessions + total[2]
+        found[(hour, name_id, bot)] = (events, users, sessions, user_set, session_set)
+    return found
 
 
 def recount_hourly(conn, project_id):

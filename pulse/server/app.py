@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -110,8 +111,10 @@ def run(settings: Settings, *, print_fn=print) -> None:
     import uvloop
 
     with serve_lock(settings):
+        app = create_app(settings)
+        gc.freeze()  # what start-up made lives for the whole run: keep it out of every collection
         web.run_app(
-            create_app(settings),
+            app,
             host=settings.host,
             port=settings.port,
             loop=uvloop.new_event_loop(),

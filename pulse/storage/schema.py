@@ -116,19 +116,22 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX events_uuid ON events(project_id, uuid);
     CREATE INDEX events_ts ON events(project_id, ts);
 
-    -- hourly rollups; name_id 0 is every event of the hour. user_set and session_set are
-    -- serialized roaring bitmaps of person and session ids, so unions over any range are exact
+    -- hourly rollups; name_id 0 is every event of the hour. user_set and session_set are serialized
+    -- roaring bitmaps of person and session ids. A key may have several rows (one per commit until the
+    -- writer compacts them): their sets are disjoint, so events, users and sessions add up exactly,
+    -- and the union of the sets over any range of hours gives exact unique counts
     CREATE TABLE hourly (
         project_id INTEGER NOT NULL,
         hour INTEGER NOT NULL,
         name_id INTEGER NOT NULL,
         bot INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
         events INTEGER NOT NULL,
         users INTEGER NOT NULL,
         sessions INTEGER NOT NULL,
         user_set BLOB NOT NULL,
         session_set BLOB NOT NULL,
-        PRIMARY KEY (project_id, hour, name_id, bot)
+        PRIMARY KEY (project_id, hour, name_id, bot, seq)
     ) WITHOUT ROWID;
 
     -- the daily salt of the IP hash; deleted once its day is over

@@ -146,7 +146,7 @@ class EventWriter:
         try:
             conn = connect(self.path, synchronous=self.synchronous)
             migrate(conn)
-            applier = BatchApplier(conn)
+            applier = BatchApplier(conn, live=self.on_commit is not None)
         except BaseException as exc:  # report start-up failures to start()
             loop.call_soon_threadsafe(_settle_ready, ready, exc)
             return

@@ -1,0 +1,247 @@
+"""Ingest benchmark: pulse against a bare aiohttp floor over HTTP, and the writer against plain executemany.
+
+    python bench/ingest.py [--duration 5] [--repeat 3]
+
+Needs wrk (Debian package `wrk`) as the load generator; everything runs on 127.0.0.1 and stops by itself.
+Figures are medians of --repeat runs; ratios compare with a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from pulse.protocol import IngestEvent  # noqa: E402
+from pulse.storage.connection import connect  # noqa: E402
+from pulse.storage.rollups import HOUR_MS, IngestJob, time_uuid  # noqa: E402
+from pulse.storage.schema import migrate  # noqa: E402
+from pulse.storage.writer import EventWriter  # noqa: E402
+
+CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+          "Chrome/126.0.0.0 Safari/537.36")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wrk(port: int, batch: int, key: str, duration: float, connections: int) -> dict:
+    env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key}
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "load.lua"), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout
+    line = next(line for line in out.splitlines() if line.startswith("RESULT"))
+    requests, micros, p50, p99, bad_status, socket_errors = map(int, line.split()[1:])
+    seconds = micros / 1e6
+    return {"rps": requests / seconds, "eps": requests * batch / seconds, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
+            "bad": bad_status + socket_errors}
+
+
+def median_runs(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def http_benchmarks(duration: float, repeat: int, connections: int) -> dict:
+    data_dir = Path(tempfile.mkdtemp(prefix="pulse-bench-"))
+    created = json.loads(subprocess.run(
+        [sys.executable, "-m", "pulse.cli", "projects", "create", "bench", "--json", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    key = created["ingest_key"]
+    pulse_port, floor_port = free_port(), free_port()
+    pulse = subprocess.Popen([sys.executable, "-m", "pulse.cli", "serve", "--port", str(pulse_port),
+                              "--data-dir", str(data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    floor = subprocess.Popen([sys.executable, str(HERE / "floor_server.py"), str(floor_port)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    results: dict = {}
+    try:
+        wait_http(pulse_port)
+        wait_http(floor_port)
+        for port in (pulse_port, floor_port):  # warm up both
+            wrk(port, 10, key, 1, connections)
+        for batch in (1, 10, 50):
+            runs: dict[str, list[dict]] = {"pulse": [], "floor": []}
+            for _ in range(repeat):  # interleaved, so both see the same machine noise
+                runs["pulse"].append(wrk(pulse_port, batch, key, duration, connections))
+                runs["floor"].append(wrk(floor_port, batch, key, duration, connections))
+            results[batch] = {name: median_runs(r) for name, r in runs.items()}
+        results["rss_mb"] = peak_rss_mb(pulse.pid)
+    finally:
+        floor.send_signal(signal.SIGTERM)
+        pulse.send_signal(signal.SIGTERM)
+        floor.wait(30)
+        results["exit_code"] = pulse.wait(60)
+    conn = connect(data_dir / "pulse.db")
+    events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    size = sum(p.stat().st_size for p in data_dir.glob("pulse.db*"))
+    results["events_stored"] = events
+    results["bytes_per_event"] = size / max(events, 1)
+    shutil.rmtree(data_dir)
+    return results
+
+
+# -- the writer alone, against plain executemany ----------------------------------------------------
+
+
+def make_events(count: int, rng: random.Random, base: int, *, random_uuids: bool = False) -> list[IngestEvent]:
+    """Traffic shaped like a site's: ~2000 sessions open at once, ~8 events each, users who come back.
+
+    Event uuids are time-ordered (UUIDv7, as the server makes them and as the SDK sends them), or
+    random UUIDv4 with random_uuids (what some backends send).
+    """
+    names = ["page_view", "page_view", "page_view", "click", "signup", "purchase"]
+    open_sessions: list[list] = []
+    session_serial = 0
+    events = []
+    for i in range(count):
+        if len(open_sessions) < 2000 or rng.random() < 0.12:
+            session_serial += 1
+            user = rng.randrange(100_000) if rng.random() < 0.3 else 100_000 + session_serial
+            open_sessions.append([f"u{user}", f"s{session_serial}", rng.randint(2, 14)])
+        slot = rng.randrange(len(open_sessions))
+        session = open_sessions[slot]
+        session[2] -= 1
+        if session[2] <= 0:
+            open_sessions[slot] = open_sessions[-1]
+            open_sessions.pop()
+        ts = base + i * (6 * HOUR_MS) // count
+        events.append(IngestEvent(
+            event=rng.choice(names), uuid=uuid.uuid4() if random_uuids else uuid.UUID(bytes=time_uuid(ts)),
+            distinct_id=session[0], session_id=session[1],
+            page_url=f"https://shop.example/p/{rng.randrange(1, 41)}", referrer="https://www.google.com/",
+            properties={"plan": "pro", "n": i % 50}, timestamp=ts,
+        ))
+    return events
+
+
+async def writer_rate(path: Path, events: list[IngestEvent], now: int) -> float:
+    conn = connect(path)
+    migrate(conn)
+    conn.execute("INSERT INTO projects(name, created_at) VALUES ('bench', 0)")
+    conn.close()
+    writer = EventWriter(path, max_queued_events=len(events) + 1, batch_max_events=20_000)
+    await writer.start()
+    jobs = [IngestJob(1, events[i:i + 50], now, 0, "192.0.2.1", CHROME) for i in range(0, len(events), 50)]
+    started = time.perf_counter()
+    futures = [writer.enqueue(job) for job in jobs]
+    results = await asyncio.gather(*futures)
+    elapsed = time.perf_counter() - started
+    await writer.close()
+    assert sum(a for a, _ in results) == len(events)
+    return len(events) / elapsed
+
+
+PLAIN_ROLLUP = """
+CREATE TABLE plain_hourly (project_id INTEGER, hour INTEGER, name_id INTEGER, events INTEGER,
+                           PRIMARY KEY (project_id, hour, name_id)) WITHOUT ROWID
+"""
+
+
+def plain_rate(path: Path, events: list[IngestEvent], now: int) -> float:
+    """The same rows through one executemany per 5000 rows, plus a per-row hourly count upsert."""
+    conn = connect(path)
+    migrate(conn)
+    conn.execute(PLAIN_ROLLUP)
+    names = {name: i + 1 for i, name in enumerate(sorted({e.event for e in events}))}
+    rows = [
+        (i + 1, 1, e.uuid.bytes, e.timestamp, now, names[e.event], i % 100_000, i % 300_000, i % 40, i % 40, 1, 2, 1,
+         b"\x00" * 8, '{"plan":"pro","n":1}')
+        for i, e in enumerate(events)
+    ]
+    rollup_rows = [(1, e.timestamp // HOUR_MS, names[e.event]) for e in events]
+    started = time.perf_counter()
+    for start in range(0, len(rows), 5000):
+        with conn:
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             rows[start:start + 5000])
+            conn.executemany("INSERT INTO plain_hourly VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE SET events = events + 1",
+                             rollup_rows[start:start + 5000])
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return len(rows) / elapsed
+
+
+def storage_benchmarks(count: int, repeat: int) -> dict:
+    rng = random.Random(1)
+    now = int(time.time() * 1000)
+    base = now - 6 * HOUR_MS
+    writer_runs, plain_runs = [], []
+    for _ in range(repeat):
+        events = make_events(count, rng, base)
+        with tempfile.TemporaryDirectory() as tmp:
+            plain_runs.append(plain_rate(Path(tmp) / "plain.db", events, now))
+        with tempfile.TemporaryDirectory() as tmp:
+            writer_runs.append(asyncio.run(writer_rate(Path(tmp) / "writer.db", events, now)))
+    return {"writer": statistics.median(writer_runs), "plain": statistics.median(plain_runs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median is printed)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=200_000, help="rows for the writer-alone benchmark")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/ingest.py needs wrk: apt-get install wrk")
+
+    print(f"ingest over HTTP: wrk -t1 -c{args.connections}, {args.duration:g}s per run, median of {args.repeat}")
+    http = http_benchmarks(args.duration, args.repeat, args.connections)
+    print(f"{'batch':>5}  {'pulse req/s':>11} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-202':>7}"
+          f"  {'floor req/s':>11} {'events/s':>9}  {'pulse/floor':>11}")
+    for batch in (1, 10, 50):
+        p, f = http[batch]["pulse"], http[batch]["floor"]
+        print(f"{batch:>5}  {p['rps']:>11,.0f} {p['eps']:>9,.0f} {p['p50_ms']:>7.2f} {p['p99_ms']:>7.2f} {p['bad']:>7,.0f}"
+              f"  {f['rps']:>11,.0f} {f['eps']:>9,.0f}  {p['rps'] / f['rps']:>10.0%}")
+    print(f"pulse peak RSS {http['rss_mb']:.0f} MB; exit code after SIGTERM {http['exit_code']}; "
+          f"{http['events_stored']:,} events stored, {http['bytes_per_event']:.0f} bytes/event on disk "
+          "(events, indexes, rollups, sessions, persons)")
+
+    print(f"\nstorage alone: {args.rows:,} events in jobs of 50, median of {args.repeat}")
+    storage = storage_benchmarks(args.rows, args.repeat)
+    print(f"  pulse writer (events + rollup bitmaps + sessions + persons, group commit): {storage['writer']:>9,.0f} events/s")
+    print(f"  plain executemany + hourly count upsert, same schema:                     {storage['plain']:>9,.0f} rows/s")
+    print(f"  writer/plain: {storage['writer'] / storage['plain']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
