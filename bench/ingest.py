@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from pulse.protocol import IngestEvent  # noqa: E402
 from pulse.storage.connection import connect  # noqa: E402
-from pulse.storage.rollups import HOUR_MS, IngestJob, time_uuid  # noqa: E402
+from pulse.storage.rows import HOUR_MS, IngestJob, time_uuid  # noqa: E402
 from pulse.storage.schema import migrate  # noqa: E402
 from pulse.storage.writer import EventWriter  # noqa: E402
 

@@ -9,7 +9,6 @@ import gc
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -35,9 +34,7 @@ async def health(request: web.Request) -> web.Response:
         "queued_events": stats.queued_events,
         "last_commit_at": stats.last_commit_at,
         "events_written": stats.events_written,
-        "writer_lag_seconds": (
-            round(time.monotonic() - stats.oldest_queued_at, 3) if stats.oldest_queued_at is not None else 0.0
-        ),
+        "writer_lag_seconds": round(request.app[WRITER].writer_lag_seconds, 3),
     })
 
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from pulse.protocol import IngestAck, batch_decoder, json_encoder
 from pulse.server.errors import ApiError, validation_error
 from pulse.server.keys import KEYRING, SETTINGS, WRITER
-from pulse.storage.rollups import IngestJob, to_ms
+from pulse.storage.rows import IngestJob, to_ms
 from pulse.storage.writer import QueueFull, WriteFailed, WriterClosed
 
 routes = web.RouteTableDef()

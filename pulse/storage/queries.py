@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import apsw
 from pyroaring import BitMap
 
-from pulse.storage.rollups import HOUR_MS
+from pulse.storage.rows import HOUR_MS
 
 
 @dataclass(frozen=True, slots=True)

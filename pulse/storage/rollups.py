@@ -1,30 +1,26 @@
-"""How one group-commit batch becomes rows: events, interned strings, persons, sessions and hourly rollups.
+"""How one group commit becomes rows: events, interned strings, persons, sessions and hourly rollups.
 
-Runs on the writer thread only. The caches here mirror committed rows; any failed transaction clears them.
+Runs in the writer process only. The caches here mirror committed rows; any failed transaction clears them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-import os
-import random
 import secrets
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import apsw
 import msgspec
 from pyroaring import BitMap
 
-from pulse.enrich import UrlParts, parse_agent, referrer_host, split_url
-from pulse.protocol import IngestEvent
+from pulse.enrich import parse_agent
 from pulse.storage.projects import catalog_version
+from pulse.storage.rows import (
+    ANON_ID, DAY_MS, DISTINCT_ID, HOUR_MS, NAME, PAGE_VIEW, PATH, PROPS, REFERRER, REFERRER_DOMAIN, SESSION_KEY,
+    TRAITS, TS, UID, URL, UTM_CAMPAIGN, UTM_MEDIUM, UTM_SOURCE, time_uuid,
+)
 
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
-MAX_FUTURE_MS = 60_000
-PAGE_VIEW = "page_view"
 _CACHE_LIMIT = 200_000
 _ROLLUP_CACHE_LIMIT = 20_000
 COMPACT_EVERY_S = 2.0
@@ -33,33 +29,15 @@ CATALOG_CHECK_EVERY_S = 0.1
 _encode = msgspec.json.Encoder().encode
 
 
-@dataclass(slots=True)
-class IngestJob:
-    """One request's events with what the server knows about the request."""
+class Submit(msgspec.Struct, array_like=True, tag="submit"):
+    """One request's prepared events, as the server process sends them to the writer."""
 
+    job_id: int
     project_id: int
-    events: list[IngestEvent]
-    received_ms: int
-    skew_ms: int  # add to client timestamps (server clock minus client clock at send time)
+    received: int
     ip: str
     user_agent: str
-    project_domain: str | None = None
-
-
-@dataclass(slots=True)
-class CommittedEvent:
-    """What the live feed needs of an event that was committed."""
-
-    project_id: int
-    uuid: bytes
-    ts: int
-    event: str
-    distinct_id: str
-    path: str | None
-    properties: dict | None
-    browser: str
-    os: str
-    device: str
+    events: list[tuple]
 
 
 @dataclass(slots=True)
@@ -72,36 +50,17 @@ class Rollup:
     rows: int = 0
 
 
-# A session's changes within one batch, as a list (built per session per batch, so kept cheap):
+# A session's changes within one batch, as a list (one per session per batch, so kept cheap):
 # [first_ts, last_ts, events, pageviews, entry_ts, entry_path, entry_referrer, entry_source, entry_medium,
-#  entry_campaign, exit_ts, exit_path, agent_id] -- the column order of _UPDATE_SESSION's parameters
+#  entry_campaign, exit_ts, exit_path, agent_id] -- the order of _UPDATE_SESSION's parameters
 FIRST, LAST, EVENTS, PAGEVIEWS, ENTRY_TS, ENTRY_PATH, ENTRY_REF, ENTRY_SRC, ENTRY_MED, ENTRY_CAMP, EXIT_TS, EXIT_PATH = range(12)
-
-
-def to_ms(value: datetime | int | None) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return int(value.timestamp() * 1000)
-
-
-_random_bits = random.Random(os.urandom(32)).getrandbits  # uniqueness, not secrecy: no syscall per event
-
-
-def time_uuid(ts_ms: int) -> bytes:
-    """A UUIDv7: 48-bit millisecond time, version and variant bits, 74 random bits (index-friendly order)."""
-    rand = _random_bits(74)
-    return (
-        (ts_ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | (rand & (1 << 62) - 1)
-    ).to_bytes(16, "big")
 
 
 _INSERT_EVENT = (
     "INSERT INTO events(id, project_id, uuid, ts, received, name_id, person_id, session_id, url_id, path_id,"
     " referrer_id, referrer_domain_id, agent_id, ip_hash, props)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT(project_id, uuid) DO NOTHING"
+    " ON CONFLICT(project_id, uuid) DO NOTHING"  # never skips: repeats were found first; checked after
 )
 _INSERT_HOURLY = (
     "INSERT INTO hourly(project_id, hour, name_id, bot, seq, events, users, sessions, user_set, session_set)"
@@ -114,6 +73,9 @@ _DELETE_HOURLY = "DELETE FROM hourly WHERE project_id = ? AND hour = ? AND name_
 _LOOKUP_PEOPLE = (
     "SELECT distinct_id, person_id FROM person_ids"
     " WHERE project_id = ? AND distinct_id IN (SELECT value FROM json_each(?))"
+)
+_STORED_UUIDS = (
+    "SELECT uuid FROM events WHERE project_id = ? AND uuid IN (SELECT unhex(value) FROM json_each(?))"
 )
 _LOOKUP_SESSIONS = (
     "SELECT session_key, id FROM sessions WHERE project_id = ? AND session_key IN (SELECT value FROM json_each(?))"
@@ -162,22 +124,22 @@ class BatchApplier:
     """Applies batches of ingest jobs inside the writer's transaction, keeping caches of interned ids.
 
     The writer is the only connection that inserts events, persons and sessions, so it hands out
-    their ids itself: new rows are inserted once with their final values, and a duplicate event is
-    recognised by its id missing after `INSERT … ON CONFLICT DO NOTHING`.
+    their ids itself, and new rows are inserted once with their final values. Events whose uuid the
+    project already has are found before any row is built (only client-made uuids can repeat).
     """
 
-    def __init__(self, conn: apsw.Connection, *, live: bool = False) -> None:
+    def __init__(self, conn: apsw.Connection) -> None:
         self.conn = conn
-        self.live = live  # build CommittedEvent records for the live feed
         self.catalog = -1
         self.reset()
 
     def reset(self) -> None:
         """Forget every cache; they are rebuilt from committed rows on demand."""
         self.strings: dict[str, int] = {}
-        self.agents: dict[str, tuple[int, bool, str, str, str]] = {}
-        self.persons: dict[tuple[int, str], int] = {}
-        self.sessions: dict[tuple[int, str], int] = {}
+        self.agents: dict[str, tuple[int, bool]] = {}
+        # per project: distinct id -> person id, session key -> session id
+        self.persons: dict[int, dict[str, int]] = {}
+        self.sessions: dict[int, dict[str, int]] = {}
         self.rollups: dict[tuple[int, int, int, int], Rollup] = {}
         self.salts: dict[int, bytes] = {}
         self.uncompacted: set[tuple[int, int, int, int]] = set()  # keys stored in more than one row
@@ -205,7 +167,7 @@ class BatchApplier:
     def opt_string_id(self, value: str | None) -> int | None:
         return None if value is None else self.string_id(value)
 
-    def agent(self, user_agent: str) -> tuple[int, bool, str, str, str]:
+    def agent(self, user_agent: str) -> tuple[int, bool]:
         found = self.agents.get(user_agent)
         if found is not None:
             return found
@@ -219,7 +181,7 @@ class BatchApplier:
             agent_id = self.conn.last_insert_rowid()
         else:
             agent_id = row[0]
-        found = (agent_id, info.is_bot, info.browser, info.os, info.device)
+        found = (agent_id, info.is_bot)
         self.agents[user_agent] = found
         return found
 
@@ -267,19 +229,33 @@ class BatchApplier:
         self.compacted_at = time.monotonic()
         return len(keys)
 
-    def _load(self, sql: str, wanted: dict[int, set[str]], cache: dict[tuple[int, str], int]) -> None:
-        """Bring every wanted (project, key) that exists into the cache, with one query per 5000 keys."""
+    def _load(self, sql: str, wanted: dict[int, set[str]], caches: dict[int, dict[str, int]]) -> None:
+        """Bring every wanted key of each project that exists into its cache, one query per 5000 keys."""
         for project_id, keys in wanted.items():
-            missing = [k for k in keys if (project_id, k) not in cache]
+            cache = caches.setdefault(project_id, {})
+            missing = [k for k in keys if k not in cache]
             for start in range(0, len(missing), 5000):
                 chunk = _encode(missing[start:start + 5000]).decode()
-                for key, found in self.conn.execute(sql, (project_id, chunk)):
-                    cache[(project_id, key)] = found
+                cache.update(self.conn.execute(sql, (project_id, chunk)))
+
+    def _stored_uuids(self, jobs: list[Submit]) -> set[tuple[int, bytes]]:
+        """Which of the client-made uuids in the batch the project already has."""
+        wanted: dict[int, list[str]] = {}
+        for job in jobs:
+            uuids = [ev[UID].hex() for ev in job.events if ev[UID] is not None]
+            if uuids:
+                wanted.setdefault(job.project_id, []).extend(uuids)
+        found = set()
+        for project_id, uuids in wanted.items():
+            for start in range(0, len(uuids), 5000):
+                chunk = _encode(uuids[start:start + 5000]).decode()
+                found.update((project_id, uid) for (uid,) in self.conn.execute(_STORED_UUIDS, (project_id, chunk)))
+        return found
 
     # -- the batch --------------------------------------------------------------------------------
 
-    def apply(self, jobs: list[IngestJob]) -> tuple[list[tuple[int, int]], list[CommittedEvent]]:
-        """Write the jobs in the current transaction; returns (accepted, duplicates) per job and the new events."""
+    def apply(self, jobs: list[Submit]) -> list[tuple[int, int, list[int]]]:
+        """Write the jobs in the current transaction; returns (job id, accepted, duplicate positions) per job."""
         conn = self.conn
         now = time.monotonic()
         if now - self.catalog_checked_at > CATALOG_CHECK_EVERY_S:
@@ -288,152 +264,161 @@ class BatchApplier:
                 self.reset()
                 self.catalog = version
             self.catalog_checked_at = now
-        for cache in (self.strings, self.persons, self.sessions):
-            if len(cache) > _CACHE_LIMIT:
-                cache.clear()
+        for caches in (self.persons, self.sessions):
+            if sum(len(c) for c in caches.values()) > _CACHE_LIMIT:
+                caches.clear()
+        if len(self.strings) > _CACHE_LIMIT:
+            self.strings.clear()
         if len(self.rollups) > _ROLLUP_CACHE_LIMIT:
             self.rollups.clear()
 
-        # 1. every distinct id and session key the batch names, looked up at once
-        hashes = []
+        # 1. every distinct id and session key the batch names, and every repeated uuid, looked up at once
+        anonymous = []
         people: dict[int, set[str]] = {}
         session_keys: dict[int, set[str]] = {}
         for job in jobs:
             ip_hash = hashlib.sha256(
-                b"%s%d\x00%s\x00%s" % (self.salt(job.received_ms // DAY_MS), job.project_id, job.ip.encode(),
+                b"%s%d\x00%s\x00%s" % (self.salt(job.received // DAY_MS), job.project_id, job.ip.encode(),
                                        job.user_agent.encode())
             ).digest()[:8]
-            hashes.append(ip_hash)
+            anonymous_id = "$ip:" + ip_hash.hex()
+            anonymous.append((ip_hash, anonymous_id))
             wanted = people.setdefault(job.project_id, set())
             keys = session_keys.setdefault(job.project_id, set())
-            for ev in job.events:
-                wanted.add(ev.distinct_id or "$ip:" + ip_hash.hex())
-                if ev.anon_id is not None:
-                    wanted.add(ev.anon_id)
-                if ev.session_id is not None:
-                    keys.add(ev.session_id)
+            wanted.update([ev[DISTINCT_ID] or anonymous_id for ev in job.events])
+            wanted.update([ev[ANON_ID] for ev in job.events if ev[ANON_ID] is not None])
+            keys.update([ev[SESSION_KEY] for ev in job.events if ev[SESSION_KEY] is not None])
         self._load(_LOOKUP_PEOPLE, people, self.persons)
         self._load(_LOOKUP_SESSIONS, session_keys, self.sessions)
+        seen = self._stored_uuids(jobs)
 
-        # 2. one row per event; new persons and sessions get their ids here
+        # 2. one row per new event, and what it adds to rollups, persons and sessions
         self.new_persons: dict[int, list] = {}  # id -> [project, distinct_id, first ts]
         self.new_links: list[tuple[int, str, int]] = []
         self.renames: list[tuple[str, int]] = []
         self.new_sessions: dict[int, tuple[int, str, int]] = {}  # id -> (project, key, person)
         rows: list[tuple] = []
-        extras: list[tuple] = []
-        duplicates = [0] * len(jobs)
-        seen: set[tuple[int, bytes]] = set()
+        results: list[tuple[int, int, list[int]]] = []
+        groups: dict[tuple[int, int, int, int], list] = {}
+        person_changes: dict[int, list[int]] = {}
+        session_changes: dict[int, list] = {}
+        traits: list[tuple[str, int]] = []
         strings = self.strings
-        persons = self.persons
-        sessions = self.sessions
         string_id = self.string_id
-        live = self.live
+        opt_string_id = self.opt_string_id
         event_id = self.next_event_id
         for index, job in enumerate(jobs):
             project_id = job.project_id
-            received = job.received_ms
-            skew = job.skew_ms
-            agent_id, is_bot, browser, os_name, device = self.agent(job.user_agent)
+            received = job.received
+            agent_id, is_bot = self.agent(job.user_agent)
             bot = int(is_bot)
-            ip_hash = hashes[index]
-            anonymous = "$ip:" + ip_hash.hex()
-            for ev in job.events:
-                ts = ev.timestamp
-                if ts is None:
-                    ts = received
+            ip_hash, anonymous_id = anonymous[index]
+            persons = self.persons[project_id]
+            sessions = self.sessions[project_id]
+            duplicates: list[int] = []
+            for position, ev in enumerate(job.events):
+                ts = ev[TS]
+                uid = ev[UID]
+                if uid is None:
+                    uid = time_uuid(ts)
                 else:
-                    if ts.__class__ is not int:
-                        ts = to_ms(ts)
-                    ts += skew
-                    if ts > received + MAX_FUTURE_MS:
-                        ts = received
-                uid = ev.uuid.bytes if ev.uuid is not None else time_uuid(ts)
-                key = (project_id, uid)
-                if key in seen:
-                    duplicates[index] += 1
-                    continue
-                seen.add(key)
-                distinct_id = ev.distinct_id or anonymous
-                if ev.anon_id is not None:
-                    person_id = self._identify(project_id, distinct_id, ev.anon_id, ts)
+                    key = (project_id, uid)
+                    if key in seen:
+                        duplicates.append(position)
+                        continue
+                    seen.add(key)
+                distinct_id = ev[DISTINCT_ID] or anonymous_id
+                if ev[ANON_ID] is not None:
+                    person_id = self._identify(project_id, distinct_id, ev[ANON_ID], ts)
                 else:
-                    person_id = persons.get((project_id, distinct_id)) or self._new_person(project_id, distinct_id, ts)
+                    person_id = persons.get(distinct_id) or self._new_person(project_id, distinct_id, ts)
                 session_id = None
-                if ev.session_id is not None:
-                    session_id = sessions.get((project_id, ev.session_id))
-                    if session_id is None:
-                        session_id = self._new_session(project_id, ev.session_id, person_id)
-                path = url_id = referrer_domain = utm = page_host = None
-                url = ev.page_url
-                if url:
-                    parts = split_url(url)
-                    path, page_host = parts.path, parts.host
-                    if parts.utm_source or parts.utm_medium or parts.utm_campaign:
-                        utm = parts
-                    url_id = strings.get(url) or string_id(url)
-                elif ev.properties:
-                    candidate = ev.properties.get("path")
-                    if isinstance(candidate, str) and candidate:
-                        path = candidate
-                referrer = ev.referrer
-                referrer_id = None
-                if referrer:
-                    referrer_id = strings.get(referrer) or string_id(referrer)
-                    referrer_domain = referrer_host(referrer)
-                    if referrer_domain is not None and referrer_domain in (page_host, job.project_domain):
-                        referrer_domain = None  # self-referral
-                name = ev.event
-                props = _encode(ev.properties).decode() if ev.properties else None
+                session_key = ev[SESSION_KEY]
+                if session_key is not None:
+                    session_id = sessions.get(session_key) or self._new_session(project_id, session_key, person_id)
+                name, url, path, referrer, referrer_domain = ev[NAME], ev[URL], ev[PATH], ev[REFERRER], ev[REFERRER_DOMAIN]
+                name_id = strings.get(name) or string_id(name)
+                path_id = None if path is None else (strings.get(path) or string_id(path))
+                referrer_domain_id = None if referrer_domain is None else (
+                    strings.get(referrer_domain) or string_id(referrer_domain))
                 rows.append((
-                    event_id, project_id, uid, ts, received, strings.get(name) or string_id(name), person_id,
-                    session_id, url_id, None if path is None else (strings.get(path) or string_id(path)),
-                    referrer_id, None if referrer_domain is None else string_id(referrer_domain),
-                    agent_id, ip_hash, props,
-                ))
-                extras.append((
-                    index, bot, name == PAGE_VIEW, utm, ev.traits,
-                    CommittedEvent(project_id, uid, ts, name, distinct_id, path, ev.properties,
-                                   browser, os_name, device) if live else None,
+                    event_id, project_id, uid, ts, received, name_id, person_id, session_id,
+                    None if url is None else (strings.get(url) or string_id(url)), path_id,
+                    None if referrer is None else (strings.get(referrer) or string_id(referrer)),
+                    referrer_domain_id, agent_id, ip_hash, ev[PROPS],
                 ))
                 event_id += 1
+
+                key = (project_id, ts // HOUR_MS, name_id, bot)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = [0, [], []]
+                group[0] += 1
+                group[1].append(person_id)
+                person = person_changes.get(person_id)
+                if person is None:
+                    person_changes[person_id] = [ts, ts, 1]
+                else:
+                    if ts < person[0]:
+                        person[0] = ts
+                    elif ts > person[1]:
+                        person[1] = ts
+                    person[2] += 1
+                if ev[TRAITS] is not None:
+                    traits.append((ev[TRAITS], person_id))
+                if session_id is not None:
+                    group[2].append(session_id)
+                    delta = session_changes.get(session_id)
+                    if delta is None:
+                        delta = session_changes[session_id] = [ts, ts, 0, 0, None, None, None, None, None, None,
+                                                               None, None, agent_id]
+                    elif ts < delta[FIRST]:
+                        delta[FIRST] = ts
+                    elif ts > delta[LAST]:
+                        delta[LAST] = ts
+                    delta[EVENTS] += 1
+                    if name == PAGE_VIEW:
+                        delta[PAGEVIEWS] += 1
+                        if delta[ENTRY_TS] is None or ts < delta[ENTRY_TS]:
+                            delta[ENTRY_TS:EXIT_TS] = (
+                                ts, path_id, referrer_domain_id, opt_string_id(ev[UTM_SOURCE]),
+                                opt_string_id(ev[UTM_MEDIUM]), opt_string_id(ev[UTM_CAMPAIGN]),
+                            )
+                        if delta[EXIT_TS] is None or ts >= delta[EXIT_TS]:
+                            delta[EXIT_TS] = ts
+                            delta[EXIT_PATH] = path_id
+            results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
         self.next_event_id = event_id
-        if rows:
-            before = conn.total_changes()
-            conn.executemany(_INSERT_EVENT, rows)
-            if conn.total_changes() - before == len(rows):
-                kept = zip(rows, extras)
-            else:  # some uuids were already stored: keep only the rows that went in
-                present = {r[0] for r in conn.execute(
-                    "SELECT id FROM events WHERE id BETWEEN ? AND ?", (rows[0][0], rows[-1][0]))}
-                kept = [(row, extra) for row, extra in zip(rows, extras) if row[0] in present]
-                for row, extra in zip(rows, extras):
-                    if row[0] not in present:
-                        duplicates[extra[0]] += 1
-        else:
-            kept = []
-        accepted = [0] * len(jobs)
-        committed = self._derive(kept, accepted)
+
+        # 3. the rows, then everything derived from them
+        before = conn.total_changes()
+        conn.executemany(_INSERT_EVENT, rows)
+        if conn.total_changes() - before != len(rows):
+            raise RuntimeError("an event uuid was stored twice in one batch; the batch is rolled back")
+        self._write_rollups(groups)
+        self._write_people(person_changes, traits)
+        self._write_sessions(session_changes)
         if self.uncompacted and now - self.compacted_at > COMPACT_EVERY_S:
             self.compact()
-        return list(zip(accepted, duplicates)), committed
+        return results
 
     def _new_person(self, project_id: int, distinct_id: str, ts: int) -> int:
         person_id = self.next_person_id
         self.next_person_id += 1
-        self.persons[(project_id, distinct_id)] = person_id
+        self.persons[project_id][distinct_id] = person_id
         self.new_persons[person_id] = [project_id, distinct_id, ts]
         self.new_links.append((project_id, distinct_id, person_id))
         return person_id
 
     def _link(self, project_id: int, distinct_id: str, person_id: int) -> None:
-        self.persons[(project_id, distinct_id)] = person_id
+        self.persons[project_id][distinct_id] = person_id
         self.new_links.append((project_id, distinct_id, person_id))
 
     def _identify(self, project_id: int, distinct_id: str, anon_id: str, ts: int) -> int:
         """Link an anonymous id to a known id: both resolve to one person from now on."""
-        known = self.persons.get((project_id, distinct_id))
-        anon = self.persons.get((project_id, anon_id))
+        persons = self.persons[project_id]
+        known = persons.get(distinct_id)
+        anon = persons.get(anon_id)
         if known is None and anon is not None:
             self._link(project_id, distinct_id, anon)
             if anon in self.new_persons:
@@ -450,68 +435,9 @@ class BatchApplier:
     def _new_session(self, project_id: int, session_key: str, person_id: int) -> int:
         session_id = self.next_session_id
         self.next_session_id += 1
-        self.sessions[(project_id, session_key)] = session_id
+        self.sessions[project_id][session_key] = session_id
         self.new_sessions[session_id] = (project_id, session_key, person_id)
         return session_id
-
-    def _derive(self, kept, accepted: list[int]) -> list[CommittedEvent]:
-        """Update rollups, persons and sessions for the rows that were really inserted."""
-        groups: dict[tuple[int, int, int, int], list] = {}
-        persons: dict[int, list[int]] = {}
-        traits: list[tuple[str, int]] = []
-        sessions: dict[int, list] = {}
-        committed: list[CommittedEvent] = []
-        for row, extra in kept:
-            project_id, ts, name_id, person_id, session_id = row[1], row[3], row[5], row[6], row[7]
-            index, bot, page_view, utm, event_traits, live = extra
-            accepted[index] += 1
-            if live is not None:
-                committed.append(live)
-            key = (project_id, ts // HOUR_MS, name_id, bot)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = [0, [], []]
-            group[0] += 1
-            group[1].append(person_id)
-            person = persons.get(person_id)
-            if person is None:
-                persons[person_id] = [ts, ts, 1]
-            else:
-                if ts < person[0]:
-                    person[0] = ts
-                elif ts > person[1]:
-                    person[1] = ts
-                person[2] += 1
-            if event_traits:
-                traits.append((_encode(event_traits).decode(), person_id))
-            if session_id is not None:
-                group[2].append(session_id)
-                delta = sessions.get(session_id)
-                if delta is None:
-                    delta = sessions[session_id] = [ts, ts, 0, 0, None, None, None, None, None, None, None, None,
-                                                    row[12]]
-                elif ts < delta[FIRST]:
-                    delta[FIRST] = ts
-                elif ts > delta[LAST]:
-                    delta[LAST] = ts
-                delta[EVENTS] += 1
-                if page_view:
-                    delta[PAGEVIEWS] += 1
-                    if delta[ENTRY_TS] is None or ts < delta[ENTRY_TS]:
-                        delta[ENTRY_TS:EXIT_TS] = (ts, row[9], row[11], *self._utm_ids(utm))
-                    if delta[EXIT_TS] is None or ts >= delta[EXIT_TS]:
-                        delta[EXIT_TS] = ts
-                        delta[EXIT_PATH] = row[9]
-        self._write_rollups(groups)
-        self._write_people(persons, traits)
-        self._write_sessions(sessions)
-        return committed
-
-    def _utm_ids(self, utm: UrlParts | None) -> tuple[int | None, int | None, int | None]:
-        if utm is None:
-            return (None, None, None)
-        return (self.opt_string_id(utm.utm_source), self.opt_string_id(utm.utm_medium),
-                self.opt_string_id(utm.utm_campaign))
 
     def _write_rollups(self, groups: dict[tuple[int, int, int, int], list]) -> None:
         """One row per touched key holding what this commit adds: its events and the ids new to the key."""

@@ -1,29 +1,35 @@
-"""The single writer: a bounded queue of ingest jobs, one thread, one transaction per group commit.
+"""The single writer, seen from the server: a bounded queue of ingest jobs and futures resolved at commit.
 
-Handlers call `submit`; the writer thread takes every job waiting (up to a cap), writes them and all
-derived rows in one transaction, commits, then resolves every waiting request at once.
+The writing itself happens in one child process (`writer_process`), which owns the only write
+connection. It has an interpreter of its own, so the event loop and the writer never wait for each
+other's GIL, and a server killed with SIGKILL does not interrupt a commit: the writer notices the
+closed socket, commits what it has and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
+import itertools
 import logging
-import threading
+import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import apsw
-
-from pulse.storage.connection import connect
-from pulse.storage.rollups import BatchApplier, CommittedEvent, IngestJob
-from pulse.storage.schema import migrate
+from pulse.storage.rollups import Submit
+from pulse.storage.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
+from pulse.storage.wire import (
+    Committed, Failed, Ready, Shutdown, StartFailed, Stopped, decode_from_writer, frame, read_frames,
+)
 
 log = logging.getLogger(__name__)
 
-BUSY_RETRIES = 5
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 5000, 10000)
+RESTART_DELAY_S = 0.5
 
 
 class QueueFull(Exception):
@@ -35,11 +41,28 @@ class QueueFull(Exception):
 
 
 class WriterClosed(Exception):
-    """The writer is shutting down and takes no new work."""
+    """The writer takes no new work: shutting down, or restarting after a crash."""
 
 
 class WriteFailed(Exception):
     """The transaction holding a batch failed; nothing of the batch was stored."""
+
+
+class WriterStartFailed(Exception):
+    """The writer process could not open or migrate the database."""
+
+
+@dataclass(slots=True)
+class CommittedEvent:
+    """What the live feed needs of an event that was committed."""
+
+    project_id: int
+    ts: int
+    event: str
+    distinct_id: str | None
+    path: str | None
+    properties: str | None  # JSON text
+    user_agent: str
 
 
 @dataclass(slots=True)
@@ -49,19 +72,14 @@ class WriterStats:
     events_written: int = 0
     duplicates: int = 0
     failures: int = 0
+    restarts: int = 0
     last_commit_at: float | None = None  # wall clock seconds
     last_batch_events: int = 0
     last_commit_seconds: float = 0.0
-    # cumulative histogram of commit latency (seconds); bucket bounds in COMMIT_BUCKETS
     commit_latency_counts: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_BUCKETS) + 1))
     commit_latency_sum: float = 0.0
     batch_size_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
     batch_size_sum: int = 0
-    oldest_queued_at: float | None = None  # monotonic seconds of the oldest waiting job
-
-
-COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 5000, 10000)
 
 
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
@@ -71,12 +89,20 @@ def _bucket(bounds: tuple[float, ...], value: float) -> int:
     return len(bounds)
 
 
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future
+    job: IngestJob
+    rows: list[tuple]
+    queued_at: float
+
+
 class EventWriter:
     def __init__(
         self,
         path: Path,
         *,
-        max_queued_events: int = 200_000,
+        max_queued_events: int = 100_000,
         batch_max_events: int = 20_000,
         synchronous: str = "FULL",
         on_commit: Callable[[list[CommittedEvent]], None] | None = None,
@@ -87,162 +113,184 @@ class EventWriter:
         self.synchronous = synchronous
         self.on_commit = on_commit  # called on the event loop with every committed batch
         self.stats = WriterStats()
-        self._jobs: collections.deque[tuple[IngestJob, asyncio.Future, int, float]] = collections.deque()
-        self._cond = threading.Condition()
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._process: asyncio.subprocess.Process | None = None
+        self._stream: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._up = False
         self._closing = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = asyncio.Event()
 
     # -- life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="pulse-writer", daemon=True)
-        self._thread.start()
-        await ready
+        """Start the writer process; it creates and migrates the database. Raises WriterStartFailed."""
+        self._stopped = asyncio.Event()
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pulse.storage.writer_process", str(theirs.fileno()), str(self.path),
+                self.synchronous, str(self.batch_max_events), pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        reader, self._stream = await asyncio.open_unix_connection(sock=ours, limit=1 << 24)
+        first = await self._read_message(reader)
+        if not isinstance(first, Ready):
+            await self._process.wait()
+            raise WriterStartFailed(first.error if isinstance(first, StartFailed) else "writer process exited")
+        self._up = True
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name="pulse-writer-acks")
 
     async def close(self) -> None:
-        """Take no new work, write everything queued, commit, stop the thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        """Take no new work; the writer process writes everything queued, commits and exits."""
+        self._closing = True
+        if self._up and self._stream is not None:
+            with contextlib.suppress(ConnectionError):
+                self._stream.write(frame(Shutdown()))
+                await self._stream.drain()
+        if self._reader_task is not None:
+            await self._reader_task
+        if self._process is not None:
+            try:
+                await asyncio.wait_for(self._process.wait(), timeout=60)
+            except asyncio.TimeoutError:
+                self._process.kill()
+                await self._process.wait()
+        self._fail_pending(WriterClosed("server is shutting down"))
 
     @property
     def queued_events(self) -> int:
         return self.stats.queued_events
 
+    @property
+    def writer_lag_seconds(self) -> float:
+        """How long the oldest request still waiting for its commit has waited."""
+        for pending in self._pending.values():
+            return time.monotonic() - pending.queued_at
+        return 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     # -- the handler side --------------------------------------------------------------------------
 
     def enqueue(self, job: IngestJob) -> asyncio.Future:
         """Queue a job; the future resolves to (accepted, duplicates) after its commit."""
+        if self._closing:
+            raise WriterClosed("server is shutting down")
+        if not self._up:
+            raise WriterClosed("storage writer is restarting")
         count = len(job.events)
-        assert self._loop is not None
-        future = self._loop.create_future()
-        with self._cond:
-            if self._closing:
-                raise WriterClosed("server is shutting down")
-            if self.stats.queued_events + count > self.max_queued_events:
-                raise QueueFull(retry_after=1)
-            now = time.monotonic()
-            self._jobs.append((job, future, count, now))
-            if self.stats.oldest_queued_at is None:
-                self.stats.oldest_queued_at = now
-            self.stats.queued_events += count
-            self._cond.notify()
+        if self.stats.queued_events + count > self.max_queued_events:
+            raise QueueFull(retry_after=1)
+        rows = prepare(job)
+        job_id = next(self._ids)
+        assert self._stream is not None
+        self._stream.write(frame(Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows)))
+        future = asyncio.get_running_loop().create_future()
+        self._pending[job_id] = _Pending(future, job, rows, time.monotonic())
+        self.stats.queued_events += count
         return future
 
     async def submit(self, job: IngestJob) -> tuple[int, int]:
         return await self.enqueue(job)
 
-    # -- the writer thread ------------------------------------------------------------------------
+    # -- answers from the writer process -----------------------------------------------------------
 
-    def _run(self, ready: asyncio.Future) -> None:
-        loop = self._loop
-        assert loop is not None
+    async def _read_message(self, reader: asyncio.StreamReader):
         try:
-            conn = connect(self.path, synchronous=self.synchronous)
-            migrate(conn)
-            applier = BatchApplier(conn, live=self.on_commit is not None)
-        except BaseException as exc:  # report start-up failures to start()
-            loop.call_soon_threadsafe(_settle_ready, ready, exc)
-            return
-        loop.call_soon_threadsafe(_settle_ready, ready, None)
-        try:
-            while True:
-                taken = self._take()
-                if taken is None:
-                    break
-                self._write(conn, applier, taken)
-        finally:
-            conn.pragma("optimize")
-            conn.close()
+            header = await reader.readexactly(4)
+            payload = await reader.readexactly(int.from_bytes(header, "big"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        return decode_from_writer(payload)
 
-    def _take(self) -> list[tuple[IngestJob, asyncio.Future, int, float]] | None:
-        with self._cond:
-            while not self._jobs and not self._closing:
-                self._cond.wait()
-            if not self._jobs:
-                return None
-            taken = []
-            events = 0
-            while self._jobs and (not taken or events + self._jobs[0][2] <= self.batch_max_events):
-                item = self._jobs.popleft()
-                taken.append(item)
-                events += item[2]
-            return taken
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        buffer = bytearray()
+        while True:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            buffer += chunk
+            for payload in read_frames(buffer):
+                message = decode_from_writer(payload)
+                if isinstance(message, Committed):
+                    self._committed(message)
+                elif isinstance(message, Failed):
+                    self._failed(message)
+                elif isinstance(message, Stopped):
+                    self._stopped.set()
+        self._up = False
+        if self._stream is not None:
+            self._stream.close()
+        if not self._closing:
+            await self._crashed()
 
-    def _write(self, conn: apsw.Connection, applier: BatchApplier, taken: list) -> None:
-        jobs = [item[0] for item in taken]
-        started = time.perf_counter()
-        outcome: list[tuple[int, int]] | BaseException
-        committed: list[CommittedEvent] = []
-        for attempt in range(BUSY_RETRIES):
+    async def _crashed(self) -> None:
+        code = await self._process.wait() if self._process is not None else None
+        log.error("writer process exited unexpectedly (code %s); restarting", code)
+        self._fail_pending(WriteFailed("storage writer stopped; nothing of this batch was stored"))
+        self.stats.restarts += 1
+        while not self._closing:
+            await asyncio.sleep(RESTART_DELAY_S)
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    outcome, committed = applier.apply(jobs)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if not conn.getautocommit():
-                        conn.execute("ROLLBACK")
-                    applier.reset()
-                    raise
-                break
-            except apsw.BusyError as exc:
-                outcome = exc
-                log.warning("database busy (attempt %d of %d)", attempt + 1, BUSY_RETRIES)
-            except Exception as exc:  # disk full, read-only file, corruption: fail these requests
-                log.error("write of %d jobs failed: %s", len(jobs), exc)
-                outcome = exc
-                break
-        elapsed = time.perf_counter() - started
-        count = sum(item[2] for item in taken)
+                await self.start()
+                return
+            except Exception:
+                log.exception("restarting the writer process failed")
+
+    def _fail_pending(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for item in pending.values():
+            self.stats.queued_events -= len(item.job.events)
+            if not item.future.done():
+                item.future.set_exception(error)
+                item.future.exception()  # retrieved: the handler may be gone
+
+    def _committed(self, message: Committed) -> None:
         stats = self.stats
-        with self._cond:
-            stats.queued_events -= count
-            stats.oldest_queued_at = self._jobs[0][3] if self._jobs else None
-        if isinstance(outcome, BaseException):
-            stats.failures += 1
-            error = WriteFailed(f"storage error: {outcome}")
-            self._loop.call_soon_threadsafe(_fail_all, taken, error)
-            return
         stats.commits += 1
         stats.last_commit_at = time.time()
-        stats.last_batch_events = count
-        stats.last_commit_seconds = elapsed
-        stats.commit_latency_counts[_bucket(COMMIT_BUCKETS, elapsed)] += 1
-        stats.commit_latency_sum += elapsed
-        stats.batch_size_counts[_bucket(BATCH_BUCKETS, count)] += 1
-        stats.batch_size_sum += count
-        stats.events_written += sum(accepted for accepted, _ in outcome)
-        stats.duplicates += sum(dups for _, dups in outcome)
-        self._loop.call_soon_threadsafe(self._resolve_all, taken, outcome, committed)
-
-    def _resolve_all(self, taken: list, outcome: list[tuple[int, int]], committed: list[CommittedEvent]) -> None:
-        for (_, future, _, _), result in zip(taken, outcome):
-            if not future.done():
-                future.set_result(result)
-        if self.on_commit is not None and committed:
+        stats.last_batch_events = message.events
+        stats.last_commit_seconds = message.seconds
+        stats.commit_latency_counts[_bucket(COMMIT_BUCKETS, message.seconds)] += 1
+        stats.commit_latency_sum += message.seconds
+        stats.batch_size_counts[_bucket(BATCH_BUCKETS, message.events)] += 1
+        stats.batch_size_sum += message.events
+        live: list[CommittedEvent] = []
+        for job_id, accepted, duplicates in message.results:
+            item = self._pending.pop(job_id, None)
+            if item is None:
+                continue
+            stats.queued_events -= len(item.job.events)
+            stats.events_written += accepted
+            stats.duplicates += len(duplicates)
+            if not item.future.done():
+                item.future.set_result((accepted, len(duplicates)))
+            if self.on_commit is not None:
+                skip = set(duplicates)
+                live.extend(
+                    CommittedEvent(item.job.project_id, row[TS], row[NAME], row[DISTINCT_ID], row[PATH],
+                                   row[PROPS], item.job.user_agent)
+                    for position, row in enumerate(item.rows) if position not in skip
+                )
+        if live:
             try:
-                self.on_commit(committed)
+                self.on_commit(live)
             except Exception:  # the live feed must never break ingest
                 log.exception("on_commit callback failed")
 
-
-def _settle_ready(ready: asyncio.Future, exc: BaseException | None) -> None:
-    if ready.done():
-        return
-    if exc is None:
-        ready.set_result(None)
-    else:
-        ready.set_exception(exc)
-
-
-def _fail_all(taken: list, error: Exception) -> None:
-    for _, future, _, _ in taken:
-        if not future.done():
-            future.set_exception(error)
+    def _failed(self, message: Failed) -> None:
+        self.stats.failures += 1
+        error = WriteFailed(message.error)
+        for job_id in message.job_ids:
+            item = self._pending.pop(job_id, None)
+            if item is None:
+                continue
+            self.stats.queued_events -= len(item.job.events)
+            if not item.future.done():
+                item.future.set_exception(error)
+                item.future.exception()

@@ -7,7 +7,8 @@ import random
 import uuid
 
 from pulse.protocol import IngestEvent
-from pulse.storage.rollups import HOUR_MS, IngestJob
+from pulse.storage.rollups import Submit
+from pulse.storage.rows import HOUR_MS, IngestJob, prepare
 from pulse.storage.writer import EventWriter
 from tests.conftest import recount_hourly, rollups
 
@@ -128,13 +129,16 @@ async def test_sessions_track_entry_exit_and_counts(db, project, settings):
 def test_compaction_keeps_totals_and_leaves_one_row_per_key(db, project):
     from pulse.storage.rollups import BatchApplier
 
+    def submit(j: IngestJob) -> list[Submit]:
+        return [Submit(1, j.project_id, j.received_ms, j.ip, j.user_agent, prepare(j))]
+
     applier = BatchApplier(db)
     rng = random.Random(11)
     for _ in range(30):
         events = [ev("click" if rng.random() < 0.5 else "page_view", BASE + rng.randrange(2 * HOUR_MS),
                      f"u{rng.randrange(40)}", f"s{rng.randrange(70)}") for _ in range(20)]
         with db:
-            applier.apply([job(project.id, events)])
+            applier.apply(submit(job(project.id, events)))
     before = rollups(db, project.id)
     assert db.execute("SELECT count(*) FROM hourly").fetchone()[0] > len(before)
     with db:
@@ -144,5 +148,5 @@ def test_compaction_keeps_totals_and_leaves_one_row_per_key(db, project):
     assert {k: v[:3] for k, v in before.items()} == recount_hourly(db, project.id)
     with db:  # keys loaded from several rows after a restart are compacted too
         applier.reset()
-        applier.apply([job(project.id, [ev("click", BASE, "u999", "s999")])])
+        applier.apply(submit(job(project.id, [ev("click", BASE, "u999", "s999")])))
     assert {k: v[:3] for k, v in rollups(db, project.id).items()} == recount_hourly(db, project.id)

@@ -1,0 +1,69 @@
+"""Frames between the server process and the writer process: 4-byte length, then msgpack."""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+from pulse.storage.rollups import Submit
+
+
+class Shutdown(msgspec.Struct, array_like=True, tag="shutdown"):
+    """Write everything received, commit, answer Stopped and exit."""
+
+
+class Ready(msgspec.Struct, array_like=True, tag="ready"):
+    pid: int
+
+
+class StartFailed(msgspec.Struct, array_like=True, tag="start_failed"):
+    error: str
+
+
+class Committed(msgspec.Struct, array_like=True, tag="committed"):
+    results: list[tuple[int, int, list[int]]]  # job id, events accepted, positions of duplicates
+    seconds: float
+    events: int
+
+
+class Failed(msgspec.Struct, array_like=True, tag="failed"):
+    job_ids: list[int]
+    error: str
+
+
+class Stopped(msgspec.Struct, array_like=True, tag="stopped"):
+    pass
+
+
+_LENGTH = struct.Struct(">I")
+_encoder = msgspec.msgpack.Encoder()
+_to_writer = msgspec.msgpack.Decoder(Submit | Shutdown)
+_from_writer = msgspec.msgpack.Decoder(Ready | StartFailed | Committed | Failed | Stopped)
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    payload = _encoder.encode(message)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def read_frames(buffer: bytearray) -> list[bytes]:
+    """Take every complete frame off the front of the buffer."""
+    found = []
+    offset = 0
+    while len(buffer) - offset >= 4:
+        (length,) = _LENGTH.unpack_from(buffer, offset)
+        if len(buffer) - offset - 4 < length:
+            break
+        found.append(bytes(buffer[offset + 4:offset + 4 + length]))
+        offset += 4 + length
+    del buffer[:offset]
+    return found
+
+
+def decode_to_writer(payload: bytes) -> Submit | Shutdown:
+    return _to_writer.decode(payload)
+
+
+def decode_from_writer(payload: bytes) -> Ready | StartFailed | Committed | Failed | Stopped:
+    return _from_writer.decode(payload)

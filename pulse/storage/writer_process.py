@@ -1,0 +1,146 @@
+"""The single writer's process: owns the only write connection; one transaction per group commit.
+
+Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRONOUS BATCH_MAX`, with one end
+of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
+them and all derived rows in one transaction, commits, then answers with one Committed frame. It stops
+after a Shutdown frame, or when the server's end closes (the server died): either way it first writes
+and commits everything it has received.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+import apsw
+
+from pulse.storage.connection import connect
+from pulse.storage.rollups import BatchApplier, Submit
+from pulse.storage.schema import migrate
+from pulse.storage.wire import (
+    Committed, Failed, Ready, Shutdown, StartFailed, Stopped, decode_to_writer, frame, read_frames,
+)
+
+log = logging.getLogger("pulse.writer")
+
+BUSY_RETRIES = 5
+READ_SIZE = 1 << 20
+
+
+class Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.closed = False
+
+    def send(self, message: object) -> None:
+        self.sock.sendall(frame(message))
+
+    def receive(self, block: bool) -> list:
+        """Every message that has arrived; waits for the first one if `block`."""
+        messages: list = []
+        wait = block
+        while not self.closed:
+            if not wait:
+                ready, _, _ = select.select([self.sock], [], [], 0)
+                if not ready:
+                    break
+            chunk = self.sock.recv(READ_SIZE)
+            if not chunk:
+                self.closed = True
+                break
+            self.buffer += chunk
+            messages.extend(decode_to_writer(payload) for payload in read_frames(self.buffer))
+            wait = block and not messages
+        return messages
+
+
+def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit]) -> Committed | Failed:
+    started = time.perf_counter()
+    error: BaseException | None = None
+    for attempt in range(BUSY_RETRIES):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results = applier.apply(jobs)
+                conn.execute("COMMIT")
+            except BaseException:
+                if not conn.getautocommit():
+                    conn.execute("ROLLBACK")
+                applier.reset()
+                raise
+            return Committed(results, time.perf_counter() - started, sum(len(j.events) for j in jobs))
+        except apsw.BusyError as exc:  # another process holds the write lock past the busy timeout
+            error = exc
+            log.warning("database busy (attempt %d of %d)", attempt + 1, BUSY_RETRIES)
+        except Exception as exc:  # disk full, read-only file, corruption: fail these requests, go on
+            log.error("write of %d jobs failed: %s", len(jobs), exc)
+            error = exc
+            break
+    return Failed([job.job_id for job in jobs], f"storage error: {error}")
+
+
+def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_max: int) -> None:
+    pending: list[Submit] = []
+    stopping = False
+    while True:
+        for message in channel.receive(block=not pending and not stopping):
+            if isinstance(message, Shutdown):
+                stopping = True
+            else:
+                pending.append(message)
+        if channel.closed:
+            stopping = True
+        if pending:
+            taken, events = 0, 0
+            while taken < len(pending) and (taken == 0 or events + len(pending[taken].events) <= batch_max):
+                events += len(pending[taken].events)
+                taken += 1
+            jobs, pending = pending[:taken], pending[taken:]
+            outcome = write(conn, applier, jobs)
+            if not channel.closed:
+                try:
+                    channel.send(outcome)
+                except OSError:
+                    channel.closed = True
+        elif stopping:
+            if not channel.closed:
+                channel.send(Stopped())
+            return
+
+
+def main(argv: list[str]) -> int:
+    fd, path, synchronous, batch_max = int(argv[0]), argv[1], argv[2], int(argv[3])
+    # the server coordinates shutdown: Ctrl-C in a terminal must not kill the writer mid-drain
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="pulse writer: %(message)s")
+    channel = Channel(socket.socket(fileno=fd))
+    try:
+        conn = connect(path, synchronous=synchronous)
+        migrate(conn)
+        applier = BatchApplier(conn)
+    except Exception as exc:
+        channel.send(StartFailed(str(exc)))
+        return 1
+    # what start-up made lives for the whole run; decoded batches are short-lived and cycle-free, so
+    # collections are made rare (they rescanned the id caches many times a second)
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    channel.send(Ready(os.getpid()))
+    try:
+        serve(channel, conn, applier, batch_max)
+    finally:
+        conn.pragma("optimize")
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
