@@ -114,6 +114,17 @@ UPDATE sessions SET
     agent_id = coalesce(agent_id, ?13)
 WHERE id = ?14
 """
+# the common case: a batch with no page view for the session, or one after its entry page
+_EXTEND_SESSION = """
+UPDATE sessions SET
+    first_ts = min(first_ts, ?1),
+    last_ts = max(last_ts, ?2),
+    events = events + ?3,
+    pageviews = pageviews + ?4,
+    exit_path_id = CASE WHEN ?5 IS NOT NULL AND (exit_ts IS NULL OR ?5 >= exit_ts) THEN ?6 ELSE exit_path_id END,
+    exit_ts = CASE WHEN ?5 IS NOT NULL AND (exit_ts IS NULL OR ?5 >= exit_ts) THEN ?5 ELSE exit_ts END
+WHERE id = ?7
+"""
 
 
 def _max_id(conn: apsw.Connection, table: str) -> int:
@@ -233,7 +244,7 @@ class BatchApplier:
         """Bring every wanted key of each project that exists into its cache, one query per 5000 keys."""
         for project_id, keys in wanted.items():
             cache = caches.setdefault(project_id, {})
-            missing = [k for k in keys if k not in cache]
+            missing = list(keys)
             for start in range(0, len(missing), 5000):
                 chunk = _encode(missing[start:start + 5000]).decode()
                 cache.update(self.conn.execute(sql, (project_id, chunk)))
@@ -283,11 +294,18 @@ class BatchApplier:
             ).digest()[:8]
             anonymous_id = "$ip:" + ip_hash.hex()
             anonymous.append((ip_hash, anonymous_id))
+            known_people = self.persons.setdefault(job.project_id, {})
+            known_sessions = self.sessions.setdefault(job.project_id, {})
             wanted = people.setdefault(job.project_id, set())
             keys = session_keys.setdefault(job.project_id, set())
-            wanted.update([ev[DISTINCT_ID] or anonymous_id for ev in job.events])
-            wanted.update([ev[ANON_ID] for ev in job.events if ev[ANON_ID] is not None])
-            keys.update([ev[SESSION_KEY] for ev in job.events if ev[SESSION_KEY] is not None])
+            for ev in job.events:
+                distinct_id = ev[DISTINCT_ID] or anonymous_id
+                if distinct_id not in known_people:
+                    wanted.add(distinct_id)
+                if ev[ANON_ID] is not None and ev[ANON_ID] not in known_people:
+                    wanted.add(ev[ANON_ID])
+                if ev[SESSION_KEY] is not None and ev[SESSION_KEY] not in known_sessions:
+                    keys.add(ev[SESSION_KEY])
         self._load(_LOOKUP_PEOPLE, people, self.persons)
         self._load(_LOOKUP_SESSIONS, session_keys, self.sessions)
         seen = self._stored_uuids(jobs)
@@ -491,4 +509,12 @@ class BatchApplier:
             fresh.append((session_id, project_id, key, person_id, first, last, events, pageviews, entry_ts,
                           entry_path, referrer, source, medium, campaign, exit_ts, exit_path, agent_id))
         self.conn.executemany(_INSERT_SESSION, fresh)
-        self.conn.executemany(_UPDATE_SESSION, [(*delta, sid) for sid, delta in sessions.items()])
+        extend, full = [], []
+        for session_id, delta in sessions.items():
+            if delta[ENTRY_TS] is None:
+                extend.append((delta[FIRST], delta[LAST], delta[EVENTS], delta[PAGEVIEWS], delta[EXIT_TS],
+                               delta[EXIT_PATH], session_id))
+            else:
+                full.append((*delta, session_id))
+        self.conn.executemany(_EXTEND_SESSION, extend)
+        self.conn.executemany(_UPDATE_SESSION, full)

@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 
 import apsw
@@ -86,6 +87,30 @@ def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit]) -> C
     return Failed([job.job_id for job in jobs], f"storage error: {error}")
 
 
+class Checkpointer(threading.Thread):
+    """Copies the WAL back into the database from a connection of its own, off the commit path.
+
+    SQLite would otherwise do it inside a commit every 1000 pages. A passive checkpoint never blocks
+    the writer; SQLite releases the GIL while it runs, so it overlaps the writer's own work.
+    """
+
+    def __init__(self, path: str, pages: int = 1000, every_s: float = 0.2) -> None:
+        super().__init__(name="pulse-checkpoint", daemon=True)
+        self.path, self.pages, self.every_s = path, pages, every_s
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        conn = connect(self.path)
+        try:
+            while not self.stopping.wait(self.every_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except apsw.BusyError:
+                    pass
+        finally:
+            conn.close()
+
+
 def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_max: int) -> None:
     pending: list[Submit] = []
     stopping = False
@@ -125,6 +150,7 @@ def main(argv: list[str]) -> int:
     try:
         conn = connect(path, synchronous=synchronous)
         migrate(conn)
+        conn.pragma("wal_autocheckpoint", 0)  # the Checkpointer does it
         applier = BatchApplier(conn)
     except Exception as exc:
         channel.send(StartFailed(str(exc)))
@@ -134,10 +160,15 @@ def main(argv: list[str]) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
     channel.send(Ready(os.getpid()))
+    checkpointer = Checkpointer(path)
+    checkpointer.start()
     try:
         serve(channel, conn, applier, batch_max)
     finally:
+        checkpointer.stopping.set()
+        checkpointer.join()
         conn.pragma("optimize")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         conn.close()
     return 0
 
