@@ -56,10 +56,14 @@ def wait_http(port: int, timeout: float = 20.0) -> None:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory of a process and its children (the writer process), in MB."""
+    total = 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for each in [pid, *map(int, children.read_text().split())]:
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def wrk(port: int, batch: int, key: str, duration: float, connections: int) -> dict:
@@ -232,7 +236,7 @@ def main() -> None:
         p, f = http[batch]["pulse"], http[batch]["floor"]
         print(f"{batch:>5}  {p['rps']:>11,.0f} {p['eps']:>9,.0f} {p['p50_ms']:>7.2f} {p['p99_ms']:>7.2f} {p['bad']:>7,.0f}"
               f"  {f['rps']:>11,.0f} {f['eps']:>9,.0f}  {p['rps'] / f['rps']:>10.0%}")
-    print(f"pulse peak RSS {http['rss_mb']:.0f} MB; exit code after SIGTERM {http['exit_code']}; "
+    print(f"pulse peak RSS {http['rss_mb']:.0f} MB (server and writer processes); exit code after SIGTERM {http['exit_code']}; "
           f"{http['events_stored']:,} events stored, {http['bytes_per_event']:.0f} bytes/event on disk "
           "(events, indexes, rollups, sessions, persons)")
 

@@ -20,7 +20,7 @@ def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FUL
         flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
     else:
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
-    conn = apsw.Connection(str(path), flags=flags)
+    conn = apsw.Connection(str(path), flags=flags, statementcachesize=128)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     conn.pragma("foreign_keys", True)
     conn.pragma("temp_store", "MEMORY")
