@@ -21,7 +21,7 @@ class Settings:
     # ingest limits
     max_body_bytes: int = 1024 * 1024
     # single writer
-    queue_max_events: int = 200_000
+    queue_max_events: int = 100_000
     write_batch_max_events: int = 20_000
     ack: str = "commit"  # "commit": 202 after the commit; "enqueue": 202 when queued
     synchronous: str = "FULL"  # SQLite synchronous pragma for the writer
