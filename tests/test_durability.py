@@ -41,9 +41,10 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     async def start(self) -> None:
+        self.log = open(self.data_dir.parent / "server.log", "ab")  # a file: a full pipe would block the server
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pulse.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT,
         )
         async with aiohttp.ClientSession() as session:
             for _ in range(200):
@@ -54,13 +55,13 @@ class Server:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.05)
-        raise RuntimeError("server did not start: " + self.process.stdout.read().decode())
+        raise RuntimeError("server did not start: " + (self.data_dir.parent / "server.log").read_text())
 
     def stop(self, sig: int) -> int:
         assert self.process is not None
         self.process.send_signal(sig)
         code = self.process.wait(timeout=60)
-        self.process.stdout.close()
+        self.log.close()
         return code
 
 
@@ -119,7 +120,14 @@ async def test_sigterm_under_load_drains_and_exits_zero(created):
     acked: set[bytes] = set()
     stop = asyncio.Event()
     task = asyncio.create_task(load(server.url, project["ingest_key"], acked, stop))
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(0.7)
+    # the CLI works on the live database while the server is under load
+    other = json.loads((await asyncio.to_thread(pulse, "projects", "create", "other", "--json",
+                                                data_dir=data_dir)).stdout)
+    await asyncio.to_thread(pulse, "keys", "rotate", "other", "--read", data_dir=data_dir)
+    listed = json.loads((await asyncio.to_thread(pulse, "projects", "list", "--json", data_dir=data_dir)).stdout)
+    assert [p["name"] for p in listed["projects"]] == ["load", "other"] and other["id"] == 2
+    await asyncio.sleep(0.7)
     assert acked, "no batch was acknowledged before the signal"
     code = await asyncio.to_thread(server.stop, signal.SIGTERM)
     stop.set()
@@ -144,4 +152,27 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(created):
     await server.start()
     assert server.stop(signal.SIGTERM) == 0
     assert len(acked) > 1000
+    assert_consistent(data_dir, project["id"], acked)
+
+
+async def test_a_killed_writer_process_is_replaced_and_nothing_acknowledged_is_lost(created):
+    data_dir, project = created
+    server = Server(data_dir)
+    await server.start()
+    acked: set[bytes] = set()
+    stop = asyncio.Event()
+    task = asyncio.create_task(load(server.url, project["ingest_key"], acked, stop, workers=8))
+    await asyncio.sleep(0.7)
+    writer_pid = int(subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "writer_process"],
+                                    capture_output=True, text=True, check=True).stdout.split()[0])
+    os.kill(writer_pid, signal.SIGKILL)
+    before = len(acked)
+    for _ in range(100):  # ingest comes back by itself
+        await asyncio.sleep(0.1)
+        if len(acked) > before + 200:
+            break
+    stop.set()
+    await task
+    assert len(acked) > before + 200, "ingest did not recover after the writer process died"
+    assert server.stop(signal.SIGTERM) == 0
     assert_consistent(data_dir, project["id"], acked)

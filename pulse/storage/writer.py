@@ -181,15 +181,18 @@ class EventWriter:
         """Queue a job; the future resolves to (accepted, duplicates) after its commit."""
         if self._closing:
             raise WriterClosed("server is shutting down")
-        if not self._up:
+        if not self._up or self._stream is None or self._stream.is_closing():
             raise WriterClosed("storage writer is restarting")
         count = len(job.events)
         if self.stats.queued_events + count > self.max_queued_events:
             raise QueueFull(retry_after=1)
         rows = prepare(job)
         job_id = next(self._ids)
-        assert self._stream is not None
-        self._stream.write(frame(Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows)))
+        try:
+            self._stream.write(frame(Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows)))
+        except (ConnectionError, RuntimeError):  # the writer process just died; the ack loop restarts it
+            self._up = False
+            raise WriterClosed("storage writer is restarting") from None
         future = asyncio.get_running_loop().create_future()
         self._pending[job_id] = _Pending(future, job, rows, time.monotonic())
         self.stats.queued_events += count
@@ -211,7 +214,10 @@ class EventWriter:
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         buffer = bytearray()
         while True:
-            chunk = await reader.read(1 << 20)
+            try:
+                chunk = await reader.read(1 << 20)
+            except ConnectionError:
+                chunk = b""
             if not chunk:
                 break
             buffer += chunk
