@@ -60,9 +60,10 @@ class Server:
     def stop(self, sig: int) -> int:
         assert self.process is not None
         self.process.send_signal(sig)
-        code = self.process.wait(timeout=60)
-        self.log.close()
-        return code
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            self.log.close()
 
 
 async def load(url: str, key: str, acked: set[bytes], stop: asyncio.Event, workers: int = 16) -> int:
@@ -113,10 +114,18 @@ def created(tmp_path):
     return data_dir, body
 
 
-async def test_sigterm_under_load_drains_and_exits_zero(created):
+@pytest.fixture
+async def server(created):
+    """A started server on the created project's data directory; stopped at the end if still running."""
+    running = Server(created[0])
+    await running.start()
+    yield running
+    if running.process.poll() is None:
+        running.stop(signal.SIGKILL)
+
+
+async def test_sigterm_under_load_drains_and_exits_zero(created, server):
     data_dir, project = created
-    server = Server(data_dir)
-    await server.start()
     acked: set[bytes] = set()
     stop = asyncio.Event()
     task = asyncio.create_task(load(server.url, project["ingest_key"], acked, stop))
@@ -155,10 +164,8 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(created):
     assert_consistent(data_dir, project["id"], acked)
 
 
-async def test_a_killed_writer_process_is_replaced_and_nothing_acknowledged_is_lost(created):
+async def test_a_killed_writer_process_is_replaced_and_nothing_acknowledged_is_lost(created, server):
     data_dir, project = created
-    server = Server(data_dir)
-    await server.start()
     acked: set[bytes] = set()
     stop = asyncio.Event()
     task = asyncio.create_task(load(server.url, project["ingest_key"], acked, stop, workers=8))

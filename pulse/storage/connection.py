@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
@@ -30,6 +32,22 @@ def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FUL
         conn.pragma("synchronous", synchronous.upper())
         conn.pragma("journal_size_limit", 64 * 1024 * 1024)
     return conn
+
+
+@contextlib.contextmanager
+def immediate(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+    """A write transaction that takes the write lock at BEGIN, waiting up to the busy timeout.
+
+    A deferred transaction that reads and then writes fails at once (SQLITE_BUSY_SNAPSHOT) when the
+    server's writer commits in between; taking the lock first makes it wait its turn instead.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def set_deadline(conn: apsw.Connection, seconds: float | None) -> None:

@@ -11,6 +11,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
 
+from pulse.storage.connection import immediate
+
 INGEST = "ingest"
 READ = "read"
 KEY_PREFIX = {INGEST: "pk_", READ: "sk_"}
@@ -146,7 +148,7 @@ def create_project(
     check_timezone(timezone)
     if retention_days < 1:
         raise ProjectError("retention must be at least 1 day")
-    with conn:
+    with immediate(conn):
         if conn.execute("SELECT 1 FROM projects WHERE name = ?", (name,)).fetchone():
             raise ProjectError(f"a project named {name!r} already exists")
         conn.execute(
@@ -182,7 +184,7 @@ def update_project(
         changes["retention_days"] = retention_days
     if changes:
         assignments = ", ".join(f"{column} = ?" for column in changes)
-        with conn:
+        with immediate(conn):
             try:
                 conn.execute(f"UPDATE projects SET {assignments} WHERE id = ?", (*changes.values(), project.id))
             except apsw.ConstraintError:
@@ -196,7 +198,7 @@ _PROJECT_DATA_TABLES = ("events", "hourly", "sessions", "person_ids", "persons")
 
 def delete_project(conn: apsw.Connection, project: Project) -> None:
     """Delete a project, its keys and all its data."""
-    with conn:
+    with immediate(conn):
         for table in _PROJECT_DATA_TABLES:
             conn.execute(f"DELETE FROM {table} WHERE project_id = ?", (project.id,))
         conn.execute("DELETE FROM projects WHERE id = ?", (project.id,))
@@ -211,7 +213,7 @@ def rotate_key(conn: apsw.Connection, project: Project, kind: str, *, grace_seco
         raise ProjectError("grace period cannot be negative")
     now = now_ms()
     expires = now + grace_seconds * 1000
-    with conn:
+    with immediate(conn):
         if grace_seconds == 0:
             conn.execute("DELETE FROM keys WHERE project_id = ? AND kind = ?", (project.id, kind))
         else:
