@@ -17,7 +17,7 @@ from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
 from pulse.server import analytics, ingest
 from pulse.server.auth import KeyRing
 from pulse.server.keys import KEYRING, READER, SETTINGS, WRITER
-from pulse.server.middlewares import cors_middleware, error_middleware
+from pulse.server.middlewares import api_middleware
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter
 
@@ -66,7 +66,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[error_middleware, cors_middleware],
+        middlewares=[api_middleware],
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(storage_ctx)

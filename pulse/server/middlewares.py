@@ -1,4 +1,4 @@
-"""JSON errors for everything, and CORS so browsers on any origin can send events."""
+"""One middleware: JSON errors for everything, and CORS so browsers on any origin can send events."""
 
 from __future__ import annotations
 
@@ -21,19 +21,13 @@ CORS_HEADERS = {
 
 
 @web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method == "OPTIONS" and request.path.startswith("/api/"):
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """JSON errors for everything; CORS on the API so browsers on any origin can send events."""
+    api = request.path.startswith("/api/")
+    if api and request.method == "OPTIONS":
         return web.Response(status=204, headers=CORS_HEADERS)
-    response = await handler(request)
-    if request.path.startswith("/api/") and not response.prepared:
-        response.headers["Access-Control-Allow-Origin"] = "*"
-    return response
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
     except ApiError as exc:
         response = exc.response()
     except web.HTTPRequestEntityTooLarge:
@@ -48,6 +42,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = json_error(500, "internal server error")
-    if request.path.startswith("/api/"):
+    if api and not response.prepared:
         response.headers["Access-Control-Allow-Origin"] = "*"
     return response

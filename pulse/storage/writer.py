@@ -121,6 +121,7 @@ class EventWriter:
         self._up = False
         self._closing = False
         self._stopped = asyncio.Event()
+        self._outbox: list[bytes] = []  # frames written once per event-loop turn, not one syscall each
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -147,8 +148,9 @@ class EventWriter:
         """Take no new work; the writer process writes everything queued, commits and exits."""
         self._closing = True
         if self._up and self._stream is not None:
-            with contextlib.suppress(ConnectionError):
-                self._stream.write(frame(Shutdown()))
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self._stream.write(b"".join(self._outbox) + frame(Shutdown()))
+                self._outbox = []
                 await self._stream.drain()
         if self._reader_task is not None:
             await self._reader_task
@@ -188,18 +190,24 @@ class EventWriter:
             raise QueueFull(retry_after=1)
         rows = prepare(job)
         job_id = next(self._ids)
-        try:
-            self._stream.write(frame(Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows)))
-        except (ConnectionError, RuntimeError):  # the writer process just died; the ack loop restarts it
-            self._up = False
-            raise WriterClosed("storage writer is restarting") from None
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append(frame(Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows)))
+        future = loop.create_future()
         self._pending[job_id] = _Pending(future, job, rows, time.monotonic())
         self.stats.queued_events += count
         return future
 
     async def submit(self, job: IngestJob) -> tuple[int, int]:
         return await self.enqueue(job)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        try:
+            self._stream.write(b"".join(frames))
+        except (ConnectionError, RuntimeError):  # the writer process just died; the ack loop restarts it
+            self._up = False
 
     # -- answers from the writer process -----------------------------------------------------------
 
