@@ -25,6 +25,8 @@ class Settings:
     write_batch_max_events: int = 20_000
     ack: str = "commit"  # "commit": 202 after the commit; "enqueue": 202 when queued
     synchronous: str = "FULL"  # SQLite synchronous pragma for the writer
+    # live feed: events buffered per WebSocket client before it starts losing them
+    live_buffer_events: int = 10_000
     # readers
     reader_threads: int = 2
     query_timeout_s: float = 10.0

@@ -62,3 +62,38 @@ class ErrorBody(Struct, omit_defaults=True):
 
 batch_decoder = msgspec.json.Decoder(IngestBatch)
 json_encoder = msgspec.json.Encoder()
+
+
+# -- the live feed (WebSocket /api/v1/ws/events/{project}) ----------------------------------------
+
+
+class LiveEvent(Struct, omit_defaults=True):
+    event: str
+    ts: int  # epoch milliseconds
+    distinct_id: str | None = None
+    path: str | None = None
+    properties: msgspec.Raw | dict | None = None
+    browser: str | None = None
+    os: str | None = None
+    device: str | None = None
+
+
+class LiveEvents(Struct, tag="events"):
+    """Events committed since the last message, oldest first."""
+
+    events: list[LiveEvent]
+
+
+class LiveDropped(Struct, tag="dropped"):
+    """This many events were not sent to this client because it read too slowly."""
+
+    count: int
+
+
+class LiveHello(Struct, tag="hello"):
+    project: int
+    event: str | None = None
+
+
+LiveMessage = Union[LiveHello, LiveEvents, LiveDropped]
+live_decoder = msgspec.json.Decoder(LiveMessage)

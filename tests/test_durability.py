@@ -183,3 +183,16 @@ async def test_a_killed_writer_process_is_replaced_and_nothing_acknowledged_is_l
     assert len(acked) > before + 200, "ingest did not recover after the writer process died"
     assert server.stop(signal.SIGTERM) == 0
     assert_consistent(data_dir, project["id"], acked)
+
+
+async def test_sigterm_closes_live_feeds_with_going_away(created, server):
+    data_dir, project = created
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/api/v1/ws/events/{project['id']}",
+                                      params={"token": project["read_token"]}) as ws:
+            assert "hello" in await ws.receive_str()
+            code = asyncio.create_task(asyncio.to_thread(server.stop, signal.SIGTERM))
+            message = await asyncio.wait_for(ws.receive(), 10)
+            assert message.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
+            assert await code == 0

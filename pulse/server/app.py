@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
-from pulse.server import analytics, ingest
+from pulse.server import analytics, ingest, live
 from pulse.server.auth import KeyRing
-from pulse.server.keys import KEYRING, READER, SETTINGS, WRITER
+from pulse.server.keys import KEYRING, LIVE, READER, SETTINGS, WRITER
+from pulse.server.live import LiveHub
 from pulse.server.middlewares import api_middleware
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter
@@ -41,16 +42,20 @@ async def health(request: web.Request) -> web.Response:
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    hub = app[LIVE]
     writer = EventWriter(
         settings.db_path,
         max_queued_events=settings.queue_max_events,
         batch_max_events=settings.write_batch_max_events,
         synchronous=settings.synchronous,
+        on_commit=hub.publish,
+        wants=hub.wants,
     )
     await writer.start()  # creates and migrates the database
     reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s)
     keyring = KeyRing(reader)
     await keyring.reload()
+    keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds
     app[WRITER], app[READER], app[KEYRING] = writer, reader, keyring
     watcher = asyncio.create_task(keyring.watch(settings.catalog_poll_s), name="pulse-keyring-watch")
     try:
@@ -63,16 +68,23 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         await reader.close()
 
 
+async def close_live_feeds(app: web.Application) -> None:
+    await app[LIVE].close()
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[api_middleware],
     )
     app[SETTINGS] = settings
+    app[LIVE] = LiveHub(buffer_events=settings.live_buffer_events)
+    app.on_shutdown.append(close_live_feeds)  # before aiohttp waits for running handlers
     app.cleanup_ctx.append(storage_ctx)
     app.add_routes(routes)
     app.add_routes(ingest.routes)
     app.add_routes(analytics.routes)
+    app.add_routes(live.routes)
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -30,9 +31,17 @@ class KeyRing:
         self.version = -1
         self.grants: dict[bytes, KeyGrant] = {}
         self.projects: dict[int, Project] = {}
+        self.on_reload: Callable[[], Awaitable[None]] | None = None
 
     async def reload(self) -> None:
         self.version, self.grants, self.projects = await self.reader.run(_load)
+        if self.on_reload is not None:
+            await self.on_reload()
+
+    def grants_read(self, token_digest: bytes, project_id: int) -> bool:
+        found = self.grants.get(token_digest)
+        return (found is not None and found.kind == READ and found.project_id == project_id
+                and found.valid(now_ms()) and project_id in self.projects)
 
     async def watch(self, interval: float) -> None:
         """Reload whenever another process (the CLI) changes projects or keys."""
@@ -64,6 +73,10 @@ class KeyRing:
 
     def read(self, request: web.Request, project_id: int) -> Project:
         """The project a read request may see, from `Authorization: Bearer sk_…` (or `?token=`)."""
+        return self.read_grant(request, project_id)[0]
+
+    def read_grant(self, request: web.Request, project_id: int) -> tuple[Project, bytes]:
+        """The project a read request may see, and the digest of the token that allows it."""
         header = request.headers.get("Authorization", "")
         secret = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token")
         if not secret:
@@ -76,4 +89,4 @@ class KeyRing:
             raise ApiError(403, "ingest keys cannot read; use the project's read token (sk_…)")
         if found.project_id != project_id:
             raise ApiError(403, f"this token does not grant access to project {project_id}")
-        return self.projects[project_id]
+        return self.projects[project_id], digest(secret)

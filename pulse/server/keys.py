@@ -10,6 +10,7 @@ from pulse.config import Settings
 
 if TYPE_CHECKING:
     from pulse.server.auth import KeyRing
+    from pulse.server.live import LiveHub
     from pulse.storage.reader import Reader
     from pulse.storage.writer import EventWriter
 
@@ -17,3 +18,4 @@ SETTINGS = web.AppKey("settings", Settings)
 WRITER = web.AppKey("writer", "EventWriter")
 READER = web.AppKey("reader", "Reader")
 KEYRING = web.AppKey("keyring", "KeyRing")
+LIVE = web.AppKey("live", "LiveHub")

@@ -106,12 +106,14 @@ class EventWriter:
         batch_max_events: int = 20_000,
         synchronous: str = "FULL",
         on_commit: Callable[[list[CommittedEvent]], None] | None = None,
+        wants: Callable[[int], bool] | None = None,
     ) -> None:
         self.path = path
         self.max_queued_events = max_queued_events
         self.batch_max_events = batch_max_events
         self.synchronous = synchronous
         self.on_commit = on_commit  # called on the event loop with every committed batch
+        self.wants = wants  # which projects on_commit wants events of (None: all)
         self.stats = WriterStats()
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
@@ -284,7 +286,7 @@ class EventWriter:
             stats.duplicates += len(duplicates)
             if not item.future.done():
                 item.future.set_result((accepted, len(duplicates)))
-            if self.on_commit is not None:
+            if self.on_commit is not None and (self.wants is None or self.wants(item.job.project_id)):
                 skip = set(duplicates)
                 live.extend(
                     CommittedEvent(item.job.project_id, row[TS], row[NAME], row[DISTINCT_ID], row[PATH],
