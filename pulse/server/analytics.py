@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from pulse.server.errors import ApiError
 from pulse.server.keys import KEYRING, READER
+from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit
 from pulse.server.timerange import parse_window
 from pulse.storage import queries
 from pulse.storage.projects import Project
-from pulse.storage.queries import Window
+from pulse.storage.queries import EVENT_DIMENSIONS, SESSION_DIMENSIONS, Window
 
 routes = web.RouteTableDef()
 
@@ -21,18 +24,70 @@ def _project(request: web.Request) -> Project:
     return request.app[KEYRING].read(request, int(raw))
 
 
+def _range(project: Project, window: Window) -> dict:
+    return {"project": project.id, "from": iso(window.start, project.timezone), "to": iso(window.end, project.timezone)}
+
+
 @routes.get("/api/v1/projects/{project}/overview")
 async def overview(request: web.Request) -> web.Response:
     project = _project(request)
     window = parse_window(request.query, project.timezone)
-    previous = Window(window.start - (window.end - window.start), window.start)
+    filters = parse_filters(request.query)
+    now = time.time_ns() // 1_000_000
+    found = await request.app[READER].run(queries.overview, project.id, window, now, filters)
+    return web.json_response({**_range(project, window), **found})
+
+
+@routes.get("/api/v1/projects/{project}/timeseries")
+async def timeseries(request: web.Request) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    filters = parse_filters(request.query)
+    interval = parse_interval(request.query, window)
+    bounds = bucket_bounds(window, interval, project.timezone)
+    shift = window.end - window.start
     reader = request.app[READER]
-    current = await reader.run(queries.overview, project.id, window)
-    before = await reader.run(queries.overview, project.id, previous)
+    current = await reader.run(queries.timeseries, project.id, bounds, filters)
+    previous = await reader.run(queries.timeseries, project.id, [b - shift for b in bounds], filters)
     return web.json_response({
-        "project": project.id,
-        "from": window.start,
-        "to": window.end,
-        **current,
-        "previous": before,
+        **_range(project, window), "interval": interval,
+        "buckets": [{"start": iso(start, project.timezone), **row} for start, row in zip(bounds, current)],
+        "previous": [{"start": iso(start - shift, project.timezone), **row} for start, row in zip(bounds, previous)],
     })
+
+
+@routes.get("/api/v1/projects/{project}/top-events")
+async def top_events(request: web.Request) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    rows = await request.app[READER].run(queries.top_events, project.id, window, parse_filters(request.query),
+                                         parse_limit(request.query))
+    return web.json_response({**_range(project, window), "rows": rows})
+
+
+async def _breakdown(request: web.Request, dimension: str) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    rows = await request.app[READER].run(queries.breakdown, project.id, window, parse_filters(request.query),
+                                         dimension, parse_limit(request.query))
+    return web.json_response({**_range(project, window), "rows": rows})
+
+
+def _breakdown_route(path: str, dimension: str) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return await _breakdown(request, dimension)
+
+    handler.__name__ = dimension.replace("-", "_")
+    routes.get(f"/api/v1/projects/{{project}}/{path}")(handler)
+
+
+for _dimension in (*EVENT_DIMENSIONS, "entry-pages", "exit-pages", "referrers"):
+    _breakdown_route(_dimension, _dimension)
+
+
+@routes.get("/api/v1/projects/{project}/utm")
+async def utm(request: web.Request) -> web.Response:
+    dimension = request.query.get("dimension", "source")
+    if f"utm_{dimension}" not in SESSION_DIMENSIONS:
+        raise ApiError(400, f"dimension: expected source, medium or campaign, got {dimension!r}", field="dimension")
+    return await _breakdown(request, f"utm_{dimension}")

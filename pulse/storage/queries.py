@@ -1,13 +1,19 @@
-"""Analytics queries: whole hours from the hourly rollups, the partial hours at the edges from raw events."""
+"""Analytics queries. Unfiltered counts come from the hourly rollups (whole hours) plus raw events for
+the partial hours at the edges of a window; anything a rollup does not cover is read from raw events.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_right
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import apsw
 from pyroaring import BitMap
 
-from pulse.storage.rows import HOUR_MS
+from pulse.storage.rows import DAY_MS, HOUR_MS, PAGE_VIEW
+
+LIVE_WINDOW_MS = 5 * 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +22,10 @@ class Window:
 
     start: int
     end: int
+
+    @property
+    def previous(self) -> Window:
+        return Window(self.start - (self.end - self.start), self.start)
 
     def split(self) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
         """(whole hours [h0, h1) or None, raw millisecond pieces that are not whole hours)."""
@@ -31,51 +41,303 @@ class Window:
         return (first_hour, last_hour), raw
 
 
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Conditions on events, ANDed. Each value is matched exactly."""
+
+    event: str | None = None
+    path: str | None = None
+    referrer: str | None = None  # the referrer's domain
+    utm_source: str | None = None  # of the event's session
+    utm_medium: str | None = None
+    utm_campaign: str | None = None
+    browser: str | None = None
+    os: str | None = None
+    device: str | None = None
+    props: tuple[tuple[str, str], ...] = ()  # event properties
+    traits: tuple[tuple[str, str], ...] = ()  # person traits
+
+    @property
+    def rollup_ready(self) -> bool:
+        """Whether the hourly rollups can answer (nothing but the event name is filtered)."""
+        return self == Filters(event=self.event)
+
+
 @dataclass(slots=True)
 class Totals:
-    events: int
-    users: BitMap
-    sessions: BitMap
+    events: int = 0
+    users: BitMap = field(default_factory=BitMap)
+    sessions: BitMap = field(default_factory=BitMap)
+
+    def add(self, other: Totals) -> None:
+        self.events += other.events
+        self.users |= other.users
+        self.sessions |= other.sessions
 
 
-_HOURLY_ALL = (
-    "SELECT events, user_set, session_set FROM hourly"
-    " WHERE project_id = ? AND name_id = 0 AND bot = 0 AND hour >= ? AND hour < ?"
-)
-_RAW_EDGE = (
-    "SELECT e.person_id, e.session_id FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
-    " WHERE e.project_id = ? AND e.ts >= ? AND e.ts < ? AND coalesce(a.is_bot, 0) = 0"
-)
+# -- raw events under filters ------------------------------------------------------------------------
+
+_STRING = "(SELECT id FROM strings WHERE value = ?)"
 
 
-def totals(conn: apsw.Connection, project_id: int, window: Window) -> Totals:
+def event_conditions(project_id: int, start: int, end: int, filters: Filters) -> tuple[str, list]:
+    """WHERE clause over `events e LEFT JOIN agents a`: the window, no bots, and the filters."""
+    clauses = ["e.project_id = ?", "e.ts >= ?", "e.ts < ?", "coalesce(a.is_bot, 0) = 0"]
+    params: list = [project_id, start, end]
+    for column, value in (("name_id", filters.event), ("path_id", filters.path),
+                          ("referrer_domain_id", filters.referrer)):
+        if value is not None:
+            clauses.append(f"e.{column} = {_STRING}")
+            params.append(value)
+    for column, value in (("browser", filters.browser), ("os", filters.os), ("device", filters.device)):
+        if value is not None:
+            clauses.append(f"a.{column} = ?")
+            params.append(value)
+    for column, value in (("utm_source_id", filters.utm_source), ("utm_medium_id", filters.utm_medium),
+                          ("utm_campaign_id", filters.utm_campaign)):
+        if value is not None:
+            clauses.append(f"e.session_id IN (SELECT id FROM sessions WHERE project_id = ? AND {column} = {_STRING})")
+            params += [project_id, value]
+    for key, value in filters.props:
+        clauses.append("CAST(json_extract(e.props, ?) AS TEXT) = ?")
+        params += [_json_path(key), value]
+    for key, value in filters.traits:
+        clauses.append("e.person_id IN (SELECT id FROM persons WHERE project_id = ?"
+                       " AND CAST(json_extract(traits, ?) AS TEXT) = ?)")
+        params += [project_id, _json_path(key), value]
+    return " AND ".join(clauses), params
+
+
+def _json_path(key: str) -> str:
+    return '$."' + key.replace('"', '""') + '"'
+
+
+_RAW_FROM = "FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
+
+
+def _raw_totals(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters) -> Totals:
+    where, params = event_conditions(project_id, start, end, filters)
+    found = Totals()
+    users, sessions = [], []
+    for person_id, session_id in conn.execute(f"SELECT e.person_id, e.session_id {_RAW_FROM} WHERE {where}", params):
+        found.events += 1
+        users.append(person_id)
+        if session_id is not None:
+            sessions.append(session_id)
+    found.users.update(users)
+    found.sessions.update(sessions)
+    return found
+
+
+# -- rollups --------------------------------------------------------------------------------------------
+
+
+def _name_id(conn: apsw.Connection, name: str | None) -> int | None:
+    """The interned id of an event name; 0 (every event) for None; -1 when no such event exists."""
+    if name is None:
+        return 0
+    row = conn.execute("SELECT id FROM strings WHERE value = ?", (name,)).fetchone()
+    return -1 if row is None else row[0]
+
+
+def _hourly(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int) -> dict[int, Totals]:
+    """Per hour, the rollup of one event name (0: every event), bots left out."""
+    found: dict[int, Totals] = {}
+    for hour, events, user_set, session_set in conn.execute(
+        "SELECT hour, events, user_set, session_set FROM hourly"
+        " WHERE project_id = ? AND name_id = ? AND bot = 0 AND hour >= ? AND hour < ?",
+        (project_id, name_id, *hours),
+    ):
+        total = found.get(hour)
+        if total is None:
+            total = found[hour] = Totals()
+        total.add(Totals(events, BitMap.deserialize(user_set), BitMap.deserialize(session_set)))
+    return found
+
+
+def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filters = Filters()) -> Totals:
     """Events, and the exact sets of users and sessions, of the non-bot events in the window."""
+    if not filters.rollup_ready:
+        return _raw_totals(conn, project_id, window.start, window.end, filters)
+    name_id = _name_id(conn, filters.event)
+    found = Totals()
+    if name_id < 0:
+        return found
     hours, raw = window.split()
-    events = 0
-    user_sets: list[BitMap] = []
-    session_sets: list[BitMap] = []
     if hours is not None:
-        for count, user_set, session_set in conn.execute(_HOURLY_ALL, (project_id, *hours)):
-            events += count
-            user_sets.append(BitMap.deserialize(user_set))
-            session_sets.append(BitMap.deserialize(session_set))
+        for total in _hourly(conn, project_id, hours, name_id).values():
+            found.add(total)
     for start, end in raw:
-        users = BitMap()
-        sessions = BitMap()
-        for person_id, session_id in conn.execute(_RAW_EDGE, (project_id, start, end)):
-            events += 1
-            users.add(person_id)
-            if session_id is not None:
-                sessions.add(session_id)
-        user_sets.append(users)
-        session_sets.append(sessions)
-    return Totals(events, union(user_sets), union(session_sets))
+        found.add(_raw_totals(conn, project_id, start, end, filters))
+    return found
 
 
-def union(sets: list[BitMap]) -> BitMap:
-    return BitMap.union(BitMap(), *sets)
+# -- overview ---------------------------------------------------------------------------------------
 
 
-def overview(conn: apsw.Connection, project_id: int, window: Window) -> dict[str, int]:
-    found = totals(conn, project_id, window)
-    return {"events": found.events, "unique_users": len(found.users), "sessions": len(found.sessions)}
+def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict[str, Totals]:
+    """Per event name: events and exact users in the window."""
+    found: dict[str, Totals] = defaultdict(Totals)
+    if filters.rollup_ready:
+        hours, raw = window.split()
+        if hours is not None:
+            rows = conn.execute(
+                "SELECT s.value, h.events, h.user_set FROM hourly h JOIN strings s ON s.id = h.name_id"
+                " WHERE h.project_id = ? AND h.name_id != 0 AND h.bot = 0 AND h.hour >= ? AND h.hour < ?"
+                + (" AND s.value = ?" if filters.event is not None else ""),
+                (project_id, *hours, *([filters.event] if filters.event is not None else [])),
+            )
+            for name, events, user_set in rows:
+                found[name].add(Totals(events, BitMap.deserialize(user_set)))
+        pieces = raw
+    else:
+        pieces = [(window.start, window.end)]
+    for start, end in pieces:
+        where, params = event_conditions(project_id, start, end, filters)
+        for name, person_id in conn.execute(
+            f"SELECT s.value, e.person_id {_RAW_FROM} JOIN strings s ON s.id = e.name_id WHERE {where}", params
+        ):
+            total = found[name]
+            total.events += 1
+            total.users.add(person_id)
+    return found
+
+
+def _session_stats(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict:
+    """Bounce rate, duration and pages of the sessions that started in the window (with a matching event)."""
+    sql = ("SELECT count(*), sum(s.events = 1), avg(s.last_ts - s.first_ts), avg(s.pageviews)"
+           " FROM sessions s WHERE s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ?"
+           " AND s.agent_id NOT IN (SELECT id FROM agents WHERE is_bot)")
+    params: list = [project_id, window.start, window.end]
+    if filters != Filters():
+        where, extra = event_conditions(project_id, window.start, window.end, filters)
+        sql += f" AND s.id IN (SELECT e.session_id {_RAW_FROM} WHERE {where})"
+        params += extra
+    count, bounces, duration, pages = conn.execute(sql, params).fetchone()
+    return {
+        "bounce_rate": round(bounces / count, 4) if count else 0.0,
+        "avg_session_seconds": round(duration / 1000, 1) if count else 0.0,
+        "pages_per_session": round(pages, 2) if count else 0.0,
+    }
+
+
+def _period(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict:
+    found = totals(conn, project_id, window, filters)
+    names = _top_events(conn, project_id, window, filters)
+    top = max(names.items(), key=lambda item: (item[1].events, item[0]), default=None)
+    days = max((window.end - window.start) / DAY_MS, 1 / 24)
+    return {
+        "events": found.events,
+        "unique_users": len(found.users),
+        "sessions": len(found.sessions),
+        **_session_stats(conn, project_id, window, filters),
+        "top_event": None if top is None else {"event": top[0], "count": top[1].events},
+        "daily_average": round(found.events / days, 1),
+        "distinct_events": len(names),
+    }
+
+
+def overview(conn: apsw.Connection, project_id: int, window: Window, now_ms: int,
+             filters: Filters = Filters()) -> dict:
+    current = _period(conn, project_id, window, filters)
+    live = _raw_totals(conn, project_id, now_ms - LIVE_WINDOW_MS, now_ms + 1, filters)
+    return {**current, "live_visitors": len(live.users), "previous": _period(conn, project_id, window.previous, filters)}
+
+
+# -- time series ------------------------------------------------------------------------------------
+
+
+def timeseries(conn: apsw.Connection, project_id: int, bounds: list[int], filters: Filters) -> list[dict]:
+    """Events, users and sessions per bucket; bounds are the bucket edges [b0, b1, …, bn] in ms."""
+    buckets = [Totals() for _ in range(len(bounds) - 1)]
+    window = Window(bounds[0], bounds[-1])
+    hours, _ = window.split()
+    covered: set[int] = set()  # hours answered by the rollups
+    if filters.rollup_ready and hours is not None:
+        name_id = _name_id(conn, filters.event)
+        if name_id < 0:
+            return [_bucket_row(b) for b in buckets]
+        for hour, total in _hourly(conn, project_id, hours, name_id).items():
+            start = hour * HOUR_MS
+            index = bisect_right(bounds, start) - 1
+            if bounds[index] <= start and start + HOUR_MS <= bounds[index + 1]:
+                buckets[index].add(total)
+                covered.add(hour)
+        # hours with no rollup row had no events: they are covered too, unless a bucket edge cuts them
+        for hour in range(*hours):
+            start = hour * HOUR_MS
+            index = bisect_right(bounds, start) - 1
+            if bounds[index] <= start and start + HOUR_MS <= bounds[index + 1]:
+                covered.add(hour)
+    where, params = event_conditions(project_id, window.start, window.end, filters)
+    if covered:  # the rest from raw events
+        first, last = min(covered), max(covered) + 1
+        if len(covered) == last - first:
+            where += " AND NOT (e.ts >= ? AND e.ts < ?)"
+            params += [first * HOUR_MS, last * HOUR_MS]
+    for ts, person_id, session_id in conn.execute(
+        f"SELECT e.ts, e.person_id, e.session_id {_RAW_FROM} WHERE {where}", params
+    ):
+        if covered and ts // HOUR_MS in covered:
+            continue
+        bucket = buckets[bisect_right(bounds, ts) - 1]
+        bucket.events += 1
+        bucket.users.add(person_id)
+        if session_id is not None:
+            bucket.sessions.add(session_id)
+    return [_bucket_row(b) for b in buckets]
+
+
+def _bucket_row(total: Totals) -> dict:
+    return {"events": total.events, "unique_users": len(total.users), "sessions": len(total.sessions)}
+
+
+# -- breakdowns -------------------------------------------------------------------------------------
+
+
+def top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+    rows = [{"value": name, "count": t.events, "unique_users": len(t.users)}
+            for name, t in _top_events(conn, project_id, window, filters).items()]
+    rows.sort(key=lambda r: (-r["count"], r["value"]))
+    return rows[:limit]
+
+
+# event-level breakdowns: what is grouped, and which events count
+EVENT_DIMENSIONS = {
+    "pages": ("ps.value", "JOIN strings ps ON ps.id = e.path_id", f"e.name_id = {_STRING}", [PAGE_VIEW]),
+    "browsers": ("a.browser", "", "a.browser IS NOT NULL", []),
+    "os": ("a.os", "", "a.os IS NOT NULL", []),
+    "devices": ("a.device", "", "a.device IS NOT NULL", []),
+}
+# session-level breakdowns, over sessions that started in the window: entry and exit page, source
+SESSION_DIMENSIONS = {
+    "entry-pages": "entry_path_id",
+    "exit-pages": "exit_path_id",
+    "referrers": "referrer_id",
+    "utm_source": "utm_source_id",
+    "utm_medium": "utm_medium_id",
+    "utm_campaign": "utm_campaign_id",
+}
+
+
+def breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, dimension: str,
+              limit: int) -> list[dict]:
+    if dimension in EVENT_DIMENSIONS:
+        value, join, condition, extra = EVENT_DIMENSIONS[dimension]
+        where, params = event_conditions(project_id, window.start, window.end, filters)
+        sql = (f"SELECT {value}, count(*), count(DISTINCT e.person_id) {_RAW_FROM} {join}"
+               f" WHERE {where} AND {condition} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?")
+        rows = conn.execute(sql, [*params, *extra, limit])
+    else:
+        column = SESSION_DIMENSIONS[dimension]
+        sql = (f"SELECT v.value, count(*), count(DISTINCT s.person_id) FROM sessions s"
+               f" JOIN strings v ON v.id = s.{column}"
+               " WHERE s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ?"
+               " AND s.agent_id NOT IN (SELECT id FROM agents WHERE is_bot)")
+        params = [project_id, window.start, window.end]
+        if filters != Filters():
+            where, extra = event_conditions(project_id, window.start, window.end, filters)
+            sql += f" AND s.id IN (SELECT e.session_id {_RAW_FROM} WHERE {where})"
+            params += extra
+        rows = conn.execute(sql + " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [*params, limit])
+    return [{"value": value, "count": count, "unique_users": users} for value, count, users in rows]

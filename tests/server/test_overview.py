@@ -58,6 +58,7 @@ async def test_overview_matches_recount(seeded, project, db, start, end):
     expected = recount(db, project.id, start, end)
     assert expected["events"] > 0
     assert {k: body[k] for k in expected} == expected
+    assert body["from"] == datetime.fromtimestamp(start / 1000, tz=timezone.utc).isoformat()
     span = end - start
     assert {k: body["previous"][k] for k in expected} == recount(db, project.id, start - span, start)
 
