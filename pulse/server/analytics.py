@@ -91,3 +91,67 @@ async def utm(request: web.Request) -> web.Response:
     if f"utm_{dimension}" not in SESSION_DIMENSIONS:
         raise ApiError(400, f"dimension: expected source, medium or campaign, got {dimension!r}", field="dimension")
     return await _breakdown(request, f"utm_{dimension}")
+
+
+def _cursor(request: web.Request) -> tuple[int, int] | None:
+    raw = request.query.get("cursor")
+    if raw is None:
+        return None
+    parts = raw.split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ApiError(400, f"cursor: not a cursor this API gave out: {raw!r}", field="cursor")
+    return int(parts[0]), int(parts[1])
+
+
+async def _list(request: web.Request, query, *extra) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    found = await request.app[READER].run(query, project.id, window, parse_filters(request.query), *extra,
+                                          parse_limit(request.query, default=50), _cursor(request))
+    return web.json_response({**_range(project, window), **found})
+
+
+@routes.get("/api/v1/projects/{project}/sessions")
+async def sessions(request: web.Request) -> web.Response:
+    return await _list(request, queries.sessions)
+
+
+@routes.get("/api/v1/projects/{project}/users")
+async def users(request: web.Request) -> web.Response:
+    return await _list(request, queries.users)
+
+
+@routes.get("/api/v1/projects/{project}/events")
+async def events(request: web.Request) -> web.Response:
+    return await _list(request, queries.events)
+
+
+@routes.get("/api/v1/projects/{project}/users/{distinct_id}")
+async def user(request: web.Request) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    parse_filters(request.query)  # rejects unknown parameters
+    distinct_id = request.match_info["distinct_id"]
+    found = await request.app[READER].run(queries.user_timeline, project.id, distinct_id, window,
+                                          parse_limit(request.query, default=50), _cursor(request))
+    if found is None:
+        raise ApiError(404, f"no user {distinct_id!r} in project {project.id}")
+    return web.json_response({**_range(project, window), **found})
+
+
+@routes.get("/api/v1/projects/{project}/properties")
+async def properties(request: web.Request) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    rows = await request.app[READER].run(queries.property_keys, project.id, window, parse_filters(request.query),
+                                         parse_limit(request.query, default=50))
+    return web.json_response({**_range(project, window), "rows": rows})
+
+
+@routes.get("/api/v1/projects/{project}/properties/{key}")
+async def property_values(request: web.Request) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    rows = await request.app[READER].run(queries.property_values, project.id, window, parse_filters(request.query),
+                                         request.match_info["key"], parse_limit(request.query))
+    return web.json_response({**_range(project, window), "rows": rows})

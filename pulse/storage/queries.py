@@ -4,6 +4,8 @@ the partial hours at the edges of a window; anything a rollup does not cover is 
 
 from __future__ import annotations
 
+import json
+import uuid
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -341,3 +343,147 @@ def breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: F
             params += extra
         rows = conn.execute(sql + " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [*params, limit])
     return [{"value": value, "count": count, "unique_users": users} for value, count, users in rows]
+
+
+# -- lists: sessions, users, events, properties ---------------------------------------------------------
+
+
+def _cursor(cursor: tuple[int, int] | None) -> tuple[str, list]:
+    return ("", []) if cursor is None else (" AND (ts_col < ? OR (ts_col = ? AND id_col < ?))",
+                                            [cursor[0], cursor[0], cursor[1]])
+
+
+def sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int,
+             cursor: tuple[int, int] | None) -> dict:
+    """Aggregates of the sessions that started in the window, and a page of them, newest first."""
+    sql = (
+        "SELECT s.id, s.session_key, p.distinct_id, s.first_ts, s.last_ts, s.events, s.pageviews, en.value, ex.value,"
+        " rf.value, us.value, a.browser, a.os, a.device FROM sessions s"
+        " JOIN persons p ON p.id = s.person_id LEFT JOIN agents a ON a.id = s.agent_id"
+        " LEFT JOIN strings en ON en.id = s.entry_path_id LEFT JOIN strings ex ON ex.id = s.exit_path_id"
+        " LEFT JOIN strings rf ON rf.id = s.referrer_id LEFT JOIN strings us ON us.id = s.utm_source_id"
+        " WHERE s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ? AND coalesce(a.is_bot, 0) = 0"
+    )
+    params: list = [project_id, window.start, window.end]
+    if filters != Filters():
+        where, extra = event_conditions(project_id, window.start, window.end, filters)
+        sql += f" AND s.id IN (SELECT e.session_id {_RAW_FROM} WHERE {where})"
+        params += extra
+    page, page_params = _cursor(cursor)
+    rows = list(conn.execute(
+        sql + page.replace("ts_col", "s.first_ts").replace("id_col", "s.id") + " ORDER BY s.first_ts DESC, s.id DESC"
+        " LIMIT ?", [*params, *page_params, limit + 1]))
+    found = [
+        {"session_id": key, "distinct_id": distinct_id, "first_ts": first, "last_ts": last,
+         "duration_seconds": round((last - first) / 1000, 1), "events": events, "pageviews": pageviews,
+         "entry_page": entry, "exit_page": exit_page, "referrer": referrer, "utm_source": source,
+         "browser": browser, "os": os_name, "device": device}
+        for _, key, distinct_id, first, last, events, pageviews, entry, exit_page, referrer, source, browser, os_name,
+        device in rows[:limit]
+    ]
+    more = len(rows) > limit
+    return {
+        "aggregates": {"sessions": conn.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()[0],
+                       **_session_stats(conn, project_id, window, filters)},
+        "rows": found,
+        "next_cursor": f"{rows[limit - 1][3]}.{rows[limit - 1][0]}" if more else None,
+    }
+
+
+def _identified(alias: str) -> str:
+    return (f"({alias}.traits IS NOT NULL OR EXISTS (SELECT 1 FROM person_ids i WHERE i.project_id = {alias}.project_id"
+            f" AND i.person_id = {alias}.id AND i.distinct_id != {alias}.distinct_id))")
+
+
+def users(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int,
+          cursor: tuple[int, int] | None) -> dict:
+    """Identified users (with traits, or linked from an anonymous id) active in the window, last seen first."""
+    sql = (f"SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM persons p"
+           f" WHERE p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ? AND {_identified('p')}")
+    params: list = [project_id, window.start, window.end]
+    for key, value in filters.traits:
+        sql += " AND CAST(json_extract(p.traits, ?) AS TEXT) = ?"
+        params += [_json_path(key), value]
+    page, page_params = _cursor(cursor)
+    rows = list(conn.execute(
+        sql + page.replace("ts_col", "p.last_seen").replace("id_col", "p.id") + " ORDER BY p.last_seen DESC, p.id DESC"
+        " LIMIT ?", [*params, *page_params, limit + 1]))
+    return {
+        "rows": [{"distinct_id": distinct_id, "traits": _json(traits), "first_seen": first, "last_seen": last,
+                  "events": count} for _, distinct_id, traits, first, last, count in rows[:limit]],
+        "next_cursor": f"{rows[limit - 1][4]}.{rows[limit - 1][0]}" if len(rows) > limit else None,
+    }
+
+
+_EVENT_COLUMNS = (
+    "SELECT e.id, e.uuid, n.value, e.ts, p.distinct_id, pa.value, u.value, r.value, e.props, a.browser, a.os, a.device"
+    " FROM events e LEFT JOIN agents a ON a.id = e.agent_id JOIN strings n ON n.id = e.name_id"
+    " JOIN persons p ON p.id = e.person_id LEFT JOIN strings pa ON pa.id = e.path_id"
+    " LEFT JOIN strings u ON u.id = e.url_id LEFT JOIN strings r ON r.id = e.referrer_id"
+)
+
+
+def _event_rows(rows: list[tuple], limit: int) -> dict:
+    return {
+        "rows": [{"uuid": str(_uuid(uid)), "event": name, "ts": ts, "distinct_id": distinct_id, "path": path,
+                  "page_url": url, "referrer": referrer, "properties": _json(props), "browser": browser, "os": os_name,
+                  "device": device}
+                 for _, uid, name, ts, distinct_id, path, url, referrer, props, browser, os_name, device in rows[:limit]],
+        "next_cursor": f"{rows[limit - 1][3]}.{rows[limit - 1][0]}" if len(rows) > limit else None,
+    }
+
+
+def events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int,
+           cursor: tuple[int, int] | None) -> dict:
+    """Raw events in the window that match the filters, newest first."""
+    where, params = event_conditions(project_id, window.start, window.end, filters)
+    page, page_params = _cursor(cursor)
+    rows = list(conn.execute(
+        f"{_EVENT_COLUMNS} WHERE {where}" + page.replace("ts_col", "e.ts").replace("id_col", "e.id")
+        + " ORDER BY e.ts DESC, e.id DESC LIMIT ?", [*params, *page_params, limit + 1]))
+    return _event_rows(rows, limit)
+
+
+def user_timeline(conn: apsw.Connection, project_id: int, distinct_id: str, window: Window, limit: int,
+                  cursor: tuple[int, int] | None) -> dict | None:
+    """One user (by any of their distinct ids) and their events in the window, newest first."""
+    person = conn.execute(
+        "SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM person_ids i"
+        " JOIN persons p ON p.id = i.person_id WHERE i.project_id = ? AND i.distinct_id = ?",
+        (project_id, distinct_id),
+    ).fetchone()
+    if person is None:
+        return None
+    page, page_params = _cursor(cursor)
+    rows = list(conn.execute(
+        f"{_EVENT_COLUMNS} WHERE e.project_id = ? AND e.ts >= ? AND e.ts < ? AND e.person_id = ?"
+        + page.replace("ts_col", "e.ts").replace("id_col", "e.id") + " ORDER BY e.ts DESC, e.id DESC LIMIT ?",
+        [project_id, window.start, window.end, person[0], *page_params, limit + 1]))
+    person_id, shown, traits, first, last, count = person
+    return {"user": {"distinct_id": shown, "traits": _json(traits), "first_seen": first, "last_seen": last,
+                     "events": count}, **_event_rows(rows, limit)}
+
+
+def property_keys(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+    where, params = event_conditions(project_id, window.start, window.end, filters)
+    rows = conn.execute(
+        f"SELECT j.key, count(*), count(DISTINCT e.person_id) {_RAW_FROM}, json_each(e.props) j"
+        f" WHERE {where} AND e.props IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [*params, limit])
+    return [{"value": key, "count": count, "unique_users": users_} for key, count, users_ in rows]
+
+
+def property_values(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, key: str,
+                    limit: int) -> list[dict]:
+    where, params = event_conditions(project_id, window.start, window.end, filters)
+    rows = conn.execute(
+        f"SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, count(*), count(DISTINCT e.person_id) {_RAW_FROM}"
+        f" WHERE {where} AND v IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [_json_path(key), *params, limit])
+    return [{"value": value, "count": count, "unique_users": users_} for value, count, users_ in rows]
+
+
+def _json(text: str | None):
+    return None if text is None else json.loads(text)
+
+
+def _uuid(raw: bytes) -> uuid.UUID:
+    return uuid.UUID(bytes=raw)

@@ -284,3 +284,95 @@ async def test_bad_parameters_are_400_naming_them(client, project, params, field
                                 headers={"Authorization": f"Bearer {project.read_token}"})
     assert response.status == 400
     assert (await response.json())["field"] == field
+
+
+async def all_pages(api, endpoint: str, **params) -> tuple[list[dict], dict]:
+    rows, cursor, first = [], None, None
+    while True:
+        body = await api(endpoint, **params, **({"cursor": cursor} if cursor else {}))
+        first = first or body
+        rows.extend(body["rows"] if "rows" in body else body["events"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return rows, first
+
+
+@pytest.mark.parametrize("filters", [{}, {"trait.gender": "Female"}, {"event": "signup"}],
+                         ids=lambda f: ",".join(f) or "none")
+async def test_sessions_list_and_aggregates(api, population, filters):
+    _, sent, traits = population
+    start, end = WINDOWS[1]
+    expected = expected_sessions(sent, traits, start, end, filters)
+    rows, first = await all_pages(api, "sessions", **{"from": iso(start), "to": iso(end), "limit": "7"}, **filters)
+    assert first["aggregates"]["sessions"] == len(expected)
+    assert len(rows) == len(expected) and {r["session_id"] for r in rows} == set(expected)
+    assert [r["first_ts"] for r in rows] == sorted((r["first_ts"] for r in rows), reverse=True)
+    for row in rows:
+        s = expected[row["session_id"]]
+        assert (row["first_ts"], row["last_ts"], row["events"], row["pageviews"], row["entry_page"], row["exit_page"],
+                row["referrer"], row["utm_source"]) == (s["first"], s["last"], s["events"], s["pageviews"], s["entry"],
+                                                        s["exit"], s["referrer"], s["source"])
+        assert row["distinct_id"] == f"user-{s['user']}"  # the identified id, also for the anonymous start
+
+
+@pytest.mark.parametrize("filters", [{}, {"trait.age_group": ">40"}], ids=lambda f: ",".join(f) or "none")
+async def test_identified_users(api, population, filters):
+    _, sent, traits = population
+    start, end = WINDOWS[1]
+    per_user: dict[int, list[int]] = defaultdict(list)
+    for item in sent:
+        per_user[item.user].append(item.ts)
+    expected = {
+        f"user-{u}": (min(ts), max(ts), len(ts)) for u, ts in per_user.items()
+        if max(ts) >= start and min(ts) < end and all(traits[u][k[6:]] == v for k, v in filters.items())
+    }
+    rows, _ = await all_pages(api, "users", **{"from": iso(start), "to": iso(end), "limit": "9"}, **filters)
+    assert {r["distinct_id"]: (r["first_seen"], r["last_seen"], r["events"]) for r in rows} == expected
+    assert all(r["traits"] == traits[int(r["distinct_id"][5:])] for r in rows)
+
+
+async def test_one_users_timeline_by_either_id(api, population):
+    _, sent, _ = population
+    start, end = WINDOWS[0]
+    mine = sorted((e.ts, e.name) for e in sent if e.user == 3)[::-1]
+    for distinct_id in ("user-3", "anon-3"):
+        rows, first = await all_pages(api, f"users/{distinct_id}", **{"from": iso(start), "to": iso(end),
+                                                                     "limit": "4"})
+        assert first["user"]["distinct_id"] == "user-3" and first["user"]["events"] == len(mine)
+        assert [(r["ts"], r["event"]) for r in rows] == mine
+
+
+async def test_unknown_user_is_404(client, project):
+    response = await client.get(f"/api/v1/projects/{project.id}/users/nobody",
+                                headers={"Authorization": f"Bearer {project.read_token}"})
+    assert response.status == 404
+
+
+@pytest.mark.parametrize("filters", [{}, {"browser": "Chrome"}, {"trait.gender": "Other"}],
+                         ids=lambda f: ",".join(f) or "none")
+async def test_raw_events_paginate_newest_first(api, population, filters):
+    _, sent, traits = population
+    start, end = WINDOWS[1]
+    rows, _ = await all_pages(api, "events", **{"from": iso(start), "to": iso(end), "limit": "25"}, **filters)
+    expected = sorted(((e.ts, e.name) for e in in_window(sent, start, end, traits, filters)), reverse=True)
+    assert [(r["ts"], r["event"]) for r in rows] == expected
+    assert len({r["uuid"] for r in rows}) == len(rows)
+
+
+async def test_property_keys_and_values(api, population):
+    _, sent, traits = population
+    start, end = WINDOWS[0]
+    with_props = [e for e in in_window(sent, start, end, traits, {}) if e.props]
+    keys = await api("properties", **{"from": iso(start), "to": iso(end)})
+    assert keys["rows"] == [{"value": "plan", "count": len(with_props),
+                             "unique_users": len({e.user for e in with_props})}]
+    values: dict[str, list[int]] = defaultdict(list)
+    for item in with_props:
+        values[item.props["plan"]].append(item.user)
+    assert (await api("properties/plan", **{"from": iso(start), "to": iso(end)}))["rows"] == counted(values)
+    filtered = await api("properties/plan", **{"from": iso(start), "to": iso(end), "event": "purchase"})
+    purchases: dict[str, list[int]] = defaultdict(list)
+    for item in with_props:
+        if item.name == "purchase":
+            purchases[item.props["plan"]].append(item.user)
+    assert filtered["rows"] == counted(purchases)
