@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -119,16 +121,29 @@ def serve(host: str, port: int, data_dir: Path, demo: bool, ack: str | None, pub
 
     settings = Settings.from_env(host=host, port=port, data_dir=data_dir, ack=ack, public_url=public_url,
                                  trust_proxy=trust_proxy)
+    seeder = None
     if demo:
         with open_db(data_dir) as conn:
-            _print_demo(conn, settings)
+            settings = dataclasses.replace(settings, demo_ingest_key=_print_demo(conn, settings))
+            empty = conn.execute("SELECT 1 FROM events e JOIN projects p ON p.id = e.project_id"
+                                 " WHERE p.name = 'demo' LIMIT 1").fetchone() is None
+        if empty:  # a week of traffic through the HTTP API, so the numbers are not all zero
+            click.echo("  seeding 7 days of demo traffic in the background (scripts/seed_events.py)")
+            seeder = subprocess.Popen(
+                [sys.executable, "-m", "pulse.seed", "--url", f"http://{host}:{port}", "--key",
+                 settings.demo_ingest_key, "--wait", "30"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
     try:
         run(settings, print_fn=lambda line: click.echo(line))
     except AlreadyRunning as exc:
         fail(str(exc))
+    finally:
+        if seeder is not None and seeder.poll() is None:
+            seeder.terminate()
 
 
-def _print_demo(conn: Any, settings: Settings) -> None:
+def _print_demo(conn: Any, settings: Settings) -> str:
     from pulse.storage import projects
 
     try:
@@ -144,6 +159,8 @@ def _print_demo(conn: Any, settings: Settings) -> None:
                """-d '{"events":[{"event":"page_view","distinct_id":"u1","page_url":"https://example.com/"}]}'""")
     click.echo(f"  then: curl -H 'Authorization: Bearer {read_token}' "
                f"{settings.base_url}/api/v1/projects/{project.id}/overview")
+    click.echo(f"  demo page: {settings.base_url}/demo/")
+    return ingest_key
 
 
 # -- projects ------------------------------------------------------------------------------------

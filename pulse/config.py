@@ -18,6 +18,8 @@ class Settings:
     port: int = 8000
     # the address sites use to reach this server (for the script tag); default http://host:port
     public_url: str = ""
+    # the demo project's ingest key, put into /demo/ by `pulse serve --demo`
+    demo_ingest_key: str = ""
     # ingest limits
     max_body_bytes: int = 1024 * 1024
     # single writer

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
-from pulse.server import analytics, ingest, live
+from pulse.server import analytics, ingest, live, static
 from pulse.server.auth import KeyRing
 from pulse.server.keys import KEYRING, LIVE, READER, SETTINGS, WRITER
 from pulse.server.live import LiveHub
@@ -85,6 +85,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(ingest.routes)
     app.add_routes(analytics.routes)
     app.add_routes(live.routes)
+    app.add_routes(static.routes)
     return app
 
 
