@@ -3,7 +3,7 @@
   "use strict";
   var script = d.currentScript;
   var key = script && script.getAttribute("data-project");
-  if (!key || (w.pulse && w.pulse.flush)) return;
+  if (!key || (w.pulse && w.pulse.flush && !w.pulse.q)) return;  // loaded already (a stub has q)
   var attr = function (name) { return script.hasAttribute(name); };
   var nav = navigator, loc = w.location;
   var api = (script.getAttribute("data-api") || new URL(script.src).origin) + "/api/v1/events/ingest?key=" + key;
