@@ -88,6 +88,12 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def keys_table(keys: list[dict[str, Any]]) -> str:
+    rows = [(k["kind"], k["prefix"], iso(k["created_at"]), iso(k["expires_at"]) or "never",
+             "yes" if k["active"] else "no") for k in keys]
+    return table(rows, ["kind", "prefix", "created", "expires", "active"])
+
+
 def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
@@ -228,8 +234,7 @@ def projects_show(project: str, data_dir: Path, as_json: bool) -> None:
         found = get_project(conn, project)
         keys = list_keys(conn, found)
     lines = [f"{k}: {v}" for k, v in found.as_dict().items()]
-    lines.append(table([(k["kind"], k["prefix"], iso(k["created_at"]), iso(k["expires_at"]) or "never")
-                        for k in keys], ["key", "prefix", "created", "expires"]))
+    lines.append(keys_table(keys))
     emit(as_json, {**found.as_dict(), "keys": keys}, "\n".join(lines))
 
 
@@ -317,10 +322,7 @@ def keys_list(project: str, data_dir: Path, as_json: bool) -> None:
     with open_db(data_dir) as conn:
         found = get_project(conn, project)
         keys_found = list_keys(conn, found)
-    rows = [(k["kind"], k["prefix"], iso(k["created_at"]), iso(k["expires_at"]) or "never",
-             "yes" if k["active"] else "no") for k in keys_found]
-    emit(as_json, {"project": found.id, "keys": keys_found},
-         table(rows, ["kind", "prefix", "created", "expires", "active"]))
+    emit(as_json, {"project": found.id, "keys": keys_found}, keys_table(keys_found))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ views over a small site map, click, submit forms, sign up and buy; they arrive f
 campaigns (UTM) or directly, on desktop and mobile browsers, more by day than by night and on weekdays than
 at weekends. The same --seed gives the same traffic.
 
-    python scripts/seed_events.py --url http://127.0.0.1:8000 --key pk_… [--days 7] [--users 1500] [--seed 1]
+    python scripts/seed_events.py --url http://127.0.0.1:8000 --key pk_… [--days 7] [--users 1500 | --events N] [--seed 1]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ AGENTS = [  # (user agent, weight)
 HOUR_SHAPE = [0.2, 0.12, 0.08, 0.06, 0.06, 0.1, 0.25, 0.5, 0.8, 1.0, 1.0, 0.95,
               0.9, 0.95, 1.0, 1.0, 0.95, 0.85, 0.75, 0.7, 0.65, 0.55, 0.45, 0.3]
 WEEKDAY_SHAPE = [1.0, 1.05, 1.05, 1.0, 0.9, 0.6, 0.55]  # Monday first
+EVENTS_PER_PERSON = 11.1  # what the generator makes on average, for --events
 
 
 @dataclass
@@ -227,12 +228,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key", required=True, help="the project's ingest key (pk_…)")
     parser.add_argument("--days", type=int, default=7, help="days of traffic, ending now (default %(default)s)")
     parser.add_argument("--users", type=int, default=1500, help="people visiting (default %(default)s)")
+    parser.add_argument("--events", type=int, help="about this many events (sets --users: ~11 events a person)")
     parser.add_argument("--seed", type=int, default=1, help="same seed, same traffic (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the server")
     args = parser.parse_args(argv)
+    if args.events is not None:
+        args.users = max(1, round(args.events / EVENTS_PER_PERSON))
     if args.days < 1 or args.users < 1:
-        parser.error("--days and --users must be at least 1")
+        parser.error("--days, --users and --events must be at least 1")
     if args.wait:
         asyncio.run(wait_for(args.url, args.wait))
     report = asyncio.run(seed(args.url, args.key, days=args.days, users=args.users, seed_value=args.seed))

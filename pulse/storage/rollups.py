@@ -114,7 +114,7 @@ UPDATE sessions SET
     agent_id = coalesce(agent_id, ?13)
 WHERE id = ?14
 """
-# the common case: a batch with no page view for the session, or one after its entry page
+# the common case: the batch has no page view of the session, so its entry page cannot change
 _EXTEND_SESSION = """
 UPDATE sessions SET
     first_ts = min(first_ts, ?1),
