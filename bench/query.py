@@ -1,0 +1,206 @@
+"""Read API benchmark: every endpoint over a month of events, against a plain scan of the raw table.
+
+    python bench/query.py [--events 10000000] [--runs 5]
+
+Loads the events through the real writer (30 days, ~50 event names, 100k users with traits, 300k sessions),
+starts `pulse serve` on that database, times each endpoint over HTTP for range=30d, unfiltered and with
+trait.gender=Female, and times a plain SQL scan of the raw events giving the same answer in the same run.
+Prints p50 and p95 (ms) and the ratio raw scan / endpoint. Loopback only; stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.ingest import free_port, wait_http  # noqa: E402
+from pulse.protocol import IngestEvent  # noqa: E402
+from pulse.storage.connection import connect  # noqa: E402
+from pulse.storage.rows import DAY_MS, IngestJob  # noqa: E402
+from pulse.storage.writer import EventWriter  # noqa: E402
+
+AGENTS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:126.0) Gecko/20100101 Firefox/126.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 "
+    "Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Mobile "
+    "Safari/537.36",
+]
+NAMES = ["page_view"] * 20 + [f"event_{i:02d}" for i in range(49)]
+PAGES = [f"/page/{i}" for i in range(40)]
+REFERRERS = [None, None, "https://www.google.com/", "https://twitter.com/", "https://news.ycombinator.com/"]
+
+
+async def load(path: Path, events: int, days: int = 30, users: int = 100_000, sessions: int = 300_000) -> float:
+    """Generate and write the month day by day, in time order; returns events/s of the load."""
+    rng = random.Random(1)
+    now = int(time.time() * 1000)
+    start = now - days * DAY_MS
+    per_session = max(1, events // sessions)
+    writer = EventWriter(path, max_queued_events=400_000)
+    await writer.start()
+    traits = [{"age_group": rng.choice(["<18", "18-40", ">40"]), "gender": rng.choice(["Male", "Female", "Other"])}
+              for _ in range(users)]
+    seen_users: set[int] = set()
+    written = 0
+    began = time.monotonic()
+    for day in range(days):
+        day_events: list[tuple[int, int, IngestEvent]] = []
+        for number in range(sessions // days):
+            user = rng.randrange(users)
+            agent = user % len(AGENTS)
+            ts = start + day * DAY_MS + rng.randrange(DAY_MS)
+            session = f"s{day}-{number}"
+            if user not in seen_users:
+                seen_users.add(user)
+                day_events.append((ts, agent, IngestEvent(event="$identify", distinct_id=f"u{user}", session_id=session,
+                                                          traits=traits[user], timestamp=ts)))
+            for step in range(per_session):
+                name = "page_view" if step == 0 else rng.choice(NAMES)
+                day_events.append((ts, agent, IngestEvent(
+                    event=name, distinct_id=f"u{user}", session_id=session, timestamp=ts,
+                    page_url="https://shop.example" + rng.choice(PAGES),
+                    referrer=rng.choice(REFERRERS) if step == 0 else None,
+                    properties={"plan": rng.choice(["free", "pro"]), "n": step} if name != "page_view" else None,
+                )))
+                ts += rng.randrange(5_000, 60_000)
+        day_events.sort(key=lambda item: item[0])
+        futures = []
+        for agent in range(len(AGENTS)):
+            mine = [event for _, a, event in day_events if a == agent]
+            for i in range(0, len(mine), 1000):
+                futures.append(writer.enqueue(IngestJob(1, mine[i:i + 1000], now, 0, "192.0.2.1", AGENTS[agent])))
+                if len(futures) >= 200:
+                    written += sum(a for a, _ in await asyncio.gather(*futures))
+                    futures = []
+        written += sum(a for a, _ in await asyncio.gather(*futures))
+        print(f"\r  loaded day {day + 1}/{days}: {written:,} events", end="", file=sys.stderr, flush=True)
+    await writer.close()
+    print(file=sys.stderr)
+    return written / (time.monotonic() - began)
+
+
+ENDPOINTS = ["overview", "timeseries?interval=day", "top-events", "pages", "entry-pages", "exit-pages", "referrers",
+             "utm?dimension=source", "browsers", "os", "devices", "sessions", "users", "events", "properties",
+             "properties/plan"]
+
+# the same answers from a plain scan of the raw events (what a store without rollups would run)
+_E = "FROM events e LEFT JOIN agents a ON a.id = e.agent_id WHERE e.project_id = 1 AND e.ts >= ? AND e.ts < ?"
+RAW = {
+    "overview": f"SELECT count(*), count(DISTINCT e.person_id), count(DISTINCT e.session_id) {_E}",
+    "timeseries?interval=day": f"SELECT e.ts / 86400000, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1",
+    "top-events": f"SELECT e.name_id, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+    "pages": f"SELECT e.path_id, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+    "browsers": f"SELECT a.browser, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+}
+
+
+async def time_endpoints(url: str, token: str, runs: int, filters: dict) -> dict[str, list[float]]:
+    timings: dict[str, list[float]] = {}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        for endpoint in ENDPOINTS:
+            path, _, query = endpoint.partition("?")
+            params = {"range": "30d", **filters, **dict(p.split("=") for p in query.split("&") if p)}
+            for _ in range(runs):
+                began = time.perf_counter()
+                async with session.get(f"{url}/api/v1/projects/1/{path}", params=params) as response:
+                    await response.read()
+                    assert response.status == 200, (endpoint, response.status)
+                timings.setdefault(endpoint, []).append((time.perf_counter() - began) * 1000)
+    return timings
+
+
+def time_raw(path: Path, runs: int) -> dict[str, float]:
+    conn = connect(path, readonly=True)
+    now = int(time.time() * 1000)
+    found = {}
+    for endpoint, sql in RAW.items():
+        times = []
+        for _ in range(runs):
+            began = time.perf_counter()
+            conn.execute(sql, (now - 30 * DAY_MS, now)).fetchall()
+            times.append((time.perf_counter() - began) * 1000)
+        found[endpoint] = statistics.median(times)
+    conn.close()
+    return found
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--runs", type=int, default=5, help="requests per endpoint and filter")
+    parser.add_argument("--keep", type=Path, help="reuse (or keep) the loaded data directory here")
+    args = parser.parse_args()
+
+    data_dir = args.keep or Path(tempfile.mkdtemp(prefix="pulse-query-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = data_dir / "pulse.db"
+    fresh = not db.exists()
+    created = json.loads(subprocess.run(
+        [sys.executable, "-m", "pulse.cli", "projects", "create", f"bench{int(time.time())}", "--json",
+         "--data-dir", str(data_dir)], capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    if fresh:
+        assert created["id"] == 1
+        print(f"loading {args.events:,} events into {data_dir}", file=sys.stderr)
+        rate = asyncio.run(load(db, args.events))
+        print(f"loaded at {rate:,.0f} events/s")
+    token = subprocess.run(
+        [sys.executable, "-m", "pulse.cli", "keys", "rotate", "1", "--read", "--json", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, check=True, cwd=ROOT)
+    token = json.loads(token.stdout)["read_token"]
+    conn = connect(db, readonly=True)
+    counts = conn.execute("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM persons),"
+                          " (SELECT count(*) FROM sessions)").fetchone()
+    conn.close()
+    print(f"{counts[0]:,} events, {counts[1]:,} persons, {counts[2]:,} sessions; "
+          f"{sum(f.stat().st_size for f in data_dir.glob('pulse.db*')) / counts[0]:.0f} bytes/event on disk")
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pulse.cli", "serve", "--port", str(port), "--data-dir",
+                               str(data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ,
+                                                                                           "PULSE_QUERY_TIMEOUT_S": "120"})
+    try:
+        wait_http(port)
+        url = f"http://127.0.0.1:{port}"
+        plain = asyncio.run(time_endpoints(url, token, args.runs, {}))
+        filtered = asyncio.run(time_endpoints(url, token, args.runs, {"trait.gender": "Female"}))
+    finally:
+        server.terminate()
+        server.wait(60)
+    raw = time_raw(db, max(1, args.runs // 2))
+    print(f"\nrange=30d, {args.runs} requests each over HTTP; raw: the same answer from a plain scan (median)")
+    print(f"{'endpoint':<26} {'p50 ms':>8} {'p95 ms':>8}   {'filtered p50':>12} {'p95':>8}   {'raw scan ms':>11} {'raw/p50':>8}")
+    for endpoint in ENDPOINTS:
+        a, b = plain[endpoint], filtered[endpoint]
+        scan = raw.get(endpoint)
+        ratio = f"{scan / p(a, 0.5):>7.0f}x" if scan else ""
+        print(f"{endpoint:<26} {p(a, 0.5):>8.1f} {p(a, 0.95):>8.1f}   {p(b, 0.5):>12.1f} {p(b, 0.95):>8.1f}   "
+              f"{'' if scan is None else f'{scan:.0f}':>11} {ratio:>8}")
+    if not args.keep:
+        shutil.rmtree(data_dir)
+
+
+if __name__ == "__main__":
+    main()
