@@ -22,7 +22,7 @@ from pathlib import Path
 from pulse.storage.rollups import Submit
 from pulse.storage.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
 from pulse.storage.wire import (
-    Committed, Failed, Ready, Shutdown, StartFailed, Stopped, decode_from_writer, frame, read_frames,
+    Committed, Failed, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
 )
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,12 @@ class EventWriter:
         self._reader_task: asyncio.Task | None = None
         self._up = False
         self._closing = False
-        self._stopped = asyncio.Event()
         self._outbox: list[bytes] = []  # frames written once per event-loop turn, not one syscall each
 
     # -- life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the writer process; it creates and migrates the database. Raises WriterStartFailed."""
-        self._stopped = asyncio.Event()
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
@@ -237,8 +235,7 @@ class EventWriter:
                     self._committed(message)
                 elif isinstance(message, Failed):
                     self._failed(message)
-                elif isinstance(message, Stopped):
-                    self._stopped.set()
+                # Stopped: everything was written; the end of the stream follows
         self._up = False
         if self._stream is not None:
             self._stream.close()
