@@ -152,3 +152,16 @@ def test_minified_tracker_is_built_from_the_source(tmp_path):
     subprocess.run(script.replace("sdk/tracker.min.js", str(built)).replace("terser", str(terser), 1).split(),
                    cwd=ROOT, check=True)
     assert built.read_bytes() == (ROOT / "sdk" / "tracker.min.js").read_bytes(), "run: npm run build"
+
+
+async def test_calls_made_before_the_tracker_loads_are_replayed(served, browser):
+    server, project = served
+    page = await browser.new_page()
+    # a site's stub queued this before the tracker arrived
+    await page.add_init_script("window.pulse = {q: [['event', 'early', {when: 'before load'}]]};")
+    await page.goto(f"{server.url}/demo/?key={project['ingest_key']}")
+    await page.wait_for_function("window.pulse && window.pulse.flush && !window.pulse.q")
+    await page.evaluate("pulse.flush()")
+    rows = await stored_events(server, project, 2)
+    assert sorted(r["event"] for r in rows) == ["early", "page_view"]
+    assert next(r for r in rows if r["event"] == "early")["properties"]["when"] == "before load"
