@@ -177,20 +177,30 @@ def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filt
 # -- overview ---------------------------------------------------------------------------------------
 
 
-def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict[str, Totals]:
-    """Per event name: events and exact users in the window."""
+def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters,
+                users: bool = True) -> dict[str, Totals]:
+    """Per event name: events, and (with `users`) the exact users, in the window."""
     found: dict[str, Totals] = defaultdict(Totals)
     if filters.rollup_ready:
         hours, raw = window.split()
         if hours is not None:
-            rows = conn.execute(
-                "SELECT s.value, h.events, h.user_set FROM hourly h JOIN strings s ON s.id = h.name_id"
-                " WHERE h.project_id = ? AND h.name_id != 0 AND h.bot = 0 AND h.hour >= ? AND h.hour < ?"
-                + (" AND s.value = ?" if filters.event is not None else ""),
-                (project_id, *hours, *([filters.event] if filters.event is not None else [])),
-            )
-            for name, events, user_set in rows:
-                found[name].add(Totals(events, BitMap.deserialize(user_set)))
+            only = " AND s.value = ?" if filters.event is not None else ""
+            args = (project_id, *hours, *([filters.event] if filters.event is not None else []))
+            if users:
+                for name, events, user_set in conn.execute(
+                    "SELECT s.value, h.events, h.user_set FROM hourly h JOIN strings s ON s.id = h.name_id"
+                    " WHERE h.project_id = ? AND h.name_id != 0 AND h.bot = 0 AND h.hour >= ? AND h.hour < ?" + only,
+                    args,
+                ):
+                    found[name].add(Totals(events, BitMap.deserialize(user_set)))
+            else:  # counts only: no sets to read
+                for name, events in conn.execute(
+                    "SELECT s.value, sum(h.events) FROM hourly h JOIN strings s ON s.id = h.name_id"
+                    " WHERE h.project_id = ? AND h.name_id != 0 AND h.bot = 0 AND h.hour >= ? AND h.hour < ?"
+                    + only + " GROUP BY s.value",
+                    args,
+                ):
+                    found[name].events += events
         pieces = raw
     else:
         pieces = [(window.start, window.end)]
@@ -225,7 +235,7 @@ def _session_stats(conn: apsw.Connection, project_id: int, window: Window, filte
 
 def _period(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict:
     found = totals(conn, project_id, window, filters)
-    names = _top_events(conn, project_id, window, filters)
+    names = _top_events(conn, project_id, window, filters, users=False)
     top = max(names.items(), key=lambda item: (item[1].events, item[0]), default=None)
     days = max((window.end - window.start) / DAY_MS, 1 / 24)
     return {
@@ -259,35 +269,36 @@ def timeseries(conn: apsw.Connection, project_id: int, bounds: list[int], filter
         name_id = _name_id(conn, filters.event)
         if name_id < 0:
             return [_bucket_row(b) for b in buckets]
+        for hour in range(*hours):  # whole hours inside one bucket (an hour without a rollup row had no events)
+            if hour * HOUR_MS + HOUR_MS <= bounds[bisect_right(bounds, hour * HOUR_MS)]:
+                covered.add(hour)
         for hour, total in _hourly(conn, project_id, hours, name_id).items():
-            start = hour * HOUR_MS
-            index = bisect_right(bounds, start) - 1
-            if bounds[index] <= start and start + HOUR_MS <= bounds[index + 1]:
-                buckets[index].add(total)
-                covered.add(hour)
-        # hours with no rollup row had no events: they are covered too, unless a bucket edge cuts them
-        for hour in range(*hours):
-            start = hour * HOUR_MS
-            index = bisect_right(bounds, start) - 1
-            if bounds[index] <= start and start + HOUR_MS <= bounds[index + 1]:
-                covered.add(hour)
-    where, params = event_conditions(project_id, window.start, window.end, filters)
-    if covered:  # the rest from raw events
-        first, last = min(covered), max(covered) + 1
-        if len(covered) == last - first:
-            where += " AND NOT (e.ts >= ? AND e.ts < ?)"
-            params += [first * HOUR_MS, last * HOUR_MS]
-    for ts, person_id, session_id in conn.execute(
-        f"SELECT e.ts, e.person_id, e.session_id {_RAW_FROM} WHERE {where}", params
-    ):
-        if covered and ts // HOUR_MS in covered:
-            continue
-        bucket = buckets[bisect_right(bounds, ts) - 1]
-        bucket.events += 1
-        bucket.users.add(person_id)
-        if session_id is not None:
-            bucket.sessions.add(session_id)
+            if hour in covered:
+                buckets[bisect_right(bounds, hour * HOUR_MS) - 1].add(total)
+    for start, end in _uncovered(window, covered):  # the rest from raw events, range by range
+        where, params = event_conditions(project_id, start, end, filters)
+        for ts, person_id, session_id in conn.execute(
+            f"SELECT e.ts, e.person_id, e.session_id {_RAW_FROM} WHERE {where}", params
+        ):
+            bucket = buckets[bisect_right(bounds, ts) - 1]
+            bucket.events += 1
+            bucket.users.add(person_id)
+            if session_id is not None:
+                bucket.sessions.add(session_id)
     return [_bucket_row(b) for b in buckets]
+
+
+def _uncovered(window: Window, covered: set[int]) -> list[tuple[int, int]]:
+    """The parts of the window outside the covered hours, as few [start, end) ranges as can be."""
+    pieces: list[tuple[int, int]] = []
+    position = window.start
+    for hour in sorted(covered):
+        if position < hour * HOUR_MS:
+            pieces.append((position, hour * HOUR_MS))
+        position = max(position, (hour + 1) * HOUR_MS)
+    if position < window.end:
+        pieces.append((position, window.end))
+    return pieces
 
 
 def _bucket_row(total: Totals) -> dict:
