@@ -50,6 +50,81 @@ class Rollup:
     rows: int = 0
 
 
+DIM_AGENT = 1  # browser, OS and device follow from the user agent
+DIM_PAGE = 2  # page views by path
+
+
+class RollupStore:
+    """One rollup table. Each commit adds a row per touched key holding only what is new to the key (its
+    events, and the ids not yet in its sets), so a key's rows are disjoint and add up; `compact` merges
+    a key's rows into one. The cache holds the whole of every key touched lately."""
+
+    def __init__(self, conn: apsw.Connection, table: str, key: tuple[str, ...], sessions: bool) -> None:
+        self.conn = conn
+        self.sessions = sessions
+        columns = [*key, "seq", "events", "users", "user_set"] + (["sessions", "session_set"] if sessions else [])
+        match = " AND ".join(f"{column} = ?" for column in key)
+        self.insert_sql = f"INSERT INTO {table}({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        self.load_sql = (f"SELECT events, user_set{', session_set' if sessions else ''} FROM {table}"
+                         f" WHERE {match}")
+        self.delete_sql = f"DELETE FROM {table} WHERE {match}"
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache: dict[tuple, Rollup] = {}
+        self.uncompacted: set[tuple] = set()
+
+    def get(self, key: tuple) -> Rollup:
+        found = self.cache.get(key)
+        if found is not None:
+            return found
+        found = Rollup()
+        for row in self.conn.execute(self.load_sql, key):
+            found.events += row[0]
+            found.users |= BitMap.deserialize(row[1])
+            if self.sessions:
+                found.sessions |= BitMap.deserialize(row[2])
+            found.rows += 1
+        if found.rows > 1:
+            self.uncompacted.add(key)
+        self.cache[key] = found
+        return found
+
+    def add(self, deltas: dict[tuple, list], seq: int) -> None:
+        """deltas: key -> [events, BitMap of users, BitMap of sessions]; writes one row per key."""
+        rows = []
+        for key, (count, users, sessions) in deltas.items():
+            rollup = self.get(key)
+            users -= rollup.users
+            rollup.events += count
+            rollup.users |= users
+            rollup.rows += 1
+            if rollup.rows > 1:
+                self.uncompacted.add(key)
+            row = (*key, seq, count, len(users), users.serialize())
+            if self.sessions:
+                sessions -= rollup.sessions
+                rollup.sessions |= sessions
+                row += (len(sessions), sessions.serialize())
+            rows.append(row)
+        self.conn.executemany(self.insert_sql, rows)
+
+    def compact(self) -> int:
+        """Rewrite every key kept in several rows as one row; returns how many keys were compacted."""
+        keys, self.uncompacted = self.uncompacted, set()
+        rows = []
+        for key in keys:
+            rollup = self.get(key)
+            row = (*key, 0, rollup.events, len(rollup.users), rollup.users.serialize())
+            if self.sessions:
+                row += (len(rollup.sessions), rollup.sessions.serialize())
+            rows.append(row)
+            rollup.rows = 1
+        self.conn.executemany(self.delete_sql, list(keys))
+        self.conn.executemany(self.insert_sql, rows)
+        return len(keys)
+
+
 # A session's changes within one batch, as a list (one per session per batch, so kept cheap):
 # [first_ts, last_ts, events, pageviews, entry_ts, entry_path, entry_referrer, entry_source, entry_medium,
 #  entry_campaign, exit_ts, exit_path, agent_id] -- the order of _UPDATE_SESSION's parameters
@@ -62,14 +137,6 @@ _INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT(project_id, uuid) DO NOTHING"  # never skips: repeats were found first; checked after
 )
-_INSERT_HOURLY = (
-    "INSERT INTO hourly(project_id, hour, name_id, bot, seq, events, users, sessions, user_set, session_set)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_LOAD_HOURLY = (
-    "SELECT events, user_set, session_set FROM hourly WHERE project_id = ? AND hour = ? AND name_id = ? AND bot = ?"
-)
-_DELETE_HOURLY = "DELETE FROM hourly WHERE project_id = ? AND hour = ? AND name_id = ? AND bot = ?"
 _LOOKUP_PEOPLE = (
     "SELECT distinct_id, person_id FROM person_ids"
     " WHERE project_id = ? AND distinct_id IN (SELECT value FROM json_each(?))"
@@ -151,9 +218,10 @@ class BatchApplier:
         # per project: distinct id -> person id, session key -> session id
         self.persons: dict[int, dict[str, int]] = {}
         self.sessions: dict[int, dict[str, int]] = {}
-        self.rollups: dict[tuple[int, int, int, int], Rollup] = {}
+        self.hourly = RollupStore(self.conn, "hourly", ("project_id", "hour", "name_id", "bot"), sessions=True)
+        self.dims = RollupStore(self.conn, "hourly_dims", ("project_id", "dim", "hour", "value_id", "bot"),
+                                sessions=False)
         self.salts: dict[int, bytes] = {}
-        self.uncompacted: set[tuple[int, int, int, int]] = set()  # keys stored in more than one row
         self.compacted_at = time.monotonic()
         self.catalog_checked_at = 0.0
         self.next_event_id = _max_id(self.conn, "events") + 1
@@ -210,35 +278,10 @@ class BatchApplier:
         self.salts = {day: found}
         return found
 
-    def rollup(self, key: tuple[int, int, int, int]) -> Rollup:
-        found = self.rollups.get(key)
-        if found is not None:
-            return found
-        found = Rollup()
-        for events, user_set, session_set in self.conn.execute(_LOAD_HOURLY, key):
-            found.events += events
-            found.users |= BitMap.deserialize(user_set)
-            found.sessions |= BitMap.deserialize(session_set)
-            found.rows += 1
-        if found.rows > 1:
-            self.uncompacted.add(key)
-        self.rollups[key] = found
-        return found
-
     def compact(self) -> int:
-        """Rewrite every key kept in several rows as one row; returns how many keys were compacted."""
-        keys = self.uncompacted
-        self.uncompacted = set()
-        rows = []
-        for key in keys:
-            rollup = self.rollup(key)
-            rows.append((*key, 0, rollup.events, len(rollup.users), len(rollup.sessions),
-                         rollup.users.serialize(), rollup.sessions.serialize()))
-            rollup.rows = 1
-        self.conn.executemany(_DELETE_HOURLY, list(keys))
-        self.conn.executemany(_INSERT_HOURLY, rows)
+        """Merge the rows of every key of both rollup tables kept in several rows; returns how many keys."""
         self.compacted_at = time.monotonic()
-        return len(keys)
+        return self.hourly.compact() + self.dims.compact()
 
     def _load(self, sql: str, wanted: dict[int, set[str]], caches: dict[int, dict[str, int]]) -> None:
         """Bring every wanted key of each project that exists into its cache, one query per 5000 keys."""
@@ -280,8 +323,9 @@ class BatchApplier:
                 caches.clear()
         if len(self.strings) > _CACHE_LIMIT:
             self.strings.clear()
-        if len(self.rollups) > _ROLLUP_CACHE_LIMIT:
-            self.rollups.clear()
+        for store in (self.hourly, self.dims):
+            if len(store.cache) > _ROLLUP_CACHE_LIMIT and not store.uncompacted:
+                store.cache.clear()
 
         # 1. every distinct id and session key the batch names, and every repeated uuid, looked up at once
         anonymous = []
@@ -318,6 +362,7 @@ class BatchApplier:
         rows: list[tuple] = []
         results: list[tuple[int, int, list[int]]] = []
         groups: dict[tuple[int, int, int, int], list] = {}
+        dims: dict[tuple[int, int, int, int, int], list] = {}
         person_changes: dict[int, list[int]] = {}
         session_changes: dict[int, list] = {}
         traits: list[tuple[str, int]] = []
@@ -367,12 +412,26 @@ class BatchApplier:
                 ))
                 event_id += 1
 
-                key = (project_id, ts // HOUR_MS, name_id, bot)
+                hour = ts // HOUR_MS
+                key = (project_id, hour, name_id, bot)
                 group = groups.get(key)
                 if group is None:
                     group = groups[key] = [0, [], []]
                 group[0] += 1
                 group[1].append(person_id)
+                key = (project_id, DIM_AGENT, hour, agent_id, bot)
+                dim = dims.get(key)
+                if dim is None:
+                    dim = dims[key] = [0, []]
+                dim[0] += 1
+                dim[1].append(person_id)
+                if path_id is not None and name == PAGE_VIEW:
+                    key = (project_id, DIM_PAGE, hour, path_id, bot)
+                    dim = dims.get(key)
+                    if dim is None:
+                        dim = dims[key] = [0, []]
+                    dim[0] += 1
+                    dim[1].append(person_id)
                 person = person_changes.get(person_id)
                 if person is None:
                     person_changes[person_id] = [ts, ts, 1]
@@ -413,10 +472,10 @@ class BatchApplier:
         conn.executemany(_INSERT_EVENT, rows)
         if conn.total_changes() - before != len(rows):
             raise RuntimeError("an event uuid was stored twice in one batch; the batch is rolled back")
-        self._write_rollups(groups)
+        self._write_rollups(groups, dims)
         self._write_people(person_changes, traits)
         self._write_sessions(session_changes)
-        if self.uncompacted and now - self.compacted_at > COMPACT_EVERY_S:
+        if now - self.compacted_at > COMPACT_EVERY_S and (self.hourly.uncompacted or self.dims.uncompacted):
             self.compact()
         return results
 
@@ -457,8 +516,9 @@ class BatchApplier:
         self.new_sessions[session_id] = (project_id, session_key, person_id)
         return session_id
 
-    def _write_rollups(self, groups: dict[tuple[int, int, int, int], list]) -> None:
-        """One row per touched key holding what this commit adds: its events and the ids new to the key."""
+    def _write_rollups(self, groups: dict[tuple[int, int, int, int], list],
+                       dims: dict[tuple[int, int, int, int, int], list]) -> None:
+        """Each touched key of both tables gets a row of what this commit adds (per event and for all)."""
         deltas: dict[tuple[int, int, int, int], list] = {}
         for (project_id, hour, name_id, bot), (count, users, sessions) in groups.items():
             for key in ((project_id, hour, name_id, bot), (project_id, hour, 0, bot)):
@@ -470,19 +530,8 @@ class BatchApplier:
                     delta[1].update(users)
                     delta[2].update(sessions)
         seq = self.next_event_id  # unique per commit
-        rows = []
-        for key, (count, users, sessions) in deltas.items():
-            rollup = self.rollup(key)
-            users -= rollup.users
-            sessions -= rollup.sessions
-            rollup.events += count
-            rollup.users |= users
-            rollup.sessions |= sessions
-            rollup.rows += 1
-            if rollup.rows > 1:
-                self.uncompacted.add(key)
-            rows.append((*key, seq, count, len(users), len(sessions), users.serialize(), sessions.serialize()))
-        self.conn.executemany(_INSERT_HOURLY, rows)
+        self.hourly.add(deltas, seq)
+        self.dims.add({key: [count, BitMap(users), None] for key, (count, users) in dims.items()}, seq)
 
     def _write_people(self, persons: dict[int, list[int]], traits: list[tuple[str, int]]) -> None:
         conn = self.conn
