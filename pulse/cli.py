@@ -88,6 +88,15 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def project_keys(data_dir: Path, ref: str) -> tuple[Any, list[dict[str, Any]]]:
+    """A project (by id or name) and its keys' listing (prefixes only)."""
+    from pulse.storage.projects import get_project, list_keys
+
+    with open_db(data_dir) as conn:
+        found = get_project(conn, ref)
+        return found, list_keys(conn, found)
+
+
 def keys_table(keys: list[dict[str, Any]]) -> str:
     rows = [(k["kind"], k["prefix"], iso(k["created_at"]), iso(k["expires_at"]) or "never",
              "yes" if k["active"] else "no") for k in keys]
@@ -228,11 +237,7 @@ def projects_list(data_dir: Path, as_json: bool) -> None:
 @handle_errors
 def projects_show(project: str, data_dir: Path, as_json: bool) -> None:
     """Show one project (by id or name) and its keys."""
-    from pulse.storage.projects import get_project, list_keys
-
-    with open_db(data_dir) as conn:
-        found = get_project(conn, project)
-        keys = list_keys(conn, found)
+    found, keys = project_keys(data_dir, project)
     lines = [f"{k}: {v}" for k, v in found.as_dict().items()]
     lines.append(keys_table(keys))
     emit(as_json, {**found.as_dict(), "keys": keys}, "\n".join(lines))
@@ -317,11 +322,7 @@ def keys_rotate(project: str, kind: str | None, grace: int, data_dir: Path, as_j
 @handle_errors
 def keys_list(project: str, data_dir: Path, as_json: bool) -> None:
     """List a project's keys (prefixes only: secrets are never stored)."""
-    from pulse.storage.projects import get_project, list_keys
-
-    with open_db(data_dir) as conn:
-        found = get_project(conn, project)
-        keys_found = list_keys(conn, found)
+    found, keys_found = project_keys(data_dir, project)
     emit(as_json, {"project": found.id, "keys": keys_found}, keys_table(keys_found))
 
 

@@ -8,8 +8,7 @@ from aiohttp import web
 
 from pulse.server.errors import ApiError
 from pulse.server.keys import KEYRING, READER
-from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit
-from pulse.server.timerange import parse_window
+from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window
 from pulse.storage import queries
 from pulse.storage.projects import Project
 from pulse.storage.queries import EVENT_DIMENSIONS, SESSION_DIMENSIONS, Window

@@ -181,17 +181,8 @@ UPDATE sessions SET
     agent_id = coalesce(agent_id, ?13)
 WHERE id = ?14
 """
-# the common case: the batch has no page view of the session, so its entry page cannot change
-_EXTEND_SESSION = """
-UPDATE sessions SET
-    first_ts = min(first_ts, ?1),
-    last_ts = max(last_ts, ?2),
-    events = events + ?3,
-    pageviews = pageviews + ?4,
-    exit_path_id = CASE WHEN ?5 IS NOT NULL AND (exit_ts IS NULL OR ?5 >= exit_ts) THEN ?6 ELSE exit_path_id END,
-    exit_ts = CASE WHEN ?5 IS NOT NULL AND (exit_ts IS NULL OR ?5 >= exit_ts) THEN ?5 ELSE exit_ts END
-WHERE id = ?7
-"""
+# the common case: the batch has no page view of the session, so only its times and event count change
+_EXTEND_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
 
 
 def _max_id(conn: apsw.Connection, table: str) -> int:
@@ -560,9 +551,8 @@ class BatchApplier:
         self.conn.executemany(_INSERT_SESSION, fresh)
         extend, full = [], []
         for session_id, delta in sessions.items():
-            if delta[ENTRY_TS] is None:
-                extend.append((delta[FIRST], delta[LAST], delta[EVENTS], delta[PAGEVIEWS], delta[EXIT_TS],
-                               delta[EXIT_PATH], session_id))
+            if delta[ENTRY_TS] is None:  # no page view: entry, exit and page views stay as they are
+                extend.append((delta[FIRST], delta[LAST], delta[EVENTS], session_id))
             else:
                 full.append((*delta, session_id))
         self.conn.executemany(_EXTEND_SESSION, extend)
