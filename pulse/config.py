@@ -35,6 +35,9 @@ class Settings:
     # network
     trust_proxy: bool = False
     catalog_poll_s: float = 0.25
+    # a token that reads every project, for tools on this host (`pulse tui`); `pulse serve` makes a fresh
+    # one at each start and writes it to server.json in the data directory, readable by its owner only
+    operator_token: str = ""
 
     @property
     def db_path(self) -> Path:

@@ -34,3 +34,15 @@ def test_only_storage_imports_apsw():
         if "import apsw" in path.read_text() and path.parent.name != "storage"
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("module", ["pulse.tui.app", "pulse.tui.client"])
+def test_tui_never_imports_the_database_or_the_server(module):
+    loaded = imported_after(module)
+    assert "apsw" not in loaded and "aiosqlite" not in loaded
+    assert not any(name.startswith(("pulse.storage", "pulse.server")) for name in loaded)
+
+
+@pytest.mark.parametrize("module", ["pulse.tui.client", "pulse.tui.state"])
+def test_tui_client_and_state_do_not_import_textual(module):
+    assert not any(name == "textual" or name.startswith("textual.") for name in imported_after(module))

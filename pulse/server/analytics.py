@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -25,6 +27,22 @@ def _project(request: web.Request) -> Project:
 
 def _range(project: Project, window: Window) -> dict:
     return {"project": project.id, "from": iso(window.start, project.timezone), "to": iso(window.end, project.timezone)}
+
+
+@routes.get("/api/v1/projects")
+async def projects(request: web.Request) -> web.Response:
+    """The projects this token can see, with events today and per hour over the last 24 hours."""
+    now = time.time_ns() // 1_000_000
+    found = []
+    for project in request.app[KEYRING].readable(request):
+        day = Window(now - 86_400_000, now)
+        today = parse_window({"from": datetime.now(ZoneInfo(project.timezone)).date().isoformat()},
+                             project.timezone, now_ms=now)
+        bounds = bucket_bounds(day, "hour", project.timezone)
+        summary = await request.app[READER].run(queries.project_summary, project.id, today, bounds)
+        found.append({"id": project.id, "name": project.name, "domain": project.domain,
+                      "timezone": project.timezone, **summary})
+    return web.json_response({"projects": found})
 
 
 @routes.get("/api/v1/projects/{project}/overview")
@@ -153,4 +171,23 @@ async def property_values(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     rows = await request.app[READER].run(queries.property_values, project.id, window, parse_filters(request.query),
                                          request.match_info["key"], parse_limit(request.query))
+    return web.json_response({**_range(project, window), "rows": rows})
+
+
+@routes.get("/api/v1/projects/{project}/traits")
+async def traits(request: web.Request) -> web.Response:
+    """Trait keys of the persons seen in the window (for trait.KEY filters)."""
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    rows = await request.app[READER].run(queries.trait_keys, project.id, window,
+                                         parse_limit(request.query, default=50))
+    return web.json_response({**_range(project, window), "rows": rows})
+
+
+@routes.get("/api/v1/projects/{project}/traits/{key}")
+async def trait_values(request: web.Request) -> web.Response:
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    rows = await request.app[READER].run(queries.trait_values, project.id, window, request.match_info["key"],
+                                         parse_limit(request.query))
     return web.json_response({**_range(project, window), "rows": rows})

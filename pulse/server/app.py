@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import json
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -53,7 +55,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await writer.start()  # creates and migrates the database
     reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s)
-    keyring = KeyRing(reader)
+    keyring = KeyRing(reader, settings.operator_token)
     await keyring.reload()
     keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds
     app[WRITER], app[READER], app[KEYRING] = writer, reader, keyring
@@ -93,10 +95,18 @@ class AlreadyRunning(Exception):
     pass
 
 
+def local_url(settings: Settings) -> str:
+    """Where a tool on this host reaches the server."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(settings.host, settings.host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
 @contextlib.contextmanager
 def serve_lock(settings: Settings):
     """One server per data directory; also records where it listens, for local tools."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock_path = settings.data_dir / LOCK_FILENAME
     handle = open(lock_path, "a+")
     try:
@@ -106,9 +116,11 @@ def serve_lock(settings: Settings):
         raise AlreadyRunning(f"another pulse server is using {settings.data_dir}") from None
     info_path = settings.data_dir / SERVER_FILENAME
     try:
-        info_path.write_text(json.dumps({
-            "url": f"http://{settings.host}:{settings.port}", "pid": os.getpid(),
-        }))
+        # the operator token reads every project: the file is its owner's alone, like the database beside it
+        fd = os.open(info_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as info:
+            json.dump({"url": local_url(settings), "pid": os.getpid(), "token": settings.operator_token}, info)
         yield
     finally:
         info_path.unlink(missing_ok=True)
@@ -120,6 +132,8 @@ def run(settings: Settings, *, print_fn=print) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, drain the queue, commit and return."""
     import uvloop
 
+    if not settings.operator_token:
+        settings = dataclasses.replace(settings, operator_token="sk_local_" + secrets.token_urlsafe(32))
     with serve_lock(settings):
         app = create_app(settings)
         gc.freeze()  # what start-up made lives for the whole run: keep it out of every collection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -26,8 +27,10 @@ def _version(conn) -> int:
 class KeyRing:
     """Every key's grant by SHA-256 digest, and every project, as of the last catalog version."""
 
-    def __init__(self, reader: Reader) -> None:
+    def __init__(self, reader: Reader, operator_token: str = "") -> None:
         self.reader = reader
+        # the token of tools on this host (`pulse tui`): reads every project while this server runs
+        self.operator = digest(operator_token) if operator_token else None
         self.version = -1
         self.grants: dict[bytes, KeyGrant] = {}
         self.projects: dict[int, Project] = {}
@@ -38,7 +41,12 @@ class KeyRing:
         if self.on_reload is not None:
             await self.on_reload()
 
+    def is_operator(self, token_digest: bytes) -> bool:
+        return self.operator is not None and hmac.compare_digest(token_digest, self.operator)
+
     def grants_read(self, token_digest: bytes, project_id: int) -> bool:
+        if self.is_operator(token_digest):
+            return project_id in self.projects
         found = self.grants.get(token_digest)
         return (found is not None and found.kind == READ and found.project_id == project_id
                 and found.valid(now_ms()) and project_id in self.projects)
@@ -77,16 +85,30 @@ class KeyRing:
 
     def read_grant(self, request: web.Request, project_id: int) -> tuple[Project, bytes]:
         """The project a read request may see, and the digest of the token that allows it."""
+        token_digest, visible = self._readable(request)
+        if project_id not in visible:
+            if self.is_operator(token_digest):
+                raise ApiError(404, f"no project {project_id}")
+            raise ApiError(403, f"this token does not grant access to project {project_id}")
+        return self.projects[project_id], token_digest
+
+    def readable(self, request: web.Request) -> list[Project]:
+        """Every project the request's read token may see: one, or all for the operator token."""
+        _, visible = self._readable(request)
+        return [self.projects[i] for i in sorted(visible)]
+
+    def _readable(self, request: web.Request) -> tuple[bytes, set[int]]:
         header = request.headers.get("Authorization", "")
         secret = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token")
         if not secret:
             raise ApiError(401, "missing read token: send Authorization: Bearer sk_…",
                            headers={"WWW-Authenticate": "Bearer"})
+        token_digest = digest(secret)
+        if self.is_operator(token_digest):
+            return token_digest, set(self.projects)
         found = self.grant(secret)
         if found is None:
             raise ApiError(401, "invalid or revoked read token", headers={"WWW-Authenticate": "Bearer"})
         if found.kind != READ:
             raise ApiError(403, "ingest keys cannot read; use the project's read token (sk_…)")
-        if found.project_id != project_id:
-            raise ApiError(403, f"this token does not grant access to project {project_id}")
-        return self.projects[project_id], digest(secret)
+        return token_digest, {found.project_id}

@@ -289,6 +289,12 @@ def timeseries(conn: apsw.Connection, project_id: int, bounds: list[int], filter
     return [_bucket_row(b) for b in buckets]
 
 
+def project_summary(conn: apsw.Connection, project_id: int, today: Window, hours: list[int]) -> dict:
+    """Events since local midnight, and events per hour for the bounds given (the projects list)."""
+    return {"events_today": totals(conn, project_id, today).events,
+            "hourly": [row["events"] for row in timeseries(conn, project_id, hours, Filters())]}
+
+
 def _uncovered(window: Window, covered: set[int]) -> list[tuple[int, int]]:
     """The parts of the window outside the covered hours, as few [start, end) ranges as can be."""
     pieces: list[tuple[int, int]] = []
@@ -525,6 +531,26 @@ def property_values(conn: apsw.Connection, project_id: int, window: Window, filt
         f"SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, count(*), count(DISTINCT e.person_id) {_RAW_FROM}"
         f" WHERE {where} AND v IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [_json_path(key), *params, limit])
     return [{"value": value, "count": count, "unique_users": users_} for value, count, users_ in rows]
+
+
+_ACTIVE_PERSONS = "p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ?"
+
+
+def trait_keys(conn: apsw.Connection, project_id: int, window: Window, limit: int) -> list[dict]:
+    """Trait keys of the persons seen in the window, by how many of them have it."""
+    rows = conn.execute(
+        f"SELECT j.key, count(*) FROM persons p, json_each(p.traits) j WHERE {_ACTIVE_PERSONS} AND p.traits IS NOT NULL"
+        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [project_id, window.start, window.end, limit])
+    return [{"value": key, "count": count, "unique_users": count} for key, count in rows]
+
+
+def trait_values(conn: apsw.Connection, project_id: int, window: Window, key: str, limit: int) -> list[dict]:
+    """Values of one trait over the persons seen in the window, by how many of them have it."""
+    rows = conn.execute(
+        f"SELECT CAST(json_extract(p.traits, ?) AS TEXT) AS v, count(*) FROM persons p WHERE {_ACTIVE_PERSONS}"
+        " AND v IS NOT NULL"
+        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [_json_path(key), project_id, window.start, window.end, limit])
+    return [{"value": value, "count": count, "unique_users": count} for value, count in rows]
 
 
 def _json(text: str | None):

@@ -376,3 +376,21 @@ async def test_property_keys_and_values(api, population):
         if item.name == "purchase":
             purchases[item.props["plan"]].append(item.user)
     assert filtered["rows"] == counted(purchases)
+
+
+async def test_trait_keys_and_values_count_persons_seen_in_the_window(api, population):
+    _, sent, traits = population
+    start, end = WINDOWS[0]
+    seen: dict[int, list[int]] = defaultdict(list)
+    for item in sent:
+        seen[item.user].append(item.ts)
+    active = [u for u, ts in seen.items() if max(ts) >= start and min(ts) < end]
+    keys = await api("traits", **{"from": iso(start), "to": iso(end)})
+    assert keys["rows"] == [{"value": k, "count": len(active), "unique_users": len(active)}
+                            for k in ("age_group", "gender")]
+    genders: dict[str, int] = defaultdict(int)
+    for user in active:
+        genders[traits[user]["gender"]] += 1
+    rows = (await api("traits/gender", **{"from": iso(start), "to": iso(end)}))["rows"]
+    assert {r["value"]: r["count"] for r in rows} == genders
+    assert [r["count"] for r in rows] == sorted(genders.values(), reverse=True)

@@ -75,3 +75,32 @@ async def test_deleted_project_keys_are_refused(client, project, db):
 
     delete_project(db, get_project(db, project.id))
     assert (await wait_for_status(lambda: post(client, project.ingest_key), 401)).status == 401
+
+
+async def test_operator_token_reads_every_project_and_lists_them(aiohttp_client, settings, make_project):
+    import dataclasses
+
+    from pulse.server.app import create_app
+
+    a = make_project("a")
+    b = make_project("b", timezone="Asia/Kolkata")
+    operator = dataclasses.replace(settings, operator_token="sk_local_test")
+    client = await aiohttp_client(create_app(operator))
+    for project in (a, b):
+        response = await client.post(INGEST, json={"events": [event(), event()]},
+                                     headers={"X-API-Key": project.ingest_key})
+        assert response.status == 202
+        assert (await overview(client, project.id, "sk_local_test")).status == 200
+    assert (await overview(client, 999, "sk_local_test")).status == 404
+
+    response = await client.get("/api/v1/projects", headers={"Authorization": "Bearer sk_local_test"})
+    listed = (await response.json())["projects"]
+    assert [(p["id"], p["name"], p["timezone"]) for p in listed] == [(a.id, "a", "UTC"), (b.id, "b", "Asia/Kolkata")]
+    assert all(p["events_today"] == 2 and sum(p["hourly"]) == 2 and len(p["hourly"]) in (24, 25) for p in listed)
+
+    response = await client.get("/api/v1/projects", headers={"Authorization": f"Bearer {a.read_token}"})
+    assert [p["id"] for p in (await response.json())["projects"]] == [a.id]
+    response = await client.get("/api/v1/projects", headers={"Authorization": f"Bearer {a.ingest_key}"})
+    assert response.status == 403
+    response = await client.get("/api/v1/projects", headers={"Authorization": "Bearer sk_local_guess"})
+    assert response.status == 401

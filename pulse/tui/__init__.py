@@ -1,0 +1,1 @@
+"""`pulse tui`: the terminal dashboard."""

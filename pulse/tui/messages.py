@@ -1,0 +1,65 @@
+"""Messages the dashboard's workers and widgets post: past-tense facts."""
+
+from __future__ import annotations
+
+from textual.message import Message
+
+from pulse.tui.client import LiveState
+from pulse.tui.state import DashboardQuery
+
+
+class StatsLoaded(Message):
+    """Overview, time series and top events for `query` arrived."""
+
+    def __init__(self, query: DashboardQuery, overview: dict, series: dict, top: dict) -> None:
+        super().__init__()
+        self.query = query
+        self.overview = overview
+        self.series = series
+        self.top = top
+
+
+class BreakdownLoaded(Message):
+    def __init__(self, query: DashboardQuery, tab: str, rows: list[dict]) -> None:
+        super().__init__()
+        self.query = query
+        self.tab = tab
+        self.rows = rows
+
+
+class LoadFailed(Message):
+    """A query failed: the server said no, or could not be reached."""
+
+    def __init__(self, what: str, status: int, message: str) -> None:
+        super().__init__()
+        self.what = what
+        self.status = status
+        self.message = message
+
+
+class ConnectionChanged(Message):
+    """The live feed connected, dropped, or is waiting to reconnect."""
+
+    def __init__(self, state: LiveState) -> None:
+        super().__init__()
+        self.state = state
+
+
+class TopEventSelected(Message):
+    def __init__(self, event: str) -> None:
+        super().__init__()
+        self.event = event
+
+
+class RangeChosen(Message):
+    def __init__(self, range_name: str) -> None:
+        super().__init__()
+        self.range_name = range_name
+
+
+class FilterRemoved(Message):
+    """A chip was clicked away: a filter key, or "chart" for the selected bar."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key

@@ -1,0 +1,200 @@
+"""What a dashboard shows (range, filters, interval, the selected bar), remembered per project between runs.
+
+No Textual here, so the query state and its persistence are plain, testable Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import platformdirs
+from rich.text import Text
+
+RANGES = ("24h", "7d", "30d", "90d")
+FILTER_KEYS = ("event", "path", "referrer", "utm_source", "utm_medium", "utm_campaign", "browser", "os", "device")
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardQuery:
+    range: str = "7d"  # one of RANGES, or "custom" with start/end
+    start: str | None = None  # ISO dates, both ends included
+    end: str | None = None
+    filters: tuple[tuple[str, str], ...] = ()  # ("event", "signup"), ("trait.gender", "Female"), …
+    interval: str = "auto"  # "auto" | "hour" | "day"
+    chart_event: str | None = None  # the selected top-events bar: the time chart shows that event only
+
+    def window_params(self) -> dict[str, str]:
+        if self.range == "custom" and self.start and self.end:
+            return {"from": self.start, "to": self.end}
+        return {"range": self.range if self.range in RANGES else "7d"}
+
+    def params(self) -> dict[str, str]:
+        return {**self.window_params(), **dict(self.filters)}
+
+    def timeseries_params(self) -> dict[str, str]:
+        params = {**self.params(), "interval": self.effective_interval}
+        if self.chart_event is not None:
+            params["event"] = self.chart_event
+        return params
+
+    @property
+    def days(self) -> float:
+        if self.range == "custom" and self.start and self.end:
+            return (date.fromisoformat(self.end) - date.fromisoformat(self.start)).days + 1
+        return {"24h": 1, "7d": 7, "30d": 30, "90d": 90}.get(self.range, 7)
+
+    @property
+    def effective_interval(self) -> str:
+        if self.interval == "hour" and self.days <= 31:
+            return "hour"
+        if self.interval == "day":
+            return "day"
+        return "hour" if self.days <= 2 else "day"
+
+    @property
+    def label(self) -> str:
+        if self.range == "custom":
+            return f"{self.start} → {self.end}"
+        return f"last {self.range}"
+
+    def with_filter(self, key: str, value: str) -> DashboardQuery:
+        kept = tuple((k, v) for k, v in self.filters if k != key)  # one value per key, as the API takes it
+        return dataclasses.replace(self, filters=(*kept, (key, value)))
+
+    def without_filter(self, key: str) -> DashboardQuery:
+        return dataclasses.replace(self, filters=tuple((k, v) for k, v in self.filters if k != key))
+
+    def to_json(self) -> dict:
+        return {"range": self.range, "start": self.start, "end": self.end, "filters": [list(f) for f in self.filters],
+                "interval": self.interval, "chart_event": self.chart_event}
+
+    @classmethod
+    def from_json(cls, raw: object) -> DashboardQuery:
+        """Whatever was remembered, as far as it still makes sense; anything else falls back to defaults."""
+        if not isinstance(raw, dict):
+            return cls()
+        query = cls()
+        if raw.get("range") in RANGES:
+            query = dataclasses.replace(query, range=raw["range"])
+        elif raw.get("range") == "custom" and valid_date(raw.get("start")) and valid_date(raw.get("end")):
+            query = dataclasses.replace(query, range="custom", start=raw["start"], end=raw["end"])
+        filters = raw.get("filters")
+        if isinstance(filters, list):
+            for item in filters:
+                if (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+                        and valid_filter_key(item[0])):
+                    query = query.with_filter(item[0], item[1])
+        if raw.get("interval") in ("auto", "hour", "day"):
+            query = dataclasses.replace(query, interval=raw["interval"])
+        if isinstance(raw.get("chart_event"), str):
+            query = dataclasses.replace(query, chart_event=raw["chart_event"])
+        return query
+
+
+def valid_date(raw: object) -> bool:
+    if not isinstance(raw, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
+        return False
+    try:
+        date.fromisoformat(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def valid_filter_key(key: str) -> bool:
+    return key in FILTER_KEYS or (key.startswith(("prop.", "trait.")) and len(key.split(".", 1)[1]) > 0)
+
+
+def config_path() -> Path:
+    return Path(platformdirs.user_config_dir("pulse")) / "tui.json"
+
+
+class FilterMemory:
+    """The last query per server and project, in a small JSON file under the user's config directory."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or config_path()
+
+    def _load(self) -> dict:
+        try:
+            found = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def get(self, server: str, project_id: int) -> DashboardQuery:
+        return DashboardQuery.from_json(self._load().get(f"{server}#{project_id}"))
+
+    def put(self, server: str, project_id: int, query: DashboardQuery) -> None:
+        found = self._load()
+        found[f"{server}#{project_id}"] = query.to_json()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(found, indent=1))
+            os.replace(temporary, self.path)
+        except OSError:
+            pass  # remembering is a convenience: a read-only home must not break the dashboard
+
+
+# -- formatting -------------------------------------------------------------------------------------
+
+_CONTROL = dict.fromkeys([*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)], "�")
+_CONTROL[0x09] = " "
+
+
+def clean(text: object) -> str:
+    """Text from events as it may be shown: control characters (terminal escapes) replaced, one line."""
+    return str(text).translate(_CONTROL)
+
+
+def plain(text: object) -> Text:
+    """Text from events for a widget: cleaned, and never read as markup."""
+    return Text(clean(text))
+
+
+def count(value: float) -> str:
+    value = float(value)
+    if abs(value) >= 10_000_000:
+        return f"{value / 1_000_000:.1f}M"
+    if abs(value) >= 1_000_000:
+        return f"{value / 1_000_000:.2f}M"
+    if value == int(value):
+        return f"{int(value):,}"
+    return f"{value:,.1f}"
+
+
+def number(value: float) -> Text:
+    """A count for a table cell: right-aligned."""
+    return Text(count(value), justify="right")
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def percent(value: float) -> str:
+    return f"{value * 100:.1f}%"
+
+
+def change(current: float, previous: float) -> tuple[str, int]:
+    """The change against the previous period as text, and its sign (1 up, -1 down, 0 flat or new)."""
+    if previous == 0:
+        return ("new" if current else "–"), 0
+    delta = (current - previous) / previous
+    if abs(delta) < 0.0005:
+        return "±0%", 0
+    arrow = "▲" if delta > 0 else "▼"
+    return f"{arrow}{abs(delta) * 100:.0f}%" if abs(delta) >= 0.1 else f"{arrow}{abs(delta) * 100:.1f}%", (
+        1 if delta > 0 else -1)
