@@ -63,7 +63,7 @@ def open_db(data_dir: Path) -> Iterator[Any]:
     from pulse.storage.connection import connect
     from pulse.storage.schema import SchemaTooNew, migrate
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the database and the operator token are private
     conn = connect(Settings(data_dir=data_dir).db_path)
     try:
         migrate(conn)

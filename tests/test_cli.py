@@ -88,3 +88,11 @@ def test_keys_rotate_and_list(run):
     listed = json.loads(run("keys", "list", "shop", "--json").output)["keys"]
     assert sorted(k["kind"] for k in listed) == ["ingest", "read", "read"]
     assert all(k["active"] for k in listed)
+
+
+def test_tui_without_a_server_says_how_to_start_one(tmp_path):
+    result = CliRunner().invoke(main, ["tui", "--data-dir", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert "no pulse server is running" in result.output and "--url and --token" in result.output
+    result = CliRunner().invoke(main, ["tui", "--url", "http://127.0.0.1:8000"])
+    assert result.exit_code == 1 and "--url needs --token" in result.output

@@ -43,7 +43,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     hub = app[LIVE]
     writer = EventWriter(
         settings.db_path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.containers import Horizontal
 from textual.widget import Widget
 from textual.widgets import Label
 
@@ -17,8 +18,9 @@ class MetricCard(Widget):
 
     def compose(self) -> ComposeResult:
         yield Label(self.label, classes="card-label")
-        yield Label("…", classes="card-value")
-        yield Label("", classes="card-change")
+        with Horizontal(classes="card-line"):
+            yield Label("…", classes="card-value")
+            yield Label("", classes="card-change")
 
     def show(self, value: str, change: str = "", sign: int = 0) -> None:
         self.query_one(".card-value", Label).update(value)

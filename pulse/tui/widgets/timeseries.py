@@ -38,8 +38,8 @@ class TimeseriesChart(PlotextPlot):
         variables = self.app.theme_variables
         now, before = _rgb(variables.get("primary")), _rgb(variables.get("foreground-muted") or variables.get("secondary"))
         if any(self.previous):
-            plt.plot(xs[:len(self.previous)], self.previous, marker="dot", color=before, label="previous")
-        plt.plot(xs, self.current, marker="braille", color=now, label="this period")
+            plt.plot(xs[:len(self.previous)], self.previous, marker="dot", color=before)
+        plt.plot(xs, self.current, marker="braille", color=now)
         ticks = max(2, min(len(xs), self.size.width // 12 or 2))
         step = max(1, round(len(xs) / ticks))
         chosen = xs[::step]

@@ -46,6 +46,8 @@ class TopEventsChart(OptionList):
             self.add_options(options)
             if highlighted is not None and any(r["value"] == highlighted for r in self.rows):
                 self.highlighted = self.get_option_index(highlighted)
+            elif self.rows:
+                self.highlighted = 0
 
     def on_option_list_option_selected(self, message: OptionList.OptionSelected) -> None:
         message.stop()
