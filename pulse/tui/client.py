@@ -127,7 +127,8 @@ class PulseClient:
         return await self.get(f"/api/v1/projects/{project_id}/{endpoint}", params)
 
     async def live(self, project_id: int, on_events: Callable[[list[LiveEvent]], None],
-                   on_state: Callable[[LiveState], None], *, backoff: Backoff | None = None) -> None:
+                   on_state: Callable[[LiveState], None], *, on_dropped: Callable[[int], None] | None = None,
+                   backoff: Backoff | None = None) -> None:
         """Follow a project's live feed until cancelled, reconnecting with backoff whenever it drops."""
         backoff = backoff or Backoff()
         url = f"{self.url}/api/v1/ws/events/{project_id}"
@@ -145,8 +146,8 @@ class PulseClient:
                         decoded = live_decoder.decode(message.data)
                         if isinstance(decoded, LiveEvents):
                             on_events(decoded.events)
-                        elif isinstance(decoded, LiveDropped):
-                            on_state(LiveState("live", f"{decoded.count:,} events skipped (too fast to show)"))
+                        elif isinstance(decoded, LiveDropped) and on_dropped is not None:
+                            on_dropped(decoded.count)  # the server skipped these: this client read too slowly
                     if ws.close_code == CLOSE_TOKEN_REVOKED:
                         on_state(LiveState("failed", "the read token was rotated; restart with the new one"))
                         return

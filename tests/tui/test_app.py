@@ -224,3 +224,34 @@ async def test_reconnects_after_a_server_restart(aiohttp_server, server, memory)
         await post(server, {"event": "after_restart", "distinct_id": "u-back"})
         feed = screen.query_one(LiveFeed)
         await until(pilot, lambda: any(e.event == "after_restart" for e in feed.events), "events after the restart")
+
+
+async def test_help_mouse_and_self_tracking(server, memory, make_project):
+    from pulse.tui.client import SelfTracker
+    from pulse.tui.screens.help import HelpScreen
+
+    ops = make_project("ops")
+    tracker = SelfTracker(server.url, ops.ingest_key, "operator@host")
+    app = PulseApp(PulseClient(server.url, OPERATOR), memory=memory, tracker=tracker, refresh_s=3600)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, ProjectsScreen) and app.screen.projects, "the projects")
+        await until(pilot, lambda: app.screen.query_one("#projects-table").row_count == 2, "both projects")
+        app.screen.query_one("#projects-table").move_cursor(row=0)
+        screen = await open_dashboard(pilot, app)
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
+        keys = [str(app.screen.query_one("#help-table").get_row_at(i)[1])
+                for i in range(app.screen.query_one("#help-table").row_count)]
+        assert {"Filter", "Pause", "Refresh", "Range: 24 hours, 7, 30, 90 days", "Dates"} <= set(keys)
+        await pilot.press("escape")
+        assert app.screen is screen
+
+        await pilot.click("#range-24h")  # the mouse works on the filter bar
+        await until(pilot, lambda: screen.query_state.range == "24h", "the clicked range")
+        await app.flush_tracking()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ops.read_token}"}) as session:
+        async with session.get(f"{server.url}/api/v1/projects/{ops.id}/events", params={"range": "24h"}) as response:
+            tracked = [(r["event"], r["properties"], r["distinct_id"]) for r in (await response.json())["rows"]]
+    assert ("range_changed", {"range": "24h"}, "operator@host") in tracked
+    assert ("$screen", {"screen": "dashboard", "project": server.project.id}, "operator@host") in tracked
+    assert ("$screen", {"screen": "projects"}, "operator@host") in tracked

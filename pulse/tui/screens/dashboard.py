@@ -152,7 +152,8 @@ class DashboardScreen(Screen):
     @work(exclusive=True, group="live")
     async def follow_live(self) -> None:
         feed = self.query_one(LiveFeed)
-        await self.client.live(self.project_id, feed.push, lambda state: self.post_message(ConnectionChanged(state)))
+        await self.client.live(self.project_id, feed.push, lambda state: self.post_message(ConnectionChanged(state)),
+                               on_dropped=feed.skip)
 
     def on_stats_loaded(self, message: StatsLoaded) -> None:
         self.loading = False
@@ -195,8 +196,8 @@ class DashboardScreen(Screen):
             self.connection_was_lost = False
         elif state.status in ("retrying", "failed"):
             self.connection_was_lost = True
-        if state.detail and state.status in ("failed", "live"):
-            self.notify(state.detail, severity="warning" if state.status == "live" else "error")
+        if state.status == "failed":
+            self.notify(state.detail, title="live feed stopped", severity="error", timeout=30)
 
     connection_was_lost = False
 

@@ -51,6 +51,9 @@ class ProjectsScreen(Screen):
         self.action_reload()
         self.set_interval(REFRESH_S, self.action_reload)
 
+    def on_screen_resume(self) -> None:
+        self.action_reload()  # back from a dashboard: today's numbers have moved on
+
     def action_reload(self) -> None:
         self.load()
 

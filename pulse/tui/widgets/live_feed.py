@@ -52,6 +52,7 @@ class LiveFeed(ScrollView, can_focus=True):
         self.pending_total = 0  # arrived while paused (may exceed what is kept)
         self._titled_pending = 0
         self.arrived = 0
+        self.skipped = 0  # events the server did not send because this client fell behind
         self.rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.on_shown: Callable[[list[LiveEvent], float], None] | None = None  # for measuring lag
@@ -65,6 +66,9 @@ class LiveFeed(ScrollView, can_focus=True):
         self.arrived += len(events)
         if self.paused:
             self.pending_total += len(events)
+
+    def skip(self, count: int) -> None:
+        self.skipped += count
 
     def flush(self) -> None:
         now = time.monotonic()
@@ -101,6 +105,8 @@ class LiveFeed(ScrollView, can_focus=True):
             self.border_subtitle = f"paused · {self.pending_total:,} new"
         else:
             self.border_subtitle = f"{self.rate:,.0f} events/s" if self.arrived else "waiting for events"
+        if self.skipped:
+            self.border_subtitle += f" · {self.skipped:,} skipped"
 
     def clear(self) -> None:
         self.events.clear()
