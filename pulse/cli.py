@@ -128,14 +128,16 @@ def main() -> None:
 @click.option("--public-url", default=None, envvar="PULSE_PUBLIC_URL",
               help="Address sites use to reach this server, for the script tag.")
 @click.option("--trust-proxy", is_flag=True, default=None, help="Take client IPs from X-Forwarded-For.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="info (default): one line per refused request; debug: every request.")
 @handle_errors
 def serve(host: str, port: int, data_dir: Path, demo: bool, ack: str | None, public_url: str | None,
-          trust_proxy: bool | None) -> None:
+          trust_proxy: bool | None, log_level: str | None) -> None:
     """Run the server: ingest, read API, live feed, SDK and demo page."""
     from pulse.server.app import AlreadyRunning, run
 
     settings = Settings.from_env(host=host, port=port, data_dir=data_dir, ack=ack, public_url=public_url,
-                                 trust_proxy=trust_proxy)
+                                 trust_proxy=trust_proxy, log_level=log_level)
     seeder = None
     if demo:
         with open_db(data_dir) as conn:
@@ -226,19 +228,22 @@ def projects() -> None:
 @click.option("--domain", help="The site's domain, e.g. example.com (self-referrals are ignored).")
 @click.option("--timezone", default="UTC", show_default=True, help="IANA time zone for days and hours.")
 @click.option("--retention-days", default=180, show_default=True, type=int, help="Keep raw events this long.")
+@click.option("--allowed-origins", default=None, metavar="HOSTS",
+              help="Only pages on these hosts (and their subdomains) may send events, e.g. 'example.com'.")
 @click.option("--public-url", default=None, envvar="PULSE_PUBLIC_URL", help="Server address for the script tag.")
 @data_dir_option
 @json_option
 @handle_errors
-def projects_create(name: str, domain: str | None, timezone: str, retention_days: int, public_url: str | None,
-                    data_dir: Path, as_json: bool) -> None:
+def projects_create(name: str, domain: str | None, timezone: str, retention_days: int, allowed_origins: str | None,
+                    public_url: str | None, data_dir: Path, as_json: bool) -> None:
     """Create a project; prints its ingest key, its read token (shown once) and the script tag."""
     from pulse.storage.projects import create_project
 
     settings = Settings.from_env(data_dir=data_dir, public_url=public_url)
     with open_db(data_dir) as conn:
         project, ingest_key, read_token = create_project(
-            conn, name, domain=domain, timezone=timezone, retention_days=retention_days
+            conn, name, domain=domain, timezone=timezone, retention_days=retention_days,
+            allowed_origins=allowed_origins,
         )
     tag = settings.script_tag(ingest_key)
     emit(as_json, {**project.as_dict(), "ingest_key": ingest_key, "read_token": read_token, "script_tag": tag}, "\n".join([
@@ -284,17 +289,18 @@ def projects_show(project: str, data_dir: Path, as_json: bool) -> None:
 @click.option("--domain", help="New domain ('' to clear).")
 @click.option("--timezone", help="New IANA time zone.")
 @click.option("--retention-days", type=int, help="New retention for raw events.")
+@click.option("--allowed-origins", default=None, metavar="HOSTS", help="Hosts whose pages may send events ('' for any).")
 @data_dir_option
 @json_option
 @handle_errors
 def projects_update(project: str, name: str | None, domain: str | None, timezone: str | None,
-                    retention_days: int | None, data_dir: Path, as_json: bool) -> None:
-    """Change a project's name, domain, time zone or retention."""
+                    retention_days: int | None, allowed_origins: str | None, data_dir: Path, as_json: bool) -> None:
+    """Change a project's name, domain, time zone, retention or allowed origins."""
     from pulse.storage.projects import get_project, update_project
 
     with open_db(data_dir) as conn:
         found = update_project(conn, get_project(conn, project), name=name, domain=domain, timezone=timezone,
-                               retention_days=retention_days)
+                               retention_days=retention_days, allowed_origins=allowed_origins)
     emit(as_json, found.as_dict(), f"updated project {found.id} ({found.name})")
 
 
@@ -361,5 +367,9 @@ def keys_list(project: str, data_dir: Path, as_json: bool) -> None:
     emit(as_json, {"project": found.id, "keys": keys_found}, keys_table(keys_found))
 
 
+from pulse import cli_ops  # noqa: E402,F401  registers status, verify, prune, backup, export
+
 if __name__ == "__main__":
-    main()
+    from pulse.cli import main as entry  # the package's module, on which cli_ops registered its commands
+
+    entry()

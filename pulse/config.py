@@ -22,6 +22,17 @@ class Settings:
     demo_ingest_key: str = ""
     # ingest limits
     max_body_bytes: int = 1024 * 1024
+    # token buckets on ingest, requests per second (0: off). Per client IP (loopback exempt: the
+    # operator's own tools), and per ingest key
+    rate_per_ip: float = 100.0
+    burst_per_ip: float = 200.0
+    rate_per_key: float = 0.0
+    burst_per_key: float = 4000.0
+    # slow clients: a request body must arrive within this; idle keep-alive connections are closed after
+    body_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 15.0
+    # one log line per request at most: 5xx at error, 4xx at info, the rest at debug
+    log_level: str = "info"
     # single writer
     queue_max_events: int = 100_000
     write_batch_max_events: int = 20_000
@@ -71,6 +82,8 @@ class Settings:
             raise ValueError(f"ack must be 'commit' or 'enqueue', not {self.ack!r}")
         if self.synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {self.synchronous!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log level must be debug, info, warning or error, not {self.log_level!r}")
         if self.queue_max_events < 1000:
             raise ValueError("queue_max_events must be at least 1000 (one full batch)")
 

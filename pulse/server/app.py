@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
-from pulse.server import analytics, ingest, live, static
+from pulse.server import analytics, ingest, live, metrics, static
 from pulse.server.auth import KeyRing
-from pulse.server.keys import KEYRING, LIVE, READER, SETTINGS, WRITER
+from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, READER, SETTINGS, WRITER
+from pulse.server.limits import TokenBuckets
 from pulse.server.live import LiveHub
+from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter
@@ -78,8 +80,13 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[api_middleware],
+        handler_args={"max_line_size": 8190, "max_field_size": 8190, "max_headers": 64,
+                      "keepalive_timeout": settings.keepalive_timeout_s},
     )
     app[SETTINGS] = settings
+    app[METRICS] = Counters()
+    app[RATE_BY_IP] = TokenBuckets(settings.rate_per_ip, settings.burst_per_ip)
+    app[RATE_BY_KEY] = TokenBuckets(settings.rate_per_key, settings.burst_per_key)
     app[LIVE] = LiveHub(buffer_events=settings.live_buffer_events)
     app.on_shutdown.append(close_live_feeds)  # before aiohttp waits for running handlers
     app.cleanup_ctx.append(storage_ctx)
@@ -88,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(analytics.routes)
     app.add_routes(live.routes)
     app.add_routes(static.routes)
+    app.add_routes(metrics.routes)
     return app
 
 
@@ -128,10 +136,31 @@ def serve_lock(settings: Settings):
         handle.close()
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message, and a record's `fields` if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                "logger": record.name, "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def run(settings: Settings, *, print_fn=print) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, drain the queue, commit and return."""
     import uvloop
 
+    configure_logging(settings.log_level)
     if not settings.operator_token:
         settings = dataclasses.replace(settings, operator_token="sk_local_" + secrets.token_urlsafe(32))
     with serve_lock(settings):

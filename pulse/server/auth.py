@@ -41,6 +41,9 @@ class KeyRing:
         if self.on_reload is not None:
             await self.on_reload()
 
+    def is_operator_secret(self, secret: str) -> bool:
+        return self.is_operator(digest(secret))
+
     def is_operator(self, token_digest: bytes) -> bool:
         return self.operator is not None and hmac.compare_digest(token_digest, self.operator)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -9,7 +10,8 @@ from aiohttp import web
 
 from pulse.protocol import IngestAck, batch_decoder, json_encoder
 from pulse.server.errors import ApiError, validation_error
-from pulse.server.keys import KEYRING, SETTINGS, WRITER
+from pulse.server.keys import KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, WRITER
+from pulse.server.limits import is_loopback, retry_after
 from pulse.storage.rows import IngestJob, to_ms
 from pulse.storage.writer import QueueFull, WriteFailed, WriterClosed
 
@@ -31,9 +33,39 @@ def client_ip(request: web.Request, trust_proxy: bool) -> str:
 
 @routes.post("/api/v1/events/ingest")
 async def ingest(request: web.Request) -> web.Response:
+    try:
+        return await _ingest(request)
+    except ApiError as exc:
+        request.app[METRICS].ingest_rejected[exc.status] += 1
+        raise
+
+
+def _limit(request: web.Request, ip: str, key: str) -> None:
     app = request.app
+    wait = 0.0 if is_loopback(ip) else app[RATE_BY_IP].take(ip)
+    if not wait:
+        wait = app[RATE_BY_KEY].take(key)
+    if wait:
+        raise ApiError(429, "too many requests: slow down, or send more events per batch",
+                       headers={"Retry-After": retry_after(wait)})
+
+
+async def _ingest(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
     project = app[KEYRING].ingest(request)
-    body = await request.read()
+    origin = request.headers.get("Origin")
+    if not project.origin_allowed(origin):
+        raise ApiError(403, f"origin {origin!r} may not send events to this project (allowed:"
+                            f" {project.allowed_origins})")
+    ip = client_ip(request, settings.trust_proxy)
+    _limit(request, ip, str(project.id))
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            body = await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"request body did not arrive within {settings.body_timeout_s:g} s",
+                       field="body") from None
     received = time.time_ns() // 1_000_000
     try:
         batch = batch_decoder.decode(body)
@@ -44,13 +76,12 @@ async def ingest(request: web.Request) -> web.Response:
     skew = 0
     if batch.sent_at is not None:
         skew = received - to_ms(batch.sent_at)
-    settings = app[SETTINGS]
     job = IngestJob(
         project_id=project.id,
         events=batch.events,
         received_ms=received,
         skew_ms=skew,
-        ip=client_ip(request, settings.trust_proxy),
+        ip=ip,
         user_agent=request.headers.get("User-Agent", "")[:512],
         project_domain=project.domain,
     )

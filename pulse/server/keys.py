@@ -10,7 +10,9 @@ from pulse.config import Settings
 
 if TYPE_CHECKING:
     from pulse.server.auth import KeyRing
+    from pulse.server.limits import TokenBuckets
     from pulse.server.live import LiveHub
+    from pulse.server.metrics import Counters
     from pulse.storage.reader import Reader
     from pulse.storage.writer import EventWriter
 
@@ -19,3 +21,6 @@ WRITER = web.AppKey("writer", "EventWriter")
 READER = web.AppKey("reader", "Reader")
 KEYRING = web.AppKey("keyring", "KeyRing")
 LIVE = web.AppKey("live", "LiveHub")
+METRICS = web.AppKey("metrics", "Counters")
+RATE_BY_KEY = web.AppKey("rate_by_key", "TokenBuckets")
+RATE_BY_IP = web.AppKey("rate_by_ip", "TokenBuckets")

@@ -7,6 +7,7 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
@@ -36,6 +37,15 @@ class Project:
     timezone: str
     retention_days: int
     created_at: int
+    # hosts whose pages may send events (a host also allows its subdomains); None: any origin
+    allowed_origins: str | None = None
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Whether a browser on `origin` may send events. Requests without an Origin (servers) always may."""
+        if not self.allowed_origins or origin is None:
+            return True
+        host = urlsplit(origin).hostname or ""
+        return any(host == allowed or host.endswith("." + allowed) for allowed in self.allowed_origins.split())
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -84,6 +94,17 @@ def check_domain(domain: str | None) -> str | None:
     return domain
 
 
+def check_origins(raw: str | None) -> str | None:
+    """Hosts, separated by spaces or commas ("example.com app.example.org"); "" or None: any origin."""
+    if raw is None:
+        return None
+    hosts = [h.strip().lower() for h in raw.replace(",", " ").split() if h.strip()]
+    for host in hosts:
+        if "://" in host or "/" in host or not all(part for part in host.split(".")):
+            raise ProjectError(f"allowed origins: {host!r} is not a host name (like example.com)")
+    return " ".join(hosts) or None
+
+
 def _check_name(name: str) -> str:
     if not _NAME_RE.match(name):
         raise ProjectError(
@@ -107,7 +128,7 @@ def _row_to_project(row: tuple) -> Project:
     return Project(*row)
 
 
-_PROJECT_COLUMNS = "id, name, domain, timezone, retention_days, created_at"
+_PROJECT_COLUMNS = "id, name, domain, timezone, retention_days, created_at, allowed_origins"
 
 
 def list_projects(conn: apsw.Connection) -> list[Project]:
@@ -141,6 +162,7 @@ def create_project(
     domain: str | None = None,
     timezone: str = "UTC",
     retention_days: int = 180,
+    allowed_origins: str | None = None,
 ) -> tuple[Project, str, str]:
     """Create a project with one ingest key and one read token; returns both secrets."""
     _check_name(name)
@@ -148,12 +170,14 @@ def create_project(
     check_timezone(timezone)
     if retention_days < 1:
         raise ProjectError("retention must be at least 1 day")
+    allowed_origins = check_origins(allowed_origins)
     with immediate(conn):
         if conn.execute("SELECT 1 FROM projects WHERE name = ?", (name,)).fetchone():
             raise ProjectError(f"a project named {name!r} already exists")
         conn.execute(
-            "INSERT INTO projects(name, domain, timezone, retention_days, created_at) VALUES (?, ?, ?, ?, ?)",
-            (name, domain, timezone, retention_days, now_ms()),
+            "INSERT INTO projects(name, domain, timezone, retention_days, created_at, allowed_origins)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (name, domain, timezone, retention_days, now_ms(), allowed_origins),
         )
         project_id = conn.last_insert_rowid()
         ingest_key = _insert_key(conn, project_id, INGEST)
@@ -170,8 +194,11 @@ def update_project(
     domain: str | None = None,
     timezone: str | None = None,
     retention_days: int | None = None,
+    allowed_origins: str | None = None,
 ) -> Project:
     changes: dict[str, object] = {}
+    if allowed_origins is not None:
+        changes["allowed_origins"] = check_origins(allowed_origins)
     if name is not None:
         changes["name"] = _check_name(name)
     if domain is not None:

@@ -192,6 +192,9 @@ def _hourly_dims(conn: apsw.Connection) -> None:
 
 MIGRATIONS.append(_hourly_dims)
 
+# 3: hosts whose pages may send a project events (NULL: any)
+MIGRATIONS.append("ALTER TABLE projects ADD COLUMN allowed_origins TEXT;")
+
 
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]

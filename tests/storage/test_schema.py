@@ -60,6 +60,7 @@ def test_migration_2_rolls_up_events_stored_before_it(tmp_path):
     kept = dims()
     assert {key[1] for key in kept} == {1, 2}
     conn.execute("DROP TABLE hourly_dims")
+    conn.execute("ALTER TABLE projects DROP COLUMN allowed_origins")  # back to schema 1
     conn.execute("PRAGMA user_version = 1")
     migrate(conn)
     assert dims() == kept

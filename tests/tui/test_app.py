@@ -235,7 +235,12 @@ async def test_help_mouse_and_self_tracking(server, memory, make_project):
     app = PulseApp(PulseClient(server.url, OPERATOR), memory=memory, tracker=tracker, refresh_s=3600)
     async with app.run_test(size=(160, 48)) as pilot:
         await until(pilot, lambda: isinstance(app.screen, ProjectsScreen) and app.screen.projects, "the projects")
-        await until(pilot, lambda: app.screen.query_one("#projects-table").row_count == 2, "both projects")
+        for _ in range(100):  # the server sees the new project within its catalog poll; r reloads the list
+            if app.screen.query_one("#projects-table").row_count == 2:
+                break
+            await pilot.press("r")
+            await pilot.pause(0.1)
+        assert app.screen.query_one("#projects-table").row_count == 2
         app.screen.query_one("#projects-table").move_cursor(row=0)
         screen = await open_dashboard(pilot, app)
         await pilot.press("question_mark")
