@@ -38,6 +38,8 @@ class Settings:
     write_batch_max_events: int = 20_000
     ack: str = "commit"  # "commit": 202 after the commit; "enqueue": 202 when queued
     synchronous: str = "FULL"  # SQLite synchronous pragma for the writer
+    # a size cap on the database (MiB, 0: none); past it ingest answers 503, as on a full disk
+    max_db_mb: int = 0
     # live feed: events buffered per WebSocket client before it starts losing them
     live_buffer_events: int = 10_000
     # readers

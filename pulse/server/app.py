@@ -14,6 +14,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
 from pulse.server import analytics, ingest, live, metrics, static
@@ -52,6 +53,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         max_queued_events=settings.queue_max_events,
         batch_max_events=settings.write_batch_max_events,
         synchronous=settings.synchronous,
+        max_db_mb=settings.max_db_mb,
         on_commit=hub.publish,
         wants=hub.wants,
     )
@@ -147,9 +149,23 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class ClientFaults(logging.Filter):
+    """aiohttp logs a malformed request (the client's fault, already answered 400) as an error with a
+    traceback: make it one info line, so hostile clients cannot flood the log with errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= (error.code or 0) < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args, record.exc_info = f"malformed request: {error.message}".splitlines()[0], (), None
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLines())
+    handler.addFilter(ClientFaults())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -73,6 +73,8 @@ async def _ingest(request: web.Request) -> web.Response:
         raise validation_error(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}", field="body") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "body is not valid UTF-8", field="body") from None
     skew = 0
     if batch.sent_at is not None:
         skew = received - to_ms(batch.sent_at)

@@ -105,6 +105,7 @@ class EventWriter:
         max_queued_events: int = 100_000,
         batch_max_events: int = 20_000,
         synchronous: str = "FULL",
+        max_db_mb: int = 0,
         on_commit: Callable[[list[CommittedEvent]], None] | None = None,
         wants: Callable[[int], bool] | None = None,
     ) -> None:
@@ -112,6 +113,7 @@ class EventWriter:
         self.max_queued_events = max_queued_events
         self.batch_max_events = batch_max_events
         self.synchronous = synchronous
+        self.max_db_mb = max_db_mb
         self.on_commit = on_commit  # called on the event loop with every committed batch
         self.wants = wants  # which projects on_commit wants events of (None: all)
         self.stats = WriterStats()
@@ -132,7 +134,7 @@ class EventWriter:
         try:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pulse.storage.writer_process", str(theirs.fileno()), str(self.path),
-                self.synchronous, str(self.batch_max_events), pass_fds=(theirs.fileno(),),
+                self.synchronous, str(self.batch_max_events), str(self.max_db_mb), pass_fds=(theirs.fileno(),),
             )
         finally:
             theirs.close()

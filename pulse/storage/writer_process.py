@@ -160,6 +160,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
 
 def main(argv: list[str]) -> int:
     fd, path, synchronous, batch_max = int(argv[0]), argv[1], argv[2], int(argv[3])
+    max_db_mb = int(argv[4]) if len(argv) > 4 else 0
     # the server coordinates shutdown: Ctrl-C in a terminal must not kill the writer mid-drain
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -169,6 +170,8 @@ def main(argv: list[str]) -> int:
         conn = connect(path, synchronous=synchronous)
         migrate(conn)
         conn.pragma("wal_autocheckpoint", 0)  # the Checkpointer does it
+        if max_db_mb:  # a quota: past it, writes fail as on a full disk (503s) until space is freed
+            conn.pragma("max_page_count", max_db_mb * 1_048_576 // conn.pragma("page_size"))
         applier = BatchApplier(conn)
     except Exception as exc:
         channel.send(StartFailed(str(exc)))
