@@ -192,7 +192,9 @@ def tui(url: str | None, token: str | None, data_dir: Path, project_id: int | No
     tracker = None
     if track_key:
         tracker = SelfTracker(track_url or connection.url, track_key, f"{getpass.getuser()}@{socket.gethostname()}")
-    PulseApp(PulseClient(connection.url, connection.token), tracker=tracker, open_project=project_id).run()
+    rediscover = None if url else (lambda: discover(data_dir))  # a restarted local server has a new token
+    client = PulseClient(connection.url, connection.token, rediscover=rediscover)
+    PulseApp(client, tracker=tracker, open_project=project_id).run()
 
 
 def _print_demo(conn: Any, settings: Settings) -> str:

@@ -91,19 +91,37 @@ class Backoff:
 
 
 class PulseClient:
-    def __init__(self, url: str, token: str, *, timeout_s: float = 20.0) -> None:
+    def __init__(self, url: str, token: str, *, timeout_s: float = 20.0,
+                 rediscover: Callable[[], Connection] | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        # on the server's host: where to look again for the address and token after a server restart
+        self.rediscover = rediscover
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=self.timeout, headers={"Authorization": f"Bearer {self.token}"},
-            )
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def renew(self) -> bool:
+        """After a 401: whether the local server now has another address or token (it restarted)."""
+        if self.rediscover is None:
+            return False
+        try:
+            found = self.rediscover()
+        except ApiFailure:
+            return False
+        if (found.url.rstrip("/"), found.token) == (self.url, self.token):
+            return False
+        self.url, self.token = found.url.rstrip("/"), found.token
+        return True
 
     async def close(self) -> None:
         if self._session is not None:
@@ -111,7 +129,15 @@ class PulseClient:
 
     async def get(self, path: str, params: dict[str, str] | None = None) -> dict:
         try:
-            async with self.session.get(f"{self.url}{path}", params=params) as response:
+            return await self._get(path, params)
+        except ApiFailure as failure:
+            if failure.status == 401 and self.renew():
+                return await self._get(path, params)
+            raise
+
+    async def _get(self, path: str, params: dict[str, str] | None) -> dict:
+        try:
+            async with self.session.get(f"{self.url}{path}", params=params, headers=self.auth) as response:
                 if response.status >= 400:
                     raise ApiFailure(response.status, await _error_text(response))
                 return await response.json()
@@ -131,12 +157,13 @@ class PulseClient:
                    backoff: Backoff | None = None) -> None:
         """Follow a project's live feed until cancelled, reconnecting with backoff whenever it drops."""
         backoff = backoff or Backoff()
-        url = f"{self.url}/api/v1/ws/events/{project_id}"
         while True:
             on_state(LiveState("connecting"))
             reason = ""
+            url = f"{self.url}/api/v1/ws/events/{project_id}"
             try:
-                async with self.session.ws_connect(url, heartbeat=20.0, timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                async with self.session.ws_connect(url, headers=self.auth, heartbeat=20.0,
+                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5),
                                                    max_msg_size=16 * 1024 * 1024) as ws:
                     backoff.reset()
                     on_state(LiveState("live"))
@@ -153,8 +180,12 @@ class PulseClient:
                         return
                     reason = f"the server closed the feed ({ws.close_code})"
             except aiohttp.WSServerHandshakeError as exc:
+                if exc.status == 401 and self.renew():
+                    continue  # the local server restarted with a new token: use it
                 if exc.status in (401, 403, 404):
-                    on_state(LiveState("failed", f"live feed refused: {exc.status} {exc.message}"))
+                    why = {401: "the token is not valid (rotated, or the server restarted)",
+                           403: "the token may not read this project", 404: "no such project"}[exc.status]
+                    on_state(LiveState("failed", f"live feed refused ({exc.status}): {why}"))
                     return
                 reason = f"handshake failed: {exc.status}"
             except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError) as exc:

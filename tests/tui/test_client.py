@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -90,3 +91,24 @@ def test_clean_and_change():
     assert clean("a\x1b[31mb\x07\x9bc\td") == "a�[31mb��c d"
     assert change(110, 100) == ("▲10%", 1) and change(90, 100) == ("▼10%", -1)
     assert change(5, 0) == ("new", 0) and change(0, 0) == ("–", 0)
+
+
+async def test_a_restarted_local_server_is_found_again(server, memory):
+    """On the server's host the token changes with every server start; the client reads it again on a 401."""
+    from pulse.tui.client import Connection
+
+    states: list[LiveState] = []
+    client = PulseClient(server.url, "sk_local_from_before_the_restart",
+                         rediscover=lambda: Connection(server.url, OPERATOR))
+    assert [p["name"] for p in await client.projects()] == ["shop"] and client.token == OPERATOR
+    stale = PulseClient(server.url, "sk_local_stale", rediscover=lambda: Connection(server.url, OPERATOR))
+    task = asyncio.create_task(stale.live(server.project.id, lambda events: None, states.append))
+    for _ in range(100):
+        if states and states[-1].status == "live":
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [s.status for s in states] == ["connecting", "connecting", "live"]
+    await client.close()
+    await stale.close()
