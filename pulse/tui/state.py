@@ -195,6 +195,7 @@ def change(current: float, previous: float) -> tuple[str, int]:
     delta = (current - previous) / previous
     if abs(delta) < 0.0005:
         return "±0%", 0
-    arrow = "▲" if delta > 0 else "▼"
-    return f"{arrow}{abs(delta) * 100:.0f}%" if abs(delta) >= 0.1 else f"{arrow}{abs(delta) * 100:.1f}%", (
-        1 if delta > 0 else -1)
+    arrow, sign = ("▲", 1) if delta > 0 else ("▼", -1)
+    if delta >= 9.995:  # past +999%: as a multiple, so the card stays narrow
+        return f"{arrow}{current / previous:,.0f}×", sign
+    return (f"{arrow}{abs(delta) * 100:.0f}%" if abs(delta) >= 0.1 else f"{arrow}{abs(delta) * 100:.1f}%"), sign
