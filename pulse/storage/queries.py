@@ -5,9 +5,10 @@ the partial hours at the edges of a window; anything a rollup does not cover is 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from bisect import bisect_right
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import apsw
@@ -158,6 +159,107 @@ def _hourly(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name
     return found
 
 
+class DayCache:
+    """Unions of whole UTC days of hourly rollup rows, kept while the day's rows are unchanged.
+
+    Rollup rows only ever gain events (new rows) or merge (compaction keeps the sum), so the sum of a
+    day's events says whether its union can have changed: a cached day is reused while that sum is the
+    same. Readers on several threads share it; cached values are never mutated.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, tuple[float, object]] = OrderedDict()
+
+    def get(self, key: tuple, fingerprint: float) -> object | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found[0] != fingerprint:
+                return None
+            self._entries.move_to_end(key)
+            return found[1]
+
+    def put(self, key: tuple, fingerprint: float, value: object) -> None:
+        with self._lock:
+            self._entries[key] = (fingerprint, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
+DAYS = DayCache()
+
+
+def _whole_days(hours: tuple[int, int]) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """(hour ranges outside whole UTC days, the whole days [d0, d1) or None)."""
+    first, last = -(-hours[0] // 24), hours[1] // 24
+    if first >= last:
+        return [hours], None
+    edges = [r for r in ((hours[0], first * 24), (last * 24, hours[1])) if r[0] < r[1]]
+    return edges, (first, last)
+
+
+def _summed(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int) -> Totals:
+    """The rollups of one event name (0: all) summed over whole hours, whole days from the day cache."""
+    found = Totals()
+    edges, days = _whole_days(hours)
+    for piece in edges:
+        for total in _hourly(conn, project_id, piece, name_id).values():
+            found.add(total)
+    if days is not None:
+        for day, fingerprint in conn.execute(
+            "SELECT hour / 24, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
+            " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, days[0] * 24, days[1] * 24)):
+            key = (conn.filename, project_id, name_id, day)
+            cached = DAYS.get(key, fingerprint)
+            if cached is None:
+                cached = Totals()
+                for total in _hourly(conn, project_id, (day * 24, day * 24 + 24), name_id).values():
+                    cached.add(total)
+                DAYS.put(key, fingerprint, cached)
+            found.add(cached)
+    return found
+
+
+def _named_hours(conn: apsw.Connection, project_id: int, hours: tuple[int, int], only: str | None
+                 ) -> dict[str, Totals]:
+    """Per event name, events and users over whole hours (rows read, no cache)."""
+    found: dict[str, Totals] = defaultdict(Totals)
+    for name, events, user_set in conn.execute(
+        "SELECT s.value, h.events, h.user_set FROM hourly h JOIN strings s ON s.id = h.name_id"
+        " WHERE h.project_id = ? AND h.name_id != 0 AND h.bot = 0 AND h.hour >= ? AND h.hour < ?"
+        + (" AND s.value = ?" if only is not None else ""),
+        (project_id, *hours, *([only] if only is not None else [])),
+    ):
+        found[name].add(Totals(events, BitMap.deserialize(user_set)))
+    return found
+
+
+def _named(conn: apsw.Connection, project_id: int, hours: tuple[int, int], only: str | None
+           ) -> dict[str, Totals]:
+    """Per event name, events and users over whole hours; whole days from the day cache."""
+    found: dict[str, Totals] = defaultdict(Totals)
+    edges, days = _whole_days(hours)
+    for piece in edges:
+        for name, total in _named_hours(conn, project_id, piece, only).items():
+            found[name].add(total)
+    if days is not None:
+        for day, fingerprint in conn.execute(
+            "SELECT h.hour / 24, total(h.events) FROM hourly h WHERE h.project_id = ? AND h.name_id != 0"
+            " AND h.bot = 0 AND h.hour >= ? AND h.hour < ?"
+            + (" AND h.name_id = (SELECT id FROM strings WHERE value = ?)" if only is not None else "")
+            + " GROUP BY 1", (project_id, days[0] * 24, days[1] * 24, *([only] if only is not None else []))):
+            key = (conn.filename, project_id, "names", only, day)
+            cached = DAYS.get(key, fingerprint)
+            if cached is None:
+                cached = dict(_named_hours(conn, project_id, (day * 24, day * 24 + 24), only))
+                DAYS.put(key, fingerprint, cached)
+            for name, total in cached.items():
+                found[name].add(total)
+    return found
+
+
 def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filters = Filters()) -> Totals:
     """Events, and the exact sets of users and sessions, of the non-bot events in the window."""
     if not filters.rollup_ready:
@@ -168,8 +270,7 @@ def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filt
         return found
     hours, raw = window.split()
     if hours is not None:
-        for total in _hourly(conn, project_id, hours, name_id).values():
-            found.add(total)
+        found.add(_summed(conn, project_id, hours, name_id))
     for start, end in raw:
         found.add(_raw_totals(conn, project_id, start, end, filters))
     return found
@@ -188,12 +289,8 @@ def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters:
             only = " AND s.value = ?" if filters.event is not None else ""
             args = (project_id, *hours, *([filters.event] if filters.event is not None else []))
             if users:
-                for name, events, user_set in conn.execute(
-                    "SELECT s.value, h.events, h.user_set FROM hourly h JOIN strings s ON s.id = h.name_id"
-                    " WHERE h.project_id = ? AND h.name_id != 0 AND h.bot = 0 AND h.hour >= ? AND h.hour < ?" + only,
-                    args,
-                ):
-                    found[name].add(Totals(events, BitMap.deserialize(user_set)))
+                for name, total in _named(conn, project_id, hours, filters.event).items():
+                    found[name].add(total)
             else:  # counts only: no sets to read
                 for name, events in conn.execute(
                     "SELECT s.value, sum(h.events) FROM hourly h JOIN strings s ON s.id = h.name_id"

@@ -82,3 +82,31 @@ async def test_dates_are_whole_days_in_the_project_time_zone(seeded, project, db
     )
     body = await response.json()
     assert body["events"] == recount(db, project.id, BASE, BASE + 48 * HOUR)["events"]
+
+
+async def test_late_events_for_a_past_day_are_counted_after_that_day_was_read(client, project, db):
+    """Whole days of rollups are cached between requests; events arriving late for such a day still count."""
+    headers = {"Authorization": f"Bearer {project.read_token}"}
+    window = {"from": "2026-03-01", "to": "2026-03-04"}
+
+    async def read() -> tuple[dict, dict]:
+        overview = await (await client.get(f"/api/v1/projects/{project.id}/overview", params=window,
+                                           headers=headers)).json()
+        top = await (await client.get(f"/api/v1/projects/{project.id}/top-events", params=window,
+                                      headers=headers)).json()
+        return overview, {r["value"]: (r["count"], r["unique_users"]) for r in top["rows"]}
+
+    async def post(*events) -> None:
+        response = await client.post("/api/v1/events/ingest", json={"events": list(events)},
+                                     headers={"X-API-Key": project.ingest_key})
+        assert response.status == 202
+
+    await post(*[event("click", distinct_id=f"u{i}", timestamp=BASE + 26 * HOUR + i) for i in range(5)])
+    first, top = await read()
+    assert (first["events"], first["unique_users"], top["click"]) == (5, 5, (5, 5))
+    await post(event("click", distinct_id="u0", timestamp=BASE + 30 * HOUR),  # a known user, the same day
+               event("click", distinct_id="late", timestamp=BASE + 27 * HOUR))  # a new one
+    again, top = await read()
+    assert (again["events"], again["unique_users"], top["click"]) == (7, 6, (7, 6))
+    start, end = BASE, BASE + 4 * 24 * HOUR
+    assert recount(db, project.id, start, end)["events"] == 7
