@@ -164,7 +164,8 @@ class DayCache:
 
     Rollup rows only ever gain events (new rows) or merge (compaction keeps the sum), so the sum of a
     day's events says whether its union can have changed: a cached day is reused while that sum is the
-    same. Readers on several threads share it; cached values are never mutated.
+    same. The sums come from the index hourly_events without reading the sets. Readers on several
+    threads share the cache; cached values are never mutated.
     """
 
     def __init__(self, max_entries: int = 4096) -> None:
@@ -201,24 +202,27 @@ def _whole_days(hours: tuple[int, int]) -> tuple[list[tuple[int, int]], tuple[in
 
 
 def _summed(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int) -> Totals:
-    """The rollups of one event name (0: all) summed over whole hours, whole days from the day cache."""
+    """The rollups of one event name (0: all) summed over whole hours: whole days, and the single hours
+    around them, from the day cache; only what changed since it was cached is read again."""
     found = Totals()
     edges, days = _whole_days(hours)
-    for piece in edges:
-        for total in _hourly(conn, project_id, piece, name_id).values():
-            found.add(total)
-    if days is not None:
-        for day, fingerprint in conn.execute(
-            "SELECT hour / 24, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
-            " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, days[0] * 24, days[1] * 24)):
-            key = (conn.filename, project_id, name_id, day)
-            cached = DAYS.get(key, fingerprint)
-            if cached is None:
-                cached = Totals()
-                for total in _hourly(conn, project_id, (day * 24, day * 24 + 24), name_id).values():
-                    cached.add(total)
-                DAYS.put(key, fingerprint, cached)
-            found.add(cached)
+    spans = [(day * 24, day * 24 + 24) for day in range(*days)] if days is not None else []
+    spans += [(hour, hour + 1) for start, end in edges for hour in range(start, end)]
+    fingerprints = dict(conn.execute(
+        "SELECT hour, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
+        " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, *hours)))
+    for start, end in spans:
+        fingerprint = sum(fingerprints.get(hour, 0) for hour in range(start, end))
+        if not fingerprint:
+            continue
+        key = (conn.filename, project_id, name_id, start, end)
+        cached = DAYS.get(key, fingerprint)
+        if cached is None:
+            cached = Totals()
+            for total in _hourly(conn, project_id, (start, end), name_id).values():
+                cached.add(total)
+            DAYS.put(key, fingerprint, cached)
+        found.add(cached)
     return found
 
 
@@ -238,25 +242,26 @@ def _named_hours(conn: apsw.Connection, project_id: int, hours: tuple[int, int],
 
 def _named(conn: apsw.Connection, project_id: int, hours: tuple[int, int], only: str | None
            ) -> dict[str, Totals]:
-    """Per event name, events and users over whole hours; whole days from the day cache."""
+    """Per event name, events and users over whole hours; whole days and single hours from the day cache."""
     found: dict[str, Totals] = defaultdict(Totals)
     edges, days = _whole_days(hours)
-    for piece in edges:
-        for name, total in _named_hours(conn, project_id, piece, only).items():
+    spans = [(day * 24, day * 24 + 24) for day in range(*days)] if days is not None else []
+    spans += [(hour, hour + 1) for start, end in edges for hour in range(start, end)]
+    name_id = 0 if only is None else _name_id(conn, only)  # name 0 counts every event: the same sums
+    fingerprints = dict(conn.execute(
+        "SELECT hour, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
+        " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, *hours)))
+    for start, end in spans:
+        fingerprint = sum(fingerprints.get(hour, 0) for hour in range(start, end))
+        if not fingerprint:
+            continue
+        key = (conn.filename, project_id, "names", only, start, end)
+        cached = DAYS.get(key, fingerprint)
+        if cached is None:
+            cached = dict(_named_hours(conn, project_id, (start, end), only))
+            DAYS.put(key, fingerprint, cached)
+        for name, total in cached.items():
             found[name].add(total)
-    if days is not None:
-        for day, fingerprint in conn.execute(
-            "SELECT h.hour / 24, total(h.events) FROM hourly h WHERE h.project_id = ? AND h.name_id != 0"
-            " AND h.bot = 0 AND h.hour >= ? AND h.hour < ?"
-            + (" AND h.name_id = (SELECT id FROM strings WHERE value = ?)" if only is not None else "")
-            + " GROUP BY 1", (project_id, days[0] * 24, days[1] * 24, *([only] if only is not None else []))):
-            key = (conn.filename, project_id, "names", only, day)
-            cached = DAYS.get(key, fingerprint)
-            if cached is None:
-                cached = dict(_named_hours(conn, project_id, (day * 24, day * 24 + 24), only))
-                DAYS.put(key, fingerprint, cached)
-            for name, total in cached.items():
-                found[name].add(total)
     return found
 
 
@@ -279,26 +284,14 @@ def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filt
 # -- overview ---------------------------------------------------------------------------------------
 
 
-def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters,
-                users: bool = True) -> dict[str, Totals]:
-    """Per event name: events, and (with `users`) the exact users, in the window."""
+def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict[str, Totals]:
+    """Per event name: events and the exact users in the window."""
     found: dict[str, Totals] = defaultdict(Totals)
     if filters.rollup_ready:
         hours, raw = window.split()
         if hours is not None:
-            only = " AND s.value = ?" if filters.event is not None else ""
-            args = (project_id, *hours, *([filters.event] if filters.event is not None else []))
-            if users:
-                for name, total in _named(conn, project_id, hours, filters.event).items():
-                    found[name].add(total)
-            else:  # counts only: no sets to read
-                for name, events in conn.execute(
-                    "SELECT s.value, sum(h.events) FROM hourly h JOIN strings s ON s.id = h.name_id"
-                    " WHERE h.project_id = ? AND h.name_id != 0 AND h.bot = 0 AND h.hour >= ? AND h.hour < ?"
-                    + only + " GROUP BY s.value",
-                    args,
-                ):
-                    found[name].events += events
+            for name, total in _named(conn, project_id, hours, filters.event).items():
+                found[name].add(total)
         pieces = raw
     else:
         pieces = [(window.start, window.end)]
@@ -333,7 +326,7 @@ def _session_stats(conn: apsw.Connection, project_id: int, window: Window, filte
 
 def _period(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict:
     found = totals(conn, project_id, window, filters)
-    names = _top_events(conn, project_id, window, filters, users=False)
+    names = _top_events(conn, project_id, window, filters)
     top = max(names.items(), key=lambda item: (item[1].events, item[0]), default=None)
     days = max((window.end - window.start) / DAY_MS, 1 / 24)
     return {

@@ -195,6 +195,9 @@ MIGRATIONS.append(_hourly_dims)
 # 3: hosts whose pages may send a project events (NULL: any)
 MIGRATIONS.append("ALTER TABLE projects ADD COLUMN allowed_origins TEXT;")
 
+# 4: events per rollup row without its sets, for the readers' day cache (sums read from the index alone)
+MIGRATIONS.append("CREATE INDEX IF NOT EXISTS hourly_events ON hourly(project_id, name_id, bot, hour, events);")
+
 
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
