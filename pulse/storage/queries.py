@@ -9,6 +9,7 @@ import threading
 import uuid
 from bisect import bisect_right
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import apsw
@@ -201,27 +202,41 @@ def _whole_days(hours: tuple[int, int]) -> tuple[list[tuple[int, int]], tuple[in
     return edges, (first, last)
 
 
-def _summed(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int) -> Totals:
-    """The rollups of one event name (0: all) summed over whole hours: whole days, and the single hours
-    around them, from the day cache; only what changed since it was cached is read again."""
-    found = Totals()
+def _spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int, kind: tuple,
+           compute: Callable[[tuple[int, int]], object]) -> Iterator[object]:
+    """`compute(span)` for the whole days in `hours` and the single hours around them, from the day cache.
+
+    A span's fingerprint is its events of `name_id` (0: every event, which also covers the dimension
+    rollups written in the same commits); a span without events is skipped.
+    """
     edges, days = _whole_days(hours)
     spans = [(day * 24, day * 24 + 24) for day in range(*days)] if days is not None else []
     spans += [(hour, hour + 1) for start, end in edges for hour in range(start, end)]
     fingerprints = dict(conn.execute(
         "SELECT hour, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
         " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, *hours)))
-    for start, end in spans:
-        fingerprint = sum(fingerprints.get(hour, 0) for hour in range(start, end))
+    for span in spans:
+        fingerprint = sum(fingerprints.get(hour, 0) for hour in range(*span))
         if not fingerprint:
             continue
-        key = (conn.filename, project_id, name_id, start, end)
+        key = (conn.filename, project_id, *kind, *span)
         cached = DAYS.get(key, fingerprint)
         if cached is None:
-            cached = Totals()
-            for total in _hourly(conn, project_id, (start, end), name_id).values():
-                cached.add(total)
+            cached = compute(span)
             DAYS.put(key, fingerprint, cached)
+        yield cached
+
+
+def _summed(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int) -> Totals:
+    """The rollups of one event name (0: all) summed over whole hours."""
+    def compute(span: tuple[int, int]) -> Totals:
+        total = Totals()
+        for hour in _hourly(conn, project_id, span, name_id).values():
+            total.add(hour)
+        return total
+
+    found = Totals()
+    for cached in _spans(conn, project_id, hours, name_id, ("name", name_id), compute):
         found.add(cached)
     return found
 
@@ -242,24 +257,11 @@ def _named_hours(conn: apsw.Connection, project_id: int, hours: tuple[int, int],
 
 def _named(conn: apsw.Connection, project_id: int, hours: tuple[int, int], only: str | None
            ) -> dict[str, Totals]:
-    """Per event name, events and users over whole hours; whole days and single hours from the day cache."""
+    """Per event name, events and users over whole hours."""
+    name_id = 0 if only is None else _name_id(conn, only)
     found: dict[str, Totals] = defaultdict(Totals)
-    edges, days = _whole_days(hours)
-    spans = [(day * 24, day * 24 + 24) for day in range(*days)] if days is not None else []
-    spans += [(hour, hour + 1) for start, end in edges for hour in range(start, end)]
-    name_id = 0 if only is None else _name_id(conn, only)  # name 0 counts every event: the same sums
-    fingerprints = dict(conn.execute(
-        "SELECT hour, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
-        " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, *hours)))
-    for start, end in spans:
-        fingerprint = sum(fingerprints.get(hour, 0) for hour in range(start, end))
-        if not fingerprint:
-            continue
-        key = (conn.filename, project_id, "names", only, start, end)
-        cached = DAYS.get(key, fingerprint)
-        if cached is None:
-            cached = dict(_named_hours(conn, project_id, (start, end), only))
-            DAYS.put(key, fingerprint, cached)
+    for cached in _spans(conn, project_id, hours, name_id, ("names", only),
+                         lambda span: dict(_named_hours(conn, project_id, span, only))):
         for name, total in cached.items():
             found[name].add(total)
     return found
@@ -445,9 +447,17 @@ def _rolled_up_breakdown(conn: apsw.Connection, project_id: int, window: Window,
     """Whole hours from hourly_dims, the minutes at the edges of the window from raw events."""
     found: dict[str, Totals] = defaultdict(Totals)
     hours, raw = window.split()
+
+    def compute(span: tuple[int, int]) -> dict[str, Totals]:
+        values: dict[str, Totals] = defaultdict(Totals)
+        for value, events, user_set in conn.execute(_DIM_ROLLUPS[dimension], (project_id, *span)):
+            values[value].add(Totals(events, BitMap.deserialize(user_set)))
+        return dict(values)
+
     if hours is not None:
-        for value, events, user_set in conn.execute(_DIM_ROLLUPS[dimension], (project_id, *hours)):
-            found[value].add(Totals(events, BitMap.deserialize(user_set)))
+        for cached in _spans(conn, project_id, hours, 0, ("dim", dimension), compute):
+            for value, total in cached.items():
+                found[value].add(total)
     value_sql, join, condition, extra = EVENT_DIMENSIONS[dimension]
     for start, end in raw:
         where, params = event_conditions(project_id, start, end, Filters())

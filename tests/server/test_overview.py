@@ -110,3 +110,24 @@ async def test_late_events_for_a_past_day_are_counted_after_that_day_was_read(cl
     assert (again["events"], again["unique_users"], top["click"]) == (7, 6, (7, 6))
     start, end = BASE, BASE + 4 * 24 * HOUR
     assert recount(db, project.id, start, end)["events"] == 7
+
+
+async def test_late_page_views_for_a_past_day_reach_the_page_breakdown(client, project):
+    headers = {"Authorization": f"Bearer {project.read_token}"}
+    window = {"from": "2026-03-01", "to": "2026-03-04"}
+
+    async def pages() -> dict:
+        body = await (await client.get(f"/api/v1/projects/{project.id}/pages", params=window, headers=headers)).json()
+        return {r["value"]: (r["count"], r["unique_users"]) for r in body["rows"]}
+
+    async def view(user: str, path: str, hour: int) -> None:
+        response = await client.post("/api/v1/events/ingest", json={"events": [event(
+            "page_view", distinct_id=user, page_url=f"https://site.example{path}", timestamp=BASE + hour * HOUR)]},
+            headers={"X-API-Key": project.ingest_key})
+        assert response.status == 202
+
+    await view("a", "/docs", 30)
+    assert await pages() == {"/docs": (1, 1)}
+    await view("b", "/docs", 31)
+    await view("a", "/pricing", 30)
+    assert await pages() == {"/docs": (2, 2), "/pricing": (1, 1)}
