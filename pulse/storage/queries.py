@@ -169,10 +169,11 @@ class DayCache:
     threads share the cache; cached values are never mutated.
     """
 
-    def __init__(self, max_entries: int = 4096) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes  # roughly: two bytes per id held, the least recently used go first
+        self.bytes = 0
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, tuple[float, object]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[float, object, int]] = OrderedDict()
 
     def get(self, key: tuple, fingerprint: float) -> object | None:
         with self._lock:
@@ -183,11 +184,23 @@ class DayCache:
             return found[1]
 
     def put(self, key: tuple, fingerprint: float, value: object) -> None:
+        size = _size(value)
         with self._lock:
-            self._entries[key] = (fingerprint, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old[2]
+            self._entries[key] = (fingerprint, value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes and self._entries:
+                self.bytes -= self._entries.popitem(last=False)[1][2]
+
+
+def _size(value: object) -> int:
+    if isinstance(value, Totals):
+        return 64 + 2 * (len(value.users) + len(value.sessions))
+    if isinstance(value, dict):
+        return 64 + sum(_size(item) for item in value.values())
+    return 64
 
 
 DAYS = DayCache()
