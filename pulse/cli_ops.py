@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from datetime import date, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -146,17 +146,17 @@ def backup(path: Path, data_dir: Path, as_json: bool) -> None:
          f"backed up {size / 1_048_576:,.1f} MiB to {path}")
 
 
-def _bound(name: str, raw: str | None, tz: ZoneInfo, *, end: bool) -> int | None:
+def _bound(name: str, raw: str | None, timezone: str, *, end: bool) -> int | None:
+    """A --from/--to value read as the read API reads from/to (dates are whole days in the zone)."""
+    from pulse.server.errors import ApiError
+    from pulse.server.params import parse_bound
+
     if raw is None:
         return None
     try:
-        if len(raw) == 10:
-            day = date.fromisoformat(raw) + timedelta(days=1 if end else 0)
-            return int(datetime(day.year, day.month, day.day, tzinfo=tz).timestamp() * 1000)
-        moment = datetime.fromisoformat(raw)
-        return int((moment if moment.tzinfo else moment.replace(tzinfo=tz)).timestamp() * 1000)
-    except ValueError:
-        fail(f"--{name}: expected an ISO date (2026-03-01) or datetime, got {raw!r}")
+        return parse_bound(name, raw, ZoneInfo(timezone), end=end)
+    except ApiError as exc:
+        fail(f"--{exc.message}")
     return None
 
 
@@ -175,9 +175,8 @@ def export(project: str, fmt: str, start: str | None, end: str | None, output: P
 
     with read_db(data_dir) as conn:
         found = get_project(conn, project)
-        tz = ZoneInfo(found.timezone)
-        start_ms = _bound("from", start, tz, end=False) or 0
-        end_ms = _bound("to", end, tz, end=True) or time.time_ns() // 1_000_000 + 1
+        start_ms = _bound("from", start, found.timezone, end=False) or 0
+        end_ms = _bound("to", end, found.timezone, end=True) or time.time_ns() // 1_000_000 + 1
         if end_ms <= start_ms:
             fail("--to: must be after --from")
         if str(output) == "-":

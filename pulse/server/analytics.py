@@ -33,9 +33,9 @@ def _range(project: Project, window: Window) -> dict:
 async def projects(request: web.Request) -> web.Response:
     """The projects this token can see, with events today and per hour over the last 24 hours."""
     now = time.time_ns() // 1_000_000
+    day = Window(now - 86_400_000, now)
     found = []
     for project in request.app[KEYRING].readable(request):
-        day = Window(now - 86_400_000, now)
         today = parse_window({"from": datetime.now(ZoneInfo(project.timezone)).date().isoformat()},
                              project.timezone, now_ms=now)
         bounds = bucket_bounds(day, "hour", project.timezone)
@@ -73,21 +73,24 @@ async def timeseries(request: web.Request) -> web.Response:
     })
 
 
-@routes.get("/api/v1/projects/{project}/top-events")
-async def top_events(request: web.Request) -> web.Response:
+async def _rows(request: web.Request, query, *args, filtered: bool = True, default_limit: int = 10
+                ) -> web.Response:
+    """`{"rows": query(conn, project, window, [filters,] *args, limit)}`: breakdowns, keys and values."""
     project = _project(request)
     window = parse_window(request.query, project.timezone)
-    rows = await request.app[READER].run(queries.top_events, project.id, window, parse_filters(request.query),
-                                         parse_limit(request.query))
+    extra = (parse_filters(request.query),) if filtered else ()
+    rows = await request.app[READER].run(query, project.id, window, *extra, *args,
+                                         parse_limit(request.query, default=default_limit))
     return web.json_response({**_range(project, window), "rows": rows})
+
+
+@routes.get("/api/v1/projects/{project}/top-events")
+async def top_events(request: web.Request) -> web.Response:
+    return await _rows(request, queries.top_events)
 
 
 async def _breakdown(request: web.Request, dimension: str) -> web.Response:
-    project = _project(request)
-    window = parse_window(request.query, project.timezone)
-    rows = await request.app[READER].run(queries.breakdown, project.id, window, parse_filters(request.query),
-                                         dimension, parse_limit(request.query))
-    return web.json_response({**_range(project, window), "rows": rows})
+    return await _rows(request, queries.breakdown, dimension)
 
 
 def _breakdown_route(path: str, dimension: str) -> None:
@@ -158,36 +161,20 @@ async def user(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/projects/{project}/properties")
 async def properties(request: web.Request) -> web.Response:
-    project = _project(request)
-    window = parse_window(request.query, project.timezone)
-    rows = await request.app[READER].run(queries.property_keys, project.id, window, parse_filters(request.query),
-                                         parse_limit(request.query, default=50))
-    return web.json_response({**_range(project, window), "rows": rows})
+    return await _rows(request, queries.property_keys, default_limit=50)
 
 
 @routes.get("/api/v1/projects/{project}/properties/{key}")
 async def property_values(request: web.Request) -> web.Response:
-    project = _project(request)
-    window = parse_window(request.query, project.timezone)
-    rows = await request.app[READER].run(queries.property_values, project.id, window, parse_filters(request.query),
-                                         request.match_info["key"], parse_limit(request.query))
-    return web.json_response({**_range(project, window), "rows": rows})
+    return await _rows(request, queries.property_values, request.match_info["key"])
 
 
 @routes.get("/api/v1/projects/{project}/traits")
 async def traits(request: web.Request) -> web.Response:
     """Trait keys of the persons seen in the window (for trait.KEY filters)."""
-    project = _project(request)
-    window = parse_window(request.query, project.timezone)
-    rows = await request.app[READER].run(queries.trait_keys, project.id, window,
-                                         parse_limit(request.query, default=50))
-    return web.json_response({**_range(project, window), "rows": rows})
+    return await _rows(request, queries.trait_keys, filtered=False, default_limit=50)
 
 
 @routes.get("/api/v1/projects/{project}/traits/{key}")
 async def trait_values(request: web.Request) -> web.Response:
-    project = _project(request)
-    window = parse_window(request.query, project.timezone)
-    rows = await request.app[READER].run(queries.trait_values, project.id, window, request.match_info["key"],
-                                         parse_limit(request.query))
-    return web.json_response({**_range(project, window), "rows": rows})
+    return await _rows(request, queries.trait_values, request.match_info["key"], filtered=False)

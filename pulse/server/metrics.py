@@ -20,7 +20,6 @@ class Counters:
     def __init__(self) -> None:
         self.requests: collections.Counter[int] = collections.Counter()  # by status
         self.ingest_rejected: collections.Counter[int] = collections.Counter()  # ingest requests, by status
-        self.rate_limited = 0
 
 
 def _histogram(lines: list[str], name: str, help_text: str, bounds: tuple, counts: list[int], total: float) -> None:

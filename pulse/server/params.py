@@ -18,7 +18,7 @@ RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(
 DEFAULT_RANGE = "7d"
 
 
-def _parse_bound(name: str, raw: str, tz: ZoneInfo, *, end: bool) -> int:
+def parse_bound(name: str, raw: str, tz: ZoneInfo, *, end: bool) -> int:
     try:
         if len(raw) == 10:
             day = date.fromisoformat(raw)
@@ -46,8 +46,8 @@ def parse_window(query: MultiMapping[str], timezone: str, *, now_ms: int | None 
             raise ApiError(400, "range: give either range or from/to, not both", field="range")
         if "from" not in query:
             raise ApiError(400, "from: required when to is given", field="from")
-        start = _parse_bound("from", query["from"], tz, end=False)
-        end = _parse_bound("to", query["to"], tz, end=True) if "to" in query else now
+        start = parse_bound("from", query["from"], tz, end=False)
+        end = parse_bound("to", query["to"], tz, end=True) if "to" in query else now
         if end <= start:
             raise ApiError(400, "to: must be after from", field="to")
         return Window(start, end)

@@ -305,8 +305,7 @@ def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters:
     if filters.rollup_ready:
         hours, raw = window.split()
         if hours is not None:
-            for name, total in _named(conn, project_id, hours, filters.event).items():
-                found[name].add(total)
+            found = _named(conn, project_id, hours, filters.event)  # fresh totals, safe to add to
         pieces = raw
     else:
         pieces = [(window.start, window.end)]

@@ -61,12 +61,8 @@ class PulseApp(App[None]):
         seen: list[tuple[str, str]] = []
         for binding in (*self.screen.BINDINGS, *self.BINDINGS):
             if isinstance(binding, Binding) and binding.description and binding.action != "help":
-                key = self.get_key_display(binding) if not binding.key_display else binding.key_display
-                if binding.key_display == "1-4":
-                    key, description = "1 2 3 4", "Range: 24 hours, 7, 30, 90 days"
-                else:
-                    description = binding.description
-                seen.append((key, description))
+                seen.append((binding.key_display or self.get_key_display(binding),
+                             binding.tooltip or binding.description))
         self.push_screen(HelpScreen(seen))
 
     async def on_unmount(self) -> None:

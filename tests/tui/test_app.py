@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import time
 
 import aiohttp
-import pytest
 
 from pulse.server.app import create_app
 from pulse.tui.app import PulseApp

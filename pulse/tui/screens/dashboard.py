@@ -15,7 +15,6 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Label, TabbedContent
 
-from pulse.protocol import LiveEvent
 from pulse.tui.client import ApiFailure, LiveState, PulseClient
 from pulse.tui.messages import (BreakdownLoaded, ConnectionChanged, FilterRemoved, LoadFailed, RangeChosen,
                                 StatsLoaded, TopEventSelected)
@@ -40,7 +39,7 @@ class DashboardScreen(Screen):
     BINDINGS = [
         Binding("question_mark", "app.help", "Help"),
         Binding("escape", "back", "Back"),
-        Binding("1", "range('24h')", "Range", key_display="1-4"),
+        Binding("1", "range('24h')", "Range", key_display="1-4", tooltip="Range: 24 hours, 7, 30, 90 days"),
         Binding("2", "range('7d')", "7 days", show=False),
         Binding("3", "range('30d')", "30 days", show=False),
         Binding("4", "range('90d')", "90 days", show=False),
@@ -70,6 +69,7 @@ class DashboardScreen(Screen):
         self.overview: dict = {}
         self.top_rows: list[dict] = []
         self.connection = LiveState("connecting")
+        self.connection_was_lost = False  # reload the numbers when the feed comes back
         self.set_reactive(DashboardScreen.query_state, memory.get(client.url, project["id"]))
 
     @property
@@ -198,8 +198,6 @@ class DashboardScreen(Screen):
             self.connection_was_lost = True
         if state.status == "failed":
             self.notify(state.detail, title="live feed stopped", severity="error", timeout=30)
-
-    connection_was_lost = False
 
     # -- showing ------------------------------------------------------------------------------------
 
@@ -339,9 +337,6 @@ class DashboardScreen(Screen):
 
     def on_live_feed_opened(self, message: LiveFeed.Opened) -> None:
         self.app.push_screen(EventDetailScreen(message.event))
-
-    def feed_events(self) -> list[LiveEvent]:
-        return list(self.query_one(LiveFeed).events)
 
 
 def _per(interval: str) -> str:

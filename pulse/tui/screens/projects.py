@@ -10,6 +10,7 @@ from textual.widgets import DataTable, Footer, Label, Static
 
 from pulse.tui.client import ApiFailure, PulseClient
 from pulse.tui.state import number, plain
+from pulse.tui.widgets.breakdown import update_rows
 
 REFRESH_S = 30.0
 BARS = "▁▂▃▄▅▆▇█"
@@ -67,8 +68,6 @@ class ProjectsScreen(Screen):
             error.add_class("-shown")
             return
         error.remove_class("-shown")
-        from pulse.tui.widgets.breakdown import update_rows
-
         table = self.query_one("#projects-table", DataTable)
         update_rows(table, {str(p["id"]): (plain(p["name"]), plain(p.get("domain") or ""), number(p["events_today"]),
                                            sparkline(p["hourly"][-24:])) for p in self.projects})

@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.widget import Widget
 from textual.widgets import DataTable, TabbedContent, TabPane
 
-from pulse.tui.state import clean, number, plain
+from pulse.tui.state import number, plain
 
 # tab id -> (title, endpoint, extra parameters)
 TABS = {
