@@ -3,9 +3,10 @@
     python bench/query.py [--events 10000000] [--runs 5]
 
 Loads the events through the real writer (30 days, ~50 event names, 100k users with traits, 300k sessions),
-starts `pulse serve` on that database, times each endpoint over HTTP for range=30d, unfiltered and with
-trait.gender=Female, and times a plain SQL scan of the raw events giving the same answer in the same run.
-Prints p50 and p95 (ms) and the ratio raw scan / endpoint. Loopback only; stops by itself.
+starts `pulse serve` on that database and waits for its start-up warm-up, times each endpoint over HTTP for
+range=30d, unfiltered and with trait.gender=Female (the first request apart: nothing is cached for a new
+filter), and times a plain SQL scan of the raw events giving the same answer in the same run. Prints p50
+and p95 (ms) and the ratio raw scan / endpoint. Loopback only; stops by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import aiohttp
 
@@ -150,9 +152,10 @@ def p(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=10_000_000)
-    parser.add_argument("--runs", type=int, default=5, help="requests per endpoint and filter")
+    parser.add_argument("--runs", type=int, default=5, help="requests per endpoint and filter (at least 2)")
     parser.add_argument("--keep", type=Path, help="reuse (or keep) the loaded data directory here")
     args = parser.parse_args()
+    args.runs = max(2, args.runs)
 
     data_dir = args.keep or Path(tempfile.mkdtemp(prefix="pulse-query-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -184,20 +187,26 @@ def main() -> None:
     try:
         wait_http(port)
         url = f"http://127.0.0.1:{port}"
+        began = time.monotonic()
+        while not json.loads(urlopen(f"{url}/health").read())["warmed_up"]:
+            time.sleep(0.2)
+        print(f"warm-up at start (the readers' cache of the last 31 days): {time.monotonic() - began:.1f}s")
         plain = asyncio.run(time_endpoints(url, token, args.runs, {}))
         filtered = asyncio.run(time_endpoints(url, token, args.runs, {"trait.gender": "Female"}))
     finally:
         server.terminate()
         server.wait(60)
     raw = time_raw(db, max(1, args.runs // 2))
-    print(f"\nrange=30d, {args.runs} requests each over HTTP; raw: the same answer from a plain scan (median)")
-    print(f"{'endpoint':<26} {'p50 ms':>8} {'p95 ms':>8}   {'filtered p50':>12} {'p95':>8}   {'raw scan ms':>11} {'raw/p50':>8}")
+    print(f"\nrange=30d, {args.runs} requests each over HTTP after the start-up warm-up; filtered: the first"
+          " request (nothing cached for that filter) and the repeats; raw: the same answer from a plain scan (median)")
+    print(f"{'endpoint':<26} {'p50 ms':>8} {'p95 ms':>8}   {'filtered 1st':>12} {'p50':>8} {'p95':>8}"
+          f"   {'raw scan ms':>11} {'raw/p50':>8}")
     for endpoint in ENDPOINTS:
         a, b = plain[endpoint], filtered[endpoint]
         scan = raw.get(endpoint)
         ratio = f"{scan / p(a, 0.5):>7.0f}x" if scan else ""
-        print(f"{endpoint:<26} {p(a, 0.5):>8.1f} {p(a, 0.95):>8.1f}   {p(b, 0.5):>12.1f} {p(b, 0.95):>8.1f}   "
-              f"{'' if scan is None else f'{scan:.0f}':>11} {ratio:>8}")
+        print(f"{endpoint:<26} {p(a, 0.5):>8.1f} {p(a, 0.95):>8.1f}   {b[0]:>12.1f} {p(b[1:], 0.5):>8.1f} "
+              f"{p(b[1:], 0.95):>8.1f}   {'' if scan is None else f'{scan:.0f}':>11} {ratio:>8}")
     if not args.keep:
         shutil.rmtree(data_dir)
 

@@ -45,6 +45,8 @@ class Settings:
     # readers
     reader_threads: int = 2
     query_timeout_s: float = 10.0
+    # days of numbers computed at start for the readers' cache (0: none)
+    warm_days: int = 31
     # network
     trust_proxy: bool = False
     catalog_poll_s: float = 0.25

@@ -19,11 +19,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
 from pulse.server import analytics, ingest, live, metrics, static
 from pulse.server.auth import KeyRing
-from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, READER, SETTINGS, WRITER
+from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, READER, SETTINGS, WARM_UP, WRITER
 from pulse.server.limits import TokenBuckets
 from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
+from pulse.server.warmup import warm
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter
 
@@ -41,6 +42,8 @@ async def health(request: web.Request) -> web.Response:
         "last_commit_at": stats.last_commit_at,
         "events_written": stats.events_written,
         "writer_lag_seconds": round(request.app[WRITER].writer_lag_seconds, 3),
+        # the readers' cache of recent days is filled (see PULSE_WARM_DAYS)
+        "warmed_up": WARM_UP not in request.app or request.app[WARM_UP].done(),
     })
 
 
@@ -63,13 +66,17 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     await keyring.reload()
     keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds
     app[WRITER], app[READER], app[KEYRING] = writer, reader, keyring
-    watcher = asyncio.create_task(keyring.watch(settings.catalog_poll_s), name="pulse-keyring-watch")
+    tasks = [asyncio.create_task(keyring.watch(settings.catalog_poll_s), name="pulse-keyring-watch")]
+    if settings.warm_days > 0:
+        app[WARM_UP] = asyncio.create_task(warm(reader, settings.warm_days), name="pulse-warm-up")
+        tasks.append(app[WARM_UP])
     try:
         yield
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await writer.close()
         await reader.close()
 

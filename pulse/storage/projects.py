@@ -174,12 +174,17 @@ def create_project(
     with immediate(conn):
         if conn.execute("SELECT 1 FROM projects WHERE name = ?", (name,)).fetchone():
             raise ProjectError(f"a project named {name!r} already exists")
+        # ids are never reused, so nothing cached about a deleted project can be taken for a new one's
+        project_id = conn.execute(
+            "SELECT max(coalesce((SELECT max(id) FROM projects), 0),"
+            " coalesce((SELECT value FROM meta WHERE key = 'last_project_id'), 0)) + 1").fetchone()[0]
         conn.execute(
-            "INSERT INTO projects(name, domain, timezone, retention_days, created_at, allowed_origins)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (name, domain, timezone, retention_days, now_ms(), allowed_origins),
+            "INSERT INTO projects(id, name, domain, timezone, retention_days, created_at, allowed_origins)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (project_id, name, domain, timezone, retention_days, now_ms(), allowed_origins),
         )
-        project_id = conn.last_insert_rowid()
+        conn.execute("INSERT INTO meta(key, value) VALUES ('last_project_id', ?)"
+                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (project_id,))
         ingest_key = _insert_key(conn, project_id, INGEST)
         read_token = _insert_key(conn, project_id, READ)
         bump_catalog(conn)
@@ -220,7 +225,7 @@ def update_project(
     return get_project(conn, project.id)
 
 
-_PROJECT_DATA_TABLES = ("events", "hourly", "sessions", "person_ids", "persons")
+_PROJECT_DATA_TABLES = ("events", "hourly", "hourly_dims", "sessions", "session_days", "person_ids", "persons")
 
 
 def delete_project(conn: apsw.Connection, project: Project) -> None:
@@ -228,6 +233,7 @@ def delete_project(conn: apsw.Connection, project: Project) -> None:
     with immediate(conn):
         for table in _PROJECT_DATA_TABLES:
             conn.execute(f"DELETE FROM {table} WHERE project_id = ?", (project.id,))
+        conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (f"pruned_before:{project.id}", f"traits:{project.id}"))
         conn.execute("DELETE FROM projects WHERE id = ?", (project.id,))
         bump_catalog(conn)
 

@@ -4,12 +4,15 @@ the partial hours at the edges of a window; anything a rollup does not cover is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import uuid
+from array import array
 from bisect import bisect_right
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
+from itertools import islice
 from dataclasses import dataclass, field
 
 import apsw
@@ -67,6 +70,13 @@ class Filters:
         """Whether the hourly rollups can answer (nothing but the event name is filtered)."""
         return self == Filters(event=self.event)
 
+    @property
+    def by_hour(self) -> bool:
+        """Whether what the filters match in an hour is fixed by that hour's events and, for trait filters,
+        by which of its users have the traits. UTM filters are not: a session's UTM values are those of
+        its first page view, which a late event can change."""
+        return self.utm_source is None and self.utm_medium is None and self.utm_campaign is None
+
 
 @dataclass(slots=True)
 class Totals:
@@ -85,7 +95,8 @@ class Totals:
 _STRING = "(SELECT id FROM strings WHERE value = ?)"
 
 
-def event_conditions(project_id: int, start: int, end: int, filters: Filters) -> tuple[str, list]:
+def event_conditions(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters
+                     ) -> tuple[str, list]:
     """WHERE clause over `events e LEFT JOIN agents a`: the window, no bots, and the filters."""
     clauses = ["e.project_id = ?", "e.ts >= ?", "e.ts < ?", "coalesce(a.is_bot, 0) = 0"]
     params: list = [project_id, start, end]
@@ -106,10 +117,9 @@ def event_conditions(project_id: int, start: int, end: int, filters: Filters) ->
     for key, value in filters.props:
         clauses.append("CAST(json_extract(e.props, ?) AS TEXT) = ?")
         params += [_json_path(key), value]
-    for key, value in filters.traits:
-        clauses.append("e.person_id IN (SELECT id FROM persons WHERE project_id = ?"
-                       " AND CAST(json_extract(traits, ?) AS TEXT) = ?)")
-        params += [project_id, _json_path(key), value]
+    if filters.traits:
+        clauses.append("e.person_id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(list(_trait_people(conn, project_id, filters.traits))))
     return " AND ".join(clauses), params
 
 
@@ -121,7 +131,7 @@ _RAW_FROM = "FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
 
 
 def _raw_totals(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters) -> Totals:
-    where, params = event_conditions(project_id, start, end, filters)
+    where, params = event_conditions(conn, project_id, start, end, filters)
     found = Totals()
     users, sessions = [], []
     for person_id, session_id in conn.execute(f"SELECT e.person_id, e.session_id {_RAW_FROM} WHERE {where}", params):
@@ -198,6 +208,10 @@ class DayCache:
 def _size(value: object) -> int:
     if isinstance(value, Totals):
         return 64 + 2 * (len(value.users) + len(value.sessions))
+    if isinstance(value, BitMap):
+        return 64 + 2 * len(value)
+    if isinstance(value, SessionDay):
+        return 64 + 28 * len(value.ids)
     if isinstance(value, dict):
         return 64 + sum(_size(item) for item in value.values())
     return 64
@@ -216,11 +230,12 @@ def _whole_days(hours: tuple[int, int]) -> tuple[list[tuple[int, int]], tuple[in
 
 
 def _spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int, kind: tuple,
-           compute: Callable[[tuple[int, int]], object]) -> Iterator[object]:
+           compute: Callable[[tuple[int, int]], object],
+           extra: Callable[[tuple[int, int]], object] | None = None) -> Iterator[object]:
     """`compute(span)` for the whole days in `hours` and the single hours around them, from the day cache.
 
     A span's fingerprint is its events of `name_id` (0: every event, which also covers the dimension
-    rollups written in the same commits); a span without events is skipped.
+    rollups written in the same commits), with `extra(span)` when given; a span without events is skipped.
     """
     edges, days = _whole_days(hours)
     spans = [(day * 24, day * 24 + 24) for day in range(*days)] if days is not None else []
@@ -232,6 +247,8 @@ def _spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_
         fingerprint = sum(fingerprints.get(hour, 0) for hour in range(*span))
         if not fingerprint:
             continue
+        if extra is not None:
+            fingerprint = (fingerprint, extra(span))
         key = (conn.filename, project_id, *kind, *span)
         cached = DAYS.get(key, fingerprint)
         if cached is None:
@@ -252,6 +269,65 @@ def _summed(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name
     for cached in _spans(conn, project_id, hours, name_id, ("name", name_id), compute):
         found.add(cached)
     return found
+
+
+def _filtered_spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int], filters: Filters, kind: tuple,
+                    compute: Callable[[int, int], object]) -> Iterator[object]:
+    """`compute(start_ms, end_ms)` from raw events under `filters` (which must be `by_hour`), per whole day and
+    single hour of `hours` from the day cache. Under trait filters a span is also told apart by which of its
+    users have the traits now, so a trait that changes later is never answered from an older count."""
+    people = _trait_people(conn, project_id, filters.traits) if filters.traits else None
+
+    def who(span: tuple[int, int]) -> bytes:
+        return hashlib.blake2b((_summed(conn, project_id, span, 0).users & people).serialize(), digest_size=16).digest()
+
+    return _spans(conn, project_id, hours, 0, ("filtered", filters, *kind),
+                  lambda span: compute(span[0] * HOUR_MS, span[1] * HOUR_MS), who if people is not None else None)
+
+
+def _trait_people(conn: apsw.Connection, project_id: int, traits: tuple[tuple[str, str], ...]) -> BitMap:
+    """The persons of the project that have every trait given; kept until the writer next merges traits
+    into one of the project's persons."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"traits:{project_id}",)).fetchone()
+    generation = 0 if row is None else row[0]
+    key = (conn.filename, project_id, "trait people", traits)
+    found = DAYS.get(key, generation)
+    if found is None:
+        sql = "SELECT id FROM persons WHERE project_id = ?"
+        params: list = [project_id]
+        for name, value in traits:
+            sql += " AND CAST(json_extract(traits, ?) AS TEXT) = ?"
+            params += [_json_path(name), value]
+        found = BitMap(row[0] for row in conn.execute(sql, params))
+        DAYS.put(key, generation, found)
+    return found
+
+
+def _merge(parts: Iterator[dict], into: dict | None = None) -> dict:
+    """Add up {value: Totals} parts into fresh totals (cached parts are never changed)."""
+    found: dict = defaultdict(Totals) if into is None else into
+    for part in parts:
+        for value, total in part.items():
+            found[value].add(total)
+    return found
+
+
+def _by_value(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, kind: tuple,
+              scan: Callable[[int, int], dict], whole_hours: Callable[[tuple[int, int]], dict] | None = None
+              ) -> dict[str, Totals]:
+    """{value: Totals} over the window: whole hours from `whole_hours` (rollups) when given, else from the day
+    cache of `scan(start_ms, end_ms)`; the minutes at the edges, and filters no cache can hold, by `scan`."""
+    hours, raw = window.split()
+    found: dict[str, Totals] = defaultdict(Totals)
+    if hours is None:
+        pass
+    elif whole_hours is not None:
+        found = whole_hours(hours)  # fresh totals, safe to add to
+    elif filters.by_hour:
+        found = _merge(_filtered_spans(conn, project_id, hours, filters, kind, scan))
+    else:
+        raw = [(window.start, window.end)]
+    return _merge((scan(start, end) for start, end in raw), found)
 
 
 def _named_hours(conn: apsw.Connection, project_id: int, hours: tuple[int, int], only: str | None
@@ -282,15 +358,20 @@ def _named(conn: apsw.Connection, project_id: int, hours: tuple[int, int], only:
 
 def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filters = Filters()) -> Totals:
     """Events, and the exact sets of users and sessions, of the non-bot events in the window."""
-    if not filters.rollup_ready:
-        return _raw_totals(conn, project_id, window.start, window.end, filters)
-    name_id = _name_id(conn, filters.event)
     found = Totals()
-    if name_id < 0:
-        return found
     hours, raw = window.split()
-    if hours is not None:
-        found.add(_summed(conn, project_id, hours, name_id))
+    if filters.rollup_ready:
+        name_id = _name_id(conn, filters.event)
+        if name_id < 0:
+            return found
+        if hours is not None:
+            found.add(_summed(conn, project_id, hours, name_id))
+    elif filters.by_hour and hours is not None:
+        for part in _filtered_spans(conn, project_id, hours, filters, ("totals",),
+                                    lambda start, end: _raw_totals(conn, project_id, start, end, filters)):
+            found.add(part)
+    else:
+        raw = [(window.start, window.end)]
     for start, end in raw:
         found.add(_raw_totals(conn, project_id, start, end, filters))
     return found
@@ -301,40 +382,131 @@ def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filt
 
 def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict[str, Totals]:
     """Per event name: events and the exact users in the window."""
-    found: dict[str, Totals] = defaultdict(Totals)
-    if filters.rollup_ready:
-        hours, raw = window.split()
-        if hours is not None:
-            found = _named(conn, project_id, hours, filters.event)  # fresh totals, safe to add to
-        pieces = raw
-    else:
-        pieces = [(window.start, window.end)]
-    for start, end in pieces:
-        where, params = event_conditions(project_id, start, end, filters)
+    def scan(start: int, end: int) -> dict[str, Totals]:
+        where, params = event_conditions(conn, project_id, start, end, filters)
+        found: dict[str, Totals] = defaultdict(Totals)
         for name, person_id in conn.execute(
             f"SELECT s.value, e.person_id {_RAW_FROM} JOIN strings s ON s.id = e.name_id WHERE {where}", params
         ):
             total = found[name]
             total.events += 1
             total.users.add(person_id)
-    return found
+        return found
+
+    rolled_up = (lambda hours: _named(conn, project_id, hours, filters.event)) if filters.rollup_ready else None
+    return _by_value(conn, project_id, window, filters, ("names",), scan, rolled_up)
 
 
-def _session_stats(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict:
-    """Bounce rate, duration and pages of the sessions that started in the window (with a matching event)."""
-    sql = ("SELECT count(*), sum(s.events = 1), avg(s.last_ts - s.first_ts), avg(s.pageviews)"
-           " FROM sessions s WHERE s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ?"
-           " AND s.agent_id NOT IN (SELECT id FROM agents WHERE is_bot)")
-    params: list = [project_id, window.start, window.end]
+# -- sessions, by the day they started ------------------------------------------------------------------
+
+_SESSIONS_FROM = "FROM sessions s LEFT JOIN agents a ON a.id = s.agent_id"
+_SESSIONS_WHERE = "s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ? AND coalesce(a.is_bot, 0) = 0"
+
+
+def _session_pieces(conn: apsw.Connection, project_id: int, window: Window, kind: tuple,
+                    compute: Callable[[int, int], object]) -> Iterator[object]:
+    """`compute(start, end)` over the sessions that started in the window: per whole UTC day from the day
+    cache, the rest of the window directly. The writer records, per project and start day, the commit that
+    last changed one of those sessions (table session_days): a cached day is reused while that is the same,
+    and a day without a row has no sessions."""
+    first, last = -(-window.start // DAY_MS), window.end // DAY_MS
+    if first >= last:
+        if window.start < window.end:
+            yield compute(window.start, window.end)
+        return
+    generations = dict(conn.execute(
+        "SELECT day, generation FROM session_days WHERE project_id = ? AND day >= ? AND day < ?",
+        (project_id, first, last)))
+    for day in range(first, last):
+        generation = generations.get(day)
+        if generation is None:
+            continue
+        key = (conn.filename, project_id, "sessions", *kind, day)
+        cached = DAYS.get(key, generation)
+        if cached is None:
+            cached = compute(day * DAY_MS, day * DAY_MS + DAY_MS)
+            DAYS.put(key, generation, cached)
+        yield cached
+    for start, end in ((window.start, first * DAY_MS), (last * DAY_MS, window.end)):
+        if start < end:
+            yield compute(start, end)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDay:
+    """The non-bot sessions that started in a span, for matching against a set of session ids: what each
+    adds is found by its rank in `ids`."""
+
+    ids: BitMap
+    bounced: BitMap
+    durations: array
+    pageviews: array
+    persons: array
+
+    def positions(self, sessions: BitMap) -> list[int]:
+        """Where each of `sessions` (all in ids) is in the arrays."""
+        rank = self.ids.rank
+        return [rank(session_id) - 1 for session_id in sessions]
+
+
+def _session_day(conn: apsw.Connection, project_id: int, start: int, end: int) -> SessionDay:
+    ids, bounced = BitMap(), BitMap()
+    durations, pageviews, persons = array("q"), array("q"), array("q")
+    for session_id, bounce, duration, pages, person_id in conn.execute(
+        f"SELECT s.id, s.events = 1, s.last_ts - s.first_ts, s.pageviews, s.person_id {_SESSIONS_FROM}"
+        f" WHERE {_SESSIONS_WHERE} ORDER BY s.id", (project_id, start, end)
+    ):
+        ids.add(session_id)
+        if bounce:
+            bounced.add(session_id)
+        durations.append(duration)
+        pageviews.append(pages)
+        persons.append(person_id)
+    return SessionDay(ids, bounced, durations, pageviews, persons)
+
+
+def _session_days(conn: apsw.Connection, project_id: int, window: Window) -> Iterator[SessionDay]:
+    return _session_pieces(conn, project_id, window, ("table",),
+                           lambda start, end: _session_day(conn, project_id, start, end))
+
+
+def _matched_sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> BitMap:
+    """The sessions with an event in the window that matches the filters."""
+    return totals(conn, project_id, window, filters).sessions
+
+
+def _session_sums(conn: apsw.Connection, project_id: int, window: Window, filters: Filters,
+                  matched: BitMap | None = None) -> tuple[int, int, int, int]:
+    """(sessions, bounces, total duration ms, total page views) of the sessions that started in the window
+    (with a matching event in it, when filtered: `matched`, if the caller has it already)."""
+    found = [0, 0, 0, 0]
     if filters != Filters():
-        where, extra = event_conditions(project_id, window.start, window.end, filters)
-        sql += f" AND s.id IN (SELECT e.session_id {_RAW_FROM} WHERE {where})"
-        params += extra
-    count, bounces, duration, pages = conn.execute(sql, params).fetchone()
+        if matched is None:
+            matched = _matched_sessions(conn, project_id, window, filters)
+        for day in _session_days(conn, project_id, window):
+            sessions = day.ids & matched
+            positions = day.positions(sessions)
+            found[0] += len(sessions)
+            found[1] += len(day.bounced & sessions)
+            found[2] += sum(day.durations[i] for i in positions)
+            found[3] += sum(day.pageviews[i] for i in positions)
+        return tuple(found)
+    sql = (f"SELECT count(*), coalesce(sum(s.events = 1), 0), coalesce(sum(s.last_ts - s.first_ts), 0),"
+           f" coalesce(sum(s.pageviews), 0) {_SESSIONS_FROM} WHERE {_SESSIONS_WHERE}")
+    for sums in _session_pieces(conn, project_id, window, ("sums",),
+                                lambda start, end: conn.execute(sql, (project_id, start, end)).fetchone()):
+        for i, value in enumerate(sums):
+            found[i] += value
+    return tuple(found)
+
+
+def _session_stats(sums: tuple[int, int, int, int]) -> dict:
+    """Bounce rate, average duration and pages per session from _session_sums."""
+    count, bounces, duration, pages = sums
     return {
         "bounce_rate": round(bounces / count, 4) if count else 0.0,
-        "avg_session_seconds": round(duration / 1000, 1) if count else 0.0,
-        "pages_per_session": round(pages, 2) if count else 0.0,
+        "avg_session_seconds": round(duration / count / 1000, 1) if count else 0.0,
+        "pages_per_session": round(pages / count, 2) if count else 0.0,
     }
 
 
@@ -347,7 +519,7 @@ def _period(conn: apsw.Connection, project_id: int, window: Window, filters: Fil
         "events": found.events,
         "unique_users": len(found.users),
         "sessions": len(found.sessions),
-        **_session_stats(conn, project_id, window, filters),
+        **_session_stats(_session_sums(conn, project_id, window, filters, found.sessions)),
         "top_event": None if top is None else {"event": top[0], "count": top[1].events},
         "daily_average": round(found.events / days, 1),
         "distinct_events": len(names),
@@ -364,24 +536,54 @@ def overview(conn: apsw.Connection, project_id: int, window: Window, now_ms: int
 # -- time series ------------------------------------------------------------------------------------
 
 
+def _hours_scan(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters) -> dict[int, Totals]:
+    """Per hour, the raw events in [start, end) under the filters."""
+    found: dict[int, Totals] = {}
+    where, params = event_conditions(conn, project_id, start, end, filters)
+    users: dict[int, list[int]] = defaultdict(list)
+    sessions: dict[int, list[int]] = defaultdict(list)
+    for ts, person_id, session_id in conn.execute(
+        f"SELECT e.ts, e.person_id, e.session_id {_RAW_FROM} WHERE {where}", params
+    ):
+        hour = ts // HOUR_MS
+        total = found.get(hour)
+        if total is None:
+            total = found[hour] = Totals()
+        total.events += 1
+        users[hour].append(person_id)
+        if session_id is not None:
+            sessions[hour].append(session_id)
+    for hour, total in found.items():
+        total.users.update(users[hour])
+        total.sessions.update(sessions[hour])
+    return found
+
+
 def timeseries(conn: apsw.Connection, project_id: int, bounds: list[int], filters: Filters) -> list[dict]:
     """Events, users and sessions per bucket; bounds are the bucket edges [b0, b1, …, bn] in ms."""
     buckets = [Totals() for _ in range(len(bounds) - 1)]
     window = Window(bounds[0], bounds[-1])
     hours, _ = window.split()
-    covered: set[int] = set()  # hours answered by the rollups
-    if filters.rollup_ready and hours is not None:
-        name_id = _name_id(conn, filters.event)
-        if name_id < 0:
-            return [_bucket_row(b) for b in buckets]
+    covered: set[int] = set()  # hours answered by the rollups or the day cache
+    if hours is not None and (filters.rollup_ready or filters.by_hour):
+        if filters.rollup_ready:
+            name_id = _name_id(conn, filters.event)
+            if name_id < 0:
+                return [_bucket_row(b) for b in buckets]
+            per_hour = _hourly(conn, project_id, hours, name_id)
+        else:
+            per_hour = {}
+            for part in _filtered_spans(conn, project_id, hours, filters, ("hours",),
+                                        lambda start, end: _hours_scan(conn, project_id, start, end, filters)):
+                per_hour.update(part)
         for hour in range(*hours):  # whole hours inside one bucket (an hour without a rollup row had no events)
             if hour * HOUR_MS + HOUR_MS <= bounds[bisect_right(bounds, hour * HOUR_MS)]:
                 covered.add(hour)
-        for hour, total in _hourly(conn, project_id, hours, name_id).items():
+        for hour, total in per_hour.items():
             if hour in covered:
                 buckets[bisect_right(bounds, hour * HOUR_MS) - 1].add(total)
     for start, end in _uncovered(window, covered):  # the rest from raw events, range by range
-        where, params = event_conditions(project_id, start, end, filters)
+        where, params = event_conditions(conn, project_id, start, end, filters)
         for ts, person_id, session_id in conn.execute(
             f"SELECT e.ts, e.person_id, e.session_id {_RAW_FROM} WHERE {where}", params
         ):
@@ -420,10 +622,7 @@ def _bucket_row(total: Totals) -> dict:
 
 
 def top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
-    rows = [{"value": name, "count": t.events, "unique_users": len(t.users)}
-            for name, t in _top_events(conn, project_id, window, filters).items()]
-    rows.sort(key=lambda r: (-r["count"], r["value"]))
-    return rows[:limit]
+    return _ranked(_top_events(conn, project_id, window, filters), limit)
 
 
 # event-level breakdowns: what is grouped, and which events count
@@ -454,59 +653,77 @@ _DIM_ROLLUPS = {
 }
 
 
-def _rolled_up_breakdown(conn: apsw.Connection, project_id: int, window: Window, dimension: str,
-                         limit: int) -> list[dict]:
-    """Whole hours from hourly_dims, the minutes at the edges of the window from raw events."""
-    found: dict[str, Totals] = defaultdict(Totals)
-    hours, raw = window.split()
-
-    def compute(span: tuple[int, int]) -> dict[str, Totals]:
-        values: dict[str, Totals] = defaultdict(Totals)
-        for value, events, user_set in conn.execute(_DIM_ROLLUPS[dimension], (project_id, *span)):
-            values[value].add(Totals(events, BitMap.deserialize(user_set)))
-        return dict(values)
-
-    if hours is not None:
-        for cached in _spans(conn, project_id, hours, 0, ("dim", dimension), compute):
-            for value, total in cached.items():
-                found[value].add(total)
-    value_sql, join, condition, extra = EVENT_DIMENSIONS[dimension]
-    for start, end in raw:
-        where, params = event_conditions(project_id, start, end, Filters())
-        for value, person_id in conn.execute(
-            f"SELECT {value_sql}, e.person_id {_RAW_FROM} {join} WHERE {where} AND {condition}", [*params, *extra]
-        ):
-            total = found[value]
-            total.events += 1
-            total.users.add(person_id)
+def _ranked(found: dict[str, Totals], limit: int) -> list[dict]:
     rows = [{"value": value, "count": t.events, "unique_users": len(t.users)} for value, t in found.items()]
     rows.sort(key=lambda r: (-r["count"], r["value"]))
     return rows[:limit]
 
 
+def _event_breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, dimension: str,
+                     limit: int) -> list[dict]:
+    """Whole hours from hourly_dims (unfiltered) or the day cache (filtered), the rest from raw events."""
+    value_sql, join, condition, extra = EVENT_DIMENSIONS[dimension]
+
+    def scan(start: int, end: int) -> dict[str, Totals]:
+        where, params = event_conditions(conn, project_id, start, end, filters)
+        people: dict[str, list[int]] = defaultdict(list)
+        for value, person_id in conn.execute(
+            f"SELECT {value_sql}, e.person_id {_RAW_FROM} {join} WHERE {where} AND {condition}", [*params, *extra]
+        ):
+            people[value].append(person_id)
+        return {value: Totals(len(ids), BitMap(ids)) for value, ids in people.items()}
+
+    def rolled_up(span: tuple[int, int]) -> dict[str, Totals]:
+        values: dict[str, Totals] = defaultdict(Totals)
+        for value, events, user_set in conn.execute(_DIM_ROLLUPS[dimension], (project_id, *span)):
+            values[value].add(Totals(events, BitMap.deserialize(user_set)))
+        return dict(values)
+
+    def whole_hours(hours: tuple[int, int]) -> dict[str, Totals]:
+        return _merge(_spans(conn, project_id, hours, 0, ("dim", dimension), rolled_up))
+
+    return _ranked(_by_value(conn, project_id, window, filters, ("dim", dimension), scan,
+                             whole_hours if filters == Filters() else None), limit)
+
+
 def breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, dimension: str,
               limit: int) -> list[dict]:
-    if dimension in _DIM_ROLLUPS and filters == Filters():
-        return _rolled_up_breakdown(conn, project_id, window, dimension, limit)
     if dimension in EVENT_DIMENSIONS:
-        value, join, condition, extra = EVENT_DIMENSIONS[dimension]
-        where, params = event_conditions(project_id, window.start, window.end, filters)
-        sql = (f"SELECT {value}, count(*), count(DISTINCT e.person_id) {_RAW_FROM} {join}"
-               f" WHERE {where} AND {condition} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?")
-        rows = conn.execute(sql, [*params, *extra, limit])
-    else:
-        column = SESSION_DIMENSIONS[dimension]
-        sql = (f"SELECT v.value, count(*), count(DISTINCT s.person_id) FROM sessions s"
-               f" JOIN strings v ON v.id = s.{column}"
-               " WHERE s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ?"
-               " AND s.agent_id NOT IN (SELECT id FROM agents WHERE is_bot)")
-        params = [project_id, window.start, window.end]
-        if filters != Filters():
-            where, extra = event_conditions(project_id, window.start, window.end, filters)
-            sql += f" AND s.id IN (SELECT e.session_id {_RAW_FROM} WHERE {where})"
-            params += extra
-        rows = conn.execute(sql + " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [*params, limit])
-    return [{"value": value, "count": count, "unique_users": users} for value, count, users in rows]
+        return _event_breakdown(conn, project_id, window, filters, dimension, limit)
+    return _session_breakdown(conn, project_id, window, filters, SESSION_DIMENSIONS[dimension], limit)
+
+
+def _session_breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, column: str,
+                       limit: int) -> list[dict]:
+    """Sessions and their users per value of a session column, over the sessions that started in the window
+    (with a matching event in it, when filtered)."""
+    def compute(start: int, end: int) -> dict[str, Totals]:
+        sessions: dict[str, list[int]] = defaultdict(list)
+        people: dict[str, list[int]] = defaultdict(list)
+        for value, session_id, person_id in conn.execute(
+            f"SELECT v.value, s.id, s.person_id {_SESSIONS_FROM} JOIN strings v ON v.id = s.{column}"
+            f" WHERE {_SESSIONS_WHERE}", (project_id, start, end),
+        ):
+            sessions[value].append(session_id)
+            people[value].append(person_id)
+        return {value: Totals(len(ids), BitMap(people[value]), BitMap(ids)) for value, ids in sessions.items()}
+
+    parts = _session_pieces(conn, project_id, window, ("column", column), compute)
+    if filters != Filters():
+        matched = _matched_sessions(conn, project_id, window, filters)
+        parts = (_matching(part, day, matched) for part, day in zip(parts, _session_days(conn, project_id, window)))
+    return _ranked(_merge(parts), limit)
+
+
+def _matching(part: dict[str, Totals], day: SessionDay, matched: BitMap) -> dict[str, Totals]:
+    """Per value, only its sessions in `matched`, and their persons."""
+    found = {}
+    for value, total in part.items():
+        sessions = total.sessions & matched
+        if sessions:
+            people = BitMap(day.persons[i] for i in day.positions(sessions))
+            found[value] = Totals(len(sessions), people, sessions)
+    return found
 
 
 # -- lists: sessions, users, events, properties ---------------------------------------------------------
@@ -528,15 +745,14 @@ def sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Fi
         " LEFT JOIN strings rf ON rf.id = s.referrer_id LEFT JOIN strings us ON us.id = s.utm_source_id"
         " WHERE s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ? AND coalesce(a.is_bot, 0) = 0"
     )
-    params: list = [project_id, window.start, window.end]
-    if filters != Filters():
-        where, extra = event_conditions(project_id, window.start, window.end, filters)
-        sql += f" AND s.id IN (SELECT e.session_id {_RAW_FROM} WHERE {where})"
-        params += extra
     page, page_params = _cursor(cursor)
-    rows = list(conn.execute(
-        sql + page.replace("ts_col", "s.first_ts").replace("id_col", "s.id") + " ORDER BY s.first_ts DESC, s.id DESC"
-        " LIMIT ?", [*params, *page_params, limit + 1]))
+    matched = None if filters == Filters() else _matched_sessions(conn, project_id, window, filters)
+    cursor = conn.execute(
+        sql + page.replace("ts_col", "s.first_ts").replace("id_col", "s.id") + " ORDER BY s.first_ts DESC, s.id DESC",
+        [project_id, window.start, window.end, *page_params])
+    newest = cursor if matched is None else (row for row in cursor if row[0] in matched)  # with a matching event
+    rows = list(islice(newest, limit + 1))
+    cursor.close()
     found = [
         {"session_id": key, "distinct_id": distinct_id, "first_ts": first, "last_ts": last,
          "duration_seconds": round((last - first) / 1000, 1), "events": events, "pageviews": pageviews,
@@ -546,9 +762,9 @@ def sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Fi
         device in rows[:limit]
     ]
     more = len(rows) > limit
+    sums = _session_sums(conn, project_id, window, filters, matched)
     return {
-        "aggregates": {"sessions": conn.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()[0],
-                       **_session_stats(conn, project_id, window, filters)},
+        "aggregates": {"sessions": sums[0], **_session_stats(sums)},
         "rows": found,
         "next_cursor": f"{rows[limit - 1][3]}.{rows[limit - 1][0]}" if more else None,
     }
@@ -600,7 +816,7 @@ def _event_rows(rows: list[tuple], limit: int) -> dict:
 def events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int,
            cursor: tuple[int, int] | None) -> dict:
     """Raw events in the window that match the filters, newest first."""
-    where, params = event_conditions(project_id, window.start, window.end, filters)
+    where, params = event_conditions(conn, project_id, window.start, window.end, filters)
     page, page_params = _cursor(cursor)
     rows = list(conn.execute(
         f"{_EVENT_COLUMNS} WHERE {where}" + page.replace("ts_col", "e.ts").replace("id_col", "e.id")
@@ -628,21 +844,32 @@ def user_timeline(conn: apsw.Connection, project_id: int, distinct_id: str, wind
                      "events": count}, **_event_rows(rows, limit)}
 
 
+_PROPERTY_KEYS = ("SELECT j.key, e.person_id {raw}, json_each(e.props) j WHERE {where} AND e.props IS NOT NULL")
+_PROPERTY_VALUES = ("SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, e.person_id {raw}"
+                    " WHERE {where} AND e.props IS NOT NULL AND v IS NOT NULL")
+
+
+def _property_rows(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, sql: str,
+                   extra: list, kind: tuple, limit: int) -> list[dict]:
+    """Events and users per value of `sql` (a key or a key's value), whole hours from the day cache."""
+    def scan(start: int, end: int) -> dict[str, Totals]:
+        where, params = event_conditions(conn, project_id, start, end, filters)
+        people: dict[str, list[int]] = defaultdict(list)
+        for value, person_id in conn.execute(sql.format(raw=_RAW_FROM, where=where), [*extra, *params]):
+            people[value].append(person_id)
+        return {value: Totals(len(ids), BitMap(ids)) for value, ids in people.items()}
+
+    return _ranked(_by_value(conn, project_id, window, filters, kind, scan), limit)
+
+
 def property_keys(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
-    where, params = event_conditions(project_id, window.start, window.end, filters)
-    rows = conn.execute(
-        f"SELECT j.key, count(*), count(DISTINCT e.person_id) {_RAW_FROM}, json_each(e.props) j"
-        f" WHERE {where} AND e.props IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [*params, limit])
-    return [{"value": key, "count": count, "unique_users": users_} for key, count, users_ in rows]
+    return _property_rows(conn, project_id, window, filters, _PROPERTY_KEYS, [], ("property keys",), limit)
 
 
 def property_values(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, key: str,
                     limit: int) -> list[dict]:
-    where, params = event_conditions(project_id, window.start, window.end, filters)
-    rows = conn.execute(
-        f"SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, count(*), count(DISTINCT e.person_id) {_RAW_FROM}"
-        f" WHERE {where} AND v IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [_json_path(key), *params, limit])
-    return [{"value": value, "count": count, "unique_users": users_} for value, count, users_ in rows]
+    return _property_rows(conn, project_id, window, filters, _PROPERTY_VALUES, [_json_path(key)],
+                          ("property values", key), limit)
 
 
 _ACTIVE_PERSONS = "p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ?"

@@ -145,7 +145,12 @@ _STORED_UUIDS = (
     "SELECT uuid FROM events WHERE project_id = ? AND uuid IN (SELECT unhex(value) FROM json_each(?))"
 )
 _LOOKUP_SESSIONS = (
-    "SELECT session_key, id FROM sessions WHERE project_id = ? AND session_key IN (SELECT value FROM json_each(?))"
+    "SELECT session_key, id, first_ts FROM sessions"
+    " WHERE project_id = ? AND session_key IN (SELECT value FROM json_each(?))"
+)
+_TOUCH_SESSION_DAY = (
+    "INSERT INTO session_days(project_id, day, generation) VALUES (?, ?, ?)"
+    " ON CONFLICT(project_id, day) DO UPDATE SET generation = excluded.generation"
 )
 _INSERT_PERSON = (
     "INSERT INTO persons(id, project_id, distinct_id, first_seen, last_seen, event_count) VALUES (?, ?, ?, ?, ?, ?)"
@@ -157,6 +162,7 @@ _UPDATE_PERSON = (
     " event_count = event_count + ? WHERE id = ?"
 )
 _MERGE_TRAITS = "UPDATE persons SET traits = json_patch(coalesce(traits, '{}'), ?) WHERE id = ?"
+_TOUCH_TRAITS = "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 _INSERT_SESSION = (
     "INSERT INTO sessions(id, project_id, session_key, person_id, first_ts, last_ts, events, pageviews,"
     " entry_ts, entry_path_id, referrer_id, utm_source_id, utm_medium_id, utm_campaign_id, exit_ts, exit_path_id,"
@@ -209,6 +215,8 @@ class BatchApplier:
         # per project: distinct id -> person id, session key -> session id
         self.persons: dict[int, dict[str, int]] = {}
         self.sessions: dict[int, dict[str, int]] = {}
+        # session id -> (project, first_ts), for every session in self.sessions
+        self.session_first: dict[int, tuple[int, int]] = {}
         self.hourly = RollupStore(self.conn, "hourly", ("project_id", "hour", "name_id", "bot"), sessions=True)
         self.dims = RollupStore(self.conn, "hourly_dims", ("project_id", "dim", "hour", "value_id", "bot"),
                                 sessions=False)
@@ -283,6 +291,17 @@ class BatchApplier:
                 chunk = _encode(missing[start:start + 5000]).decode()
                 cache.update(self.conn.execute(sql, (project_id, chunk)))
 
+    def _load_sessions(self, wanted: dict[int, set[str]]) -> None:
+        """Like _load, keeping each session's first time too."""
+        for project_id, keys in wanted.items():
+            cache = self.sessions.setdefault(project_id, {})
+            missing = list(keys)
+            for start in range(0, len(missing), 5000):
+                chunk = _encode(missing[start:start + 5000]).decode()
+                for key, session_id, first_ts in self.conn.execute(_LOOKUP_SESSIONS, (project_id, chunk)):
+                    cache[key] = session_id
+                    self.session_first[session_id] = (project_id, first_ts)
+
     def _stored_uuids(self, jobs: list[Submit]) -> set[tuple[int, bytes]]:
         """Which of the client-made uuids in the batch the project already has."""
         wanted: dict[int, list[str]] = {}
@@ -312,6 +331,8 @@ class BatchApplier:
         for caches in (self.persons, self.sessions):
             if sum(len(c) for c in caches.values()) > _CACHE_LIMIT:
                 caches.clear()
+                if caches is self.sessions:
+                    self.session_first.clear()
         if len(self.strings) > _CACHE_LIMIT:
             self.strings.clear()
         for store in (self.hourly, self.dims):
@@ -342,7 +363,7 @@ class BatchApplier:
                 if ev[SESSION_KEY] is not None and ev[SESSION_KEY] not in known_sessions:
                     keys.add(ev[SESSION_KEY])
         self._load(_LOOKUP_PEOPLE, people, self.persons)
-        self._load(_LOOKUP_SESSIONS, session_keys, self.sessions)
+        self._load_sessions(session_keys)
         seen = self._stored_uuids(jobs)
 
         # 2. one row per new event, and what it adds to rollups, persons and sessions
@@ -357,6 +378,7 @@ class BatchApplier:
         person_changes: dict[int, list[int]] = {}
         session_changes: dict[int, list] = {}
         traits: list[tuple[str, int]] = []
+        traited: set[int] = set()  # projects whose persons' traits change
         strings = self.strings
         string_id = self.string_id
         opt_string_id = self.opt_string_id
@@ -434,6 +456,7 @@ class BatchApplier:
                     person[2] += 1
                 if ev[TRAITS] is not None:
                     traits.append((ev[TRAITS], person_id))
+                    traited.add(project_id)
                 if session_id is not None:
                     group[2].append(session_id)
                     delta = session_changes.get(session_id)
@@ -464,7 +487,7 @@ class BatchApplier:
         if conn.total_changes() - before != len(rows):
             raise RuntimeError("an event uuid was stored twice in one batch; the batch is rolled back")
         self._write_rollups(groups, dims)
-        self._write_people(person_changes, traits)
+        self._write_people(person_changes, traits, traited)
         self._write_sessions(session_changes)
         if now - self.compacted_at > COMPACT_EVERY_S and (self.hourly.uncompacted or self.dims.uncompacted):
             self.compact()
@@ -524,7 +547,7 @@ class BatchApplier:
         self.hourly.add(deltas, seq)
         self.dims.add({key: [count, BitMap(users), None] for key, (count, users) in dims.items()}, seq)
 
-    def _write_people(self, persons: dict[int, list[int]], traits: list[tuple[str, int]]) -> None:
+    def _write_people(self, persons: dict[int, list[int]], traits: list[tuple[str, int]], traited: set[int]) -> None:
         conn = self.conn
         fresh = []
         for person_id, (project_id, distinct_id, ts) in self.new_persons.items():
@@ -537,8 +560,13 @@ class BatchApplier:
         conn.executemany(_UPDATE_PERSON, [(p[0], p[1], p[2], person_id) for person_id, p in persons.items()])
         if traits:
             conn.executemany(_MERGE_TRAITS, traits)
+            # readers keep who has which trait while this is unchanged
+            conn.executemany(_TOUCH_TRAITS, [(f"traits:{project_id}", self.next_event_id) for project_id in traited])
 
     def _write_sessions(self, sessions: dict[int, list]) -> None:
+        """Insert new sessions, update changed ones, and mark the start days of both as changed."""
+        first_seen = self.session_first
+        days: set[tuple[int, int]] = set()
         fresh = []
         for session_id, (project_id, key, person_id) in self.new_sessions.items():
             delta = sessions.pop(session_id, None)
@@ -548,12 +576,21 @@ class BatchApplier:
              exit_ts, exit_path, agent_id) = delta
             fresh.append((session_id, project_id, key, person_id, first, last, events, pageviews, entry_ts,
                           entry_path, referrer, source, medium, campaign, exit_ts, exit_path, agent_id))
+            first_seen[session_id] = (project_id, first)
+            days.add((project_id, first // DAY_MS))
         self.conn.executemany(_INSERT_SESSION, fresh)
         extend, full = [], []
         for session_id, delta in sessions.items():
+            project_id, first = first_seen[session_id]
+            days.add((project_id, first // DAY_MS))
+            if delta[FIRST] < first:  # an earlier event: the session now starts then
+                first_seen[session_id] = (project_id, delta[FIRST])
+                days.add((project_id, delta[FIRST] // DAY_MS))
             if delta[ENTRY_TS] is None:  # no page view: entry, exit and page views stay as they are
                 extend.append((delta[FIRST], delta[LAST], delta[EVENTS], session_id))
             else:
                 full.append((*delta, session_id))
         self.conn.executemany(_EXTEND_SESSION, extend)
         self.conn.executemany(_UPDATE_SESSION, full)
+        generation = self.next_event_id  # above every earlier commit's
+        self.conn.executemany(_TOUCH_SESSION_DAY, [(*day, generation) for day in days])

@@ -198,6 +198,20 @@ MIGRATIONS.append("ALTER TABLE projects ADD COLUMN allowed_origins TEXT;")
 # 4: events per rollup row without its sets, for the readers' day cache (sums read from the index alone)
 MIGRATIONS.append("CREATE INDEX IF NOT EXISTS hourly_events ON hourly(project_id, name_id, bot, hour, events);")
 
+# 5: per project and UTC day of a session's start, the commit that last changed a session starting then;
+# readers keep their per-day session aggregates while it is unchanged. The highest event id stands for
+# every commit before this migration (the writer's later commits are numbered above it).
+MIGRATIONS.append("""
+CREATE TABLE session_days (
+    project_id INTEGER NOT NULL,
+    day INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    PRIMARY KEY (project_id, day)
+) WITHOUT ROWID;
+INSERT INTO session_days(project_id, day, generation)
+    SELECT project_id, first_ts / 86400000, (SELECT coalesce(max(id), 0) FROM events) FROM sessions GROUP BY 1, 2;
+""")
+
 
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]

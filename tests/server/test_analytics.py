@@ -128,11 +128,15 @@ def matches(item: Sent, traits: dict[int, dict], filters: dict) -> bool:
         "prop.plan": (item.props or {}).get("plan"),
         "trait.gender": traits[item.user]["gender"], "trait.age_group": traits[item.user]["age_group"],
     }
-    return all(checks[key] == value for key, value in filters.items())
+    return all(checks[key] == value for key, value in filters.items() if key != "utm_source")
 
 
 def in_window(sent: list[Sent], start: int, end: int, traits, filters: dict) -> list[Sent]:
-    return [e for e in sent if start <= e.ts < end and matches(e, traits, filters)]
+    found = [e for e in sent if start <= e.ts < end and matches(e, traits, filters)]
+    if "utm_source" in filters:  # of the event's session: the source of its first page view
+        table = session_table(sent)
+        found = [e for e in found if table[e.session]["source"] == filters["utm_source"]]
+    return found
 
 
 def session_table(sent: list[Sent]) -> dict[str, dict]:
@@ -179,7 +183,7 @@ WINDOWS = [
     (BASE + 30 * HOUR + 5, BASE + 30 * HOUR + 2_500_000),      # inside one hour
 ]
 FILTERS = [{}, {"event": "click"}, {"trait.gender": "Female"}, {"prop.plan": "pro"}, {"browser": "Firefox"},
-           {"path": "/pricing"}, {"trait.age_group": "18-40", "device": "desktop"}]
+           {"path": "/pricing"}, {"trait.age_group": "18-40", "device": "desktop"}, {"utm_source": "news"}]
 
 
 @pytest.mark.parametrize("start, end", WINDOWS)
@@ -239,7 +243,7 @@ async def test_timeseries_buckets_in_the_project_time_zone(api, population, filt
 
 
 @pytest.mark.parametrize("start, end", WINDOWS[:2])
-@pytest.mark.parametrize("filters", FILTERS[:5], ids=lambda f: ",".join(f) or "none")
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f) or "none")
 async def test_breakdowns(api, population, start, end, filters):
     _, sent, traits = population
     window = {"from": iso(start), "to": iso(end), "limit": "100"}
@@ -359,23 +363,20 @@ async def test_raw_events_paginate_newest_first(api, population, filters):
     assert len({r["uuid"] for r in rows}) == len(rows)
 
 
-async def test_property_keys_and_values(api, population):
+@pytest.mark.parametrize("start, end", WINDOWS[:2])
+@pytest.mark.parametrize("filters", [{}, {"event": "purchase"}, {"trait.gender": "Female"}, {"utm_source": "news"}],
+                         ids=lambda f: ",".join(f) or "none")
+async def test_property_keys_and_values(api, population, start, end, filters):
     _, sent, traits = population
-    start, end = WINDOWS[0]
-    with_props = [e for e in in_window(sent, start, end, traits, {}) if e.props]
-    keys = await api("properties", **{"from": iso(start), "to": iso(end)})
-    assert keys["rows"] == [{"value": "plan", "count": len(with_props),
-                             "unique_users": len({e.user for e in with_props})}]
+    window = {"from": iso(start), "to": iso(end)}
+    with_props = [e for e in in_window(sent, start, end, traits, filters) if e.props]
+    keys = await api("properties", **window, **filters)
+    assert keys["rows"] == ([{"value": "plan", "count": len(with_props),
+                              "unique_users": len({e.user for e in with_props})}] if with_props else [])
     values: dict[str, list[int]] = defaultdict(list)
     for item in with_props:
         values[item.props["plan"]].append(item.user)
-    assert (await api("properties/plan", **{"from": iso(start), "to": iso(end)}))["rows"] == counted(values)
-    filtered = await api("properties/plan", **{"from": iso(start), "to": iso(end), "event": "purchase"})
-    purchases: dict[str, list[int]] = defaultdict(list)
-    for item in with_props:
-        if item.name == "purchase":
-            purchases[item.props["plan"]].append(item.user)
-    assert filtered["rows"] == counted(purchases)
+    assert (await api("properties/plan", **window, **filters))["rows"] == counted(values)
 
 
 async def test_trait_keys_and_values_count_persons_seen_in_the_window(api, population):

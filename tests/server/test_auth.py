@@ -77,6 +77,22 @@ async def test_deleted_project_keys_are_refused(client, project, db):
     assert (await wait_for_status(lambda: post(client, project.ingest_key), 401)).status == 401
 
 
+async def test_a_deleted_project_leaves_nothing_and_its_id_is_never_given_again(client, project, db):
+    from pulse.storage.projects import create_project, delete_project
+
+    response = await client.post(INGEST, json={"events": [event(session_id="s1", page_url="https://a.example/x")]},
+                                 headers={"X-API-Key": project.ingest_key})
+    assert response.status == 202
+    delete_project(db, get_project(db, project.id))
+    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    left = {table: db.execute(f"SELECT count(*) FROM {table} WHERE project_id = ?", (project.id,)).fetchone()[0]
+            for table in tables if any(c[1] == "project_id" for c in db.execute(f"PRAGMA table_info({table})"))}
+    assert set(left) >= {"events", "hourly", "hourly_dims", "sessions", "session_days", "persons"}
+    assert not any(left.values()), left
+    again, _, _ = create_project(db, "next")
+    assert again.id > project.id
+
+
 async def test_operator_token_reads_every_project_and_lists_them(aiohttp_client, settings, make_project):
     import dataclasses
 

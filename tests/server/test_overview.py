@@ -131,3 +131,101 @@ async def test_late_page_views_for_a_past_day_reach_the_page_breakdown(client, p
     await view("b", "/docs", 31)
     await view("a", "/pricing", 30)
     assert await pages() == {"/docs": (2, 2), "/pricing": (1, 1)}
+
+
+async def test_sessions_of_a_cached_day_that_change_later_are_read_again(client, project):
+    """Session numbers are cached per start day; a later event of such a session (a second page, an earlier
+    first event) changes bounce rate, duration, entry and exit pages, and may move the session's start day."""
+    headers = {"Authorization": f"Bearer {project.read_token}"}
+    window = {"from": "2026-02-28", "to": "2026-03-04"}
+    posted: list[dict] = []
+
+    async def post(*events) -> None:
+        posted.extend(events)
+        response = await client.post("/api/v1/events/ingest", json={"events": list(events)},
+                                     headers={"X-API-Key": project.ingest_key})
+        assert response.status == 202
+
+    def view(session: str, user: str, path: str, ms: int, referrer: str | None = None) -> dict:
+        return event("page_view", distinct_id=user, session_id=session, page_url=f"https://site.example{path}",
+                     referrer=referrer, timestamp=ms)
+
+    async def read() -> dict:
+        found = {}
+        for endpoint in ("overview", "entry-pages", "exit-pages", "referrers", "sessions"):
+            body = await (await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params=window,
+                                           headers=headers)).json()
+            if endpoint == "overview":
+                found[endpoint] = (body["bounce_rate"], body["avg_session_seconds"], body["pages_per_session"])
+            elif endpoint == "sessions":
+                found[endpoint] = (body["aggregates"]["sessions"], len(body["rows"]))
+            else:
+                found[endpoint] = {r["value"]: (r["count"], r["unique_users"]) for r in body["rows"]}
+        return found
+
+    def expected() -> dict:
+        """From the posted events alone: per session its first and last event and its page views."""
+        by_session: dict[str, list[dict]] = {}
+        for item in posted:
+            by_session.setdefault(item["session_id"], []).append(item)
+        entry, exit_, referrers = {}, {}, {}
+        durations, bounces, pages = [], 0, 0
+        for items in by_session.values():
+            items.sort(key=lambda e: e["timestamp"])
+            views = [e for e in items if e["event"] == "page_view"]
+            durations.append((items[-1]["timestamp"] - items[0]["timestamp"]) / 1000)
+            bounces += len(items) == 1
+            pages += len(views)
+            for table, chosen in ((entry, views[0]), (exit_, views[-1])):
+                path = chosen["page_url"].removeprefix("https://site.example")
+                table.setdefault(path, []).append(chosen["distinct_id"])
+            if views[0].get("referrer"):
+                referrers.setdefault("google.com", []).append(views[0]["distinct_id"])
+        n = len(by_session)
+
+        def rows(table: dict) -> dict:
+            return {value: (len(users), len(set(users))) for value, users in table.items()}
+
+        return {"overview": (round(bounces / n, 4), round(sum(durations) / n, 1), round(pages / n, 2)),
+                "entry-pages": rows(entry), "exit-pages": rows(exit_), "referrers": rows(referrers),
+                "sessions": (n, n)}
+
+    day = BASE + 24 * HOUR  # 2026-03-02, a whole day of the window
+    await post(view("s1", "a", "/a", day + 10 * HOUR, referrer="https://www.google.com/"),
+               view("s2", "b", "/b", day + 30 * 60_000), view("s3", "a", "/a", day + 20 * HOUR))
+    assert await read() == expected()
+    await post(view("s1", "a", "/c", day + 10 * HOUR + 300_000),  # s1 is no longer a bounce; exits on /c
+               view("s2", "b", "/z", day - 20 * 60_000))  # s2 now starts the day before, on /z
+    again = await read()
+    assert again == expected()
+    assert again["entry-pages"] == {"/a": (2, 1), "/z": (1, 1)}
+    assert again["exit-pages"] == {"/a": (1, 1), "/b": (1, 1), "/c": (1, 1)}
+
+
+async def test_a_trait_set_after_a_filtered_day_was_read_changes_that_day(client, project):
+    """Filtered numbers are cached per day too; who has a trait is part of what a cached day is checked
+    against, so a trait given later (by an event outside the window) still changes the answer."""
+    headers = {"Authorization": f"Bearer {project.read_token}"}
+    window = {"from": "2026-03-01", "to": "2026-03-04", "trait.plan": "pro"}
+
+    async def post(*events) -> None:
+        response = await client.post("/api/v1/events/ingest", json={"events": list(events)},
+                                     headers={"X-API-Key": project.ingest_key})
+        assert response.status == 202
+
+    async def read() -> tuple:
+        overview = await (await client.get(f"/api/v1/projects/{project.id}/overview", params=window,
+                                           headers=headers)).json()
+        pages = await (await client.get(f"/api/v1/projects/{project.id}/pages", params=window,
+                                        headers=headers)).json()
+        return overview["events"], overview["unique_users"], overview["sessions"], pages["rows"]
+
+    day = BASE + 24 * HOUR
+    await post(event("$identify", distinct_id="a", traits={"plan": "pro"}, timestamp=day),
+               *[event("page_view", distinct_id=user, session_id=f"{user}1", timestamp=day + HOUR + i,
+                       page_url="https://site.example/docs") for i, user in enumerate("aabbb")])
+    assert await read() == (3, 1, 1, [{"value": "/docs", "count": 2, "unique_users": 1}])
+    await post(event("$identify", distinct_id="b", traits={"plan": "pro"}, timestamp=BASE + 10 * 24 * HOUR))
+    assert await read() == (6, 2, 2, [{"value": "/docs", "count": 5, "unique_users": 2}])
+    await post(event("$identify", distinct_id="a", traits={"plan": "free"}, timestamp=BASE + 10 * 24 * HOUR))
+    assert await read() == (3, 1, 1, [{"value": "/docs", "count": 3, "unique_users": 1}])

@@ -41,7 +41,7 @@ def test_migration_2_rolls_up_events_stored_before_it(tmp_path):
     base = 1_790_000_000_000
     for agent in ("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0", "curl/8.5.0"):
         events = [IngestEvent(event="page_view" if i % 3 else "click", uuid=uuid.uuid4(), distinct_id=f"u{i % 7}",
-                              page_url=f"https://site.example/p{i % 4}", timestamp=base + i * 600_000)
+                              session_id=f"s{i % 5}", page_url=f"https://site.example/p{i % 4}", timestamp=base + i * 600_000)
                   for i in range(40)]
         job = IngestJob(1, events, base, 0, "192.0.2.1", agent)
         with conn:
@@ -59,9 +59,15 @@ def test_migration_2_rolls_up_events_stored_before_it(tmp_path):
 
     kept = dims()
     assert {key[1] for key in kept} == {1, 2}
+    days = list(conn.execute("SELECT project_id, day FROM session_days"))
+    assert days
     conn.execute("DROP TABLE hourly_dims")
+    conn.execute("DROP TABLE session_days")
     conn.execute("ALTER TABLE projects DROP COLUMN allowed_origins")  # back to schema 1
     conn.execute("PRAGMA user_version = 1")
     migrate(conn)
     assert dims() == kept
+    # migration 5 marks every day on which a stored session starts, as newer than anything cached
+    assert list(conn.execute("SELECT project_id, day FROM session_days")) == days
+    assert conn.execute("SELECT min(generation) FROM session_days").fetchone()[0] >= 80
     conn.close()
