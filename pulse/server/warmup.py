@@ -4,6 +4,7 @@ arrive meanwhile take the other threads and every query stays short."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -45,5 +46,10 @@ async def warm(reader: Reader, days: int) -> None:
             except QueryTimeout as error:  # a huge day: requests will compute it when asked
                 log.warning("warm-up of project %s skipped a day: %s", project.id, error)
             done += 1
+    for back in (1, 7, 30):  # the ranges offered: their first, partial days are cached by the hour
+        if back <= days:
+            for project in projects:
+                with contextlib.suppress(QueryTimeout):
+                    await reader.run(_day, project.id, Window(now - back * DAY_MS, now), now)
     log.info("warm-up: %d project-days in %.1fs, %.0f MiB cached", done, time.monotonic() - began,
              queries.DAYS.bytes / 2**20)

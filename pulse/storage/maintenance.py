@@ -39,7 +39,7 @@ def pruned_before(conn: apsw.Connection, project_id: int) -> int:
 @dataclass(frozen=True, slots=True)
 class Difference:
     project_id: int
-    what: str  # "hourly", "hourly_dims", "session", "person"
+    what: str  # "hourly", "hourly_dims", "session", "session_days", "person"
     key: str
     stored: object
     recounted: object
@@ -116,6 +116,14 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
         " GROUP BY 1", (page_view, pid, pid, cut))}
     found += _compare(pid, "session", stored, recounted, lambda k: f"{k[0]} (events, page views, first, last)")
 
+    # every day a session starts on is marked, so readers can tell when its sessions change
+    stored = {(day,): "marked" for (day,) in conn.execute(
+        "SELECT day FROM session_days WHERE project_id = ? AND day >= ?", (pid, cut // DAY_MS))}
+    recounted = {(day,): "marked" for (day,) in conn.execute(
+        f"SELECT DISTINCT first_ts / {DAY_MS} FROM sessions WHERE project_id = ? AND first_ts >= ?",
+        (pid, cut // DAY_MS * DAY_MS))}
+    found += _compare(pid, "session_days", stored, recounted, lambda k: f"day {_day(k[0])}")
+
     stored = {(i,): (ev, f, last) for i, ev, f, last in conn.execute(
         "SELECT id, event_count, first_seen, last_seen FROM persons WHERE project_id = ? AND first_seen >= ?",
         (pid, cut))}
@@ -128,6 +136,10 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
             recounted[key] = stored[key]
     found += _compare(pid, "person", stored, recounted, lambda k: f"{k[0]} (events, first seen, last seen)")
     return found
+
+
+def _day(day: int) -> str:
+    return datetime.fromtimestamp(day * 86400, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
 def _hour(hour: int) -> str:

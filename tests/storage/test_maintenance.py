@@ -38,9 +38,10 @@ async def test_verify_finds_nothing_on_a_consistent_database_and_every_tampered_
     db.execute("UPDATE persons SET event_count = event_count - 1 WHERE id = (SELECT max(id) FROM persons)")
     db.execute("DELETE FROM hourly_dims WHERE (project_id, dim, hour, value_id, bot, seq) IN"
                " (SELECT project_id, dim, hour, value_id, bot, seq FROM hourly_dims WHERE dim = 2 LIMIT 1)")
+    db.execute("DELETE FROM session_days WHERE day = (SELECT max(day) FROM session_days)")
     found = verify(db)
-    assert sorted({d.what for d in found}) == ["hourly", "hourly_dims", "person", "session"]
-    assert len(found) == 4, [str(d) for d in found]
+    assert sorted({d.what for d in found}) == ["hourly", "hourly_dims", "person", "session", "session_days"]
+    assert len(found) == 5, [str(d) for d in found]
 
 
 async def test_prune_deletes_old_raw_events_only_and_verify_still_agrees(filled, settings, db):
