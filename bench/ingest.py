@@ -234,11 +234,11 @@ def main() -> None:
     print(f"ingest over HTTP: wrk -t1 -c{args.connections}, {args.duration:g}s per run, median of {args.repeat}")
     http = http_benchmarks(args.duration, args.repeat, args.connections)
     print(f"{'batch':>5}  {'pulse req/s':>11} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-202':>7}"
-          f"  {'floor req/s':>11} {'events/s':>9}  {'pulse/floor':>11}")
+          f"  {'floor req/s':>11} {'events/s':>9} {'p99 ms':>7}  {'pulse/floor':>11}")
     for batch in (1, 10, 50):
         p, f = http[batch]["pulse"], http[batch]["floor"]
         print(f"{batch:>5}  {p['rps']:>11,.0f} {p['eps']:>9,.0f} {p['p50_ms']:>7.2f} {p['p99_ms']:>7.2f} {p['bad']:>7,.0f}"
-              f"  {f['rps']:>11,.0f} {f['eps']:>9,.0f}  {p['rps'] / f['rps']:>10.0%}")
+              f"  {f['rps']:>11,.0f} {f['eps']:>9,.0f} {f['p99_ms']:>7.2f}  {p['rps'] / f['rps']:>10.0%}")
     print(f"pulse peak RSS {http['rss_mb']:.0f} MB (server and writer processes); exit code after SIGTERM {http['exit_code']}; "
           f"{http['events_stored']:,} events stored, {http['bytes_per_event']:.0f} bytes/event on disk "
           "(events, indexes, rollups, sessions, persons)")
