@@ -229,3 +229,37 @@ async def test_a_trait_set_after_a_filtered_day_was_read_changes_that_day(client
     assert await read() == (6, 2, 2, [{"value": "/docs", "count": 5, "unique_users": 2}])
     await post(event("$identify", distinct_id="a", traits={"plan": "free"}, timestamp=BASE + 10 * 24 * HOUR))
     assert await read() == (3, 1, 1, [{"value": "/docs", "count": 3, "unique_users": 1}])
+
+
+async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_for(aiohttp_client, settings, project):
+    """A restarted server fills the readers' cache for the last days; /health says when it is done."""
+    import asyncio
+    import dataclasses
+    import time
+
+    from pulse.server.app import create_app
+    from pulse.storage.queries import DAYS
+
+    day = (time.time_ns() // 1_000_000 // (24 * HOUR) - 2) * 24 * HOUR  # two days ago, a whole UTC day
+    first = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=0)))
+    response = await first.post("/api/v1/events/ingest", json={"events": [
+        event("page_view", distinct_id=f"u{i}", session_id=f"s{i}", timestamp=day + i * HOUR) for i in range(5)]},
+        headers={"X-API-Key": project.ingest_key})
+    assert response.status == 202
+    assert (await (await first.get("/health")).json())["warmed_up"] is True  # nothing to do
+    await first.close()
+
+    def cached_days() -> set[int]:
+        return {key[-1] for key in DAYS._entries
+                if key[:3] == (str(settings.db_path), project.id, "sessions")}
+
+    assert day // (24 * HOUR) not in cached_days()
+    again = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=3)))
+    for _ in range(200):
+        if (await (await again.get("/health")).json())["warmed_up"]:
+            break
+        await asyncio.sleep(0.05)
+    assert day // (24 * HOUR) in cached_days()
+    body = await (await again.get(f"/api/v1/projects/{project.id}/overview", params={"range": "7d"},
+                                  headers={"Authorization": f"Bearer {project.read_token}"})).json()
+    assert (body["events"], body["sessions"], body["bounce_rate"]) == (5, 5, 1.0)
