@@ -100,8 +100,8 @@ async def load(path: Path, events: int, days: int = 30, users: int = 100_000, se
 
 
 ENDPOINTS = ["overview", "timeseries?interval=day", "top-events", "pages", "entry-pages", "exit-pages", "referrers",
-             "utm?dimension=source", "browsers", "os", "devices", "sessions", "users", "events", "properties",
-             "properties/plan"]
+             "utm?dimension=source", "browsers", "os", "devices", "sessions", "users", "users/u123", "events",
+             "properties", "properties/plan"]
 
 # the same answers from a plain scan of the raw events (what a store without rollups would run)
 _E = "FROM events e LEFT JOIN agents a ON a.id = e.agent_id WHERE e.project_id = 1 AND e.ts >= ? AND e.ts < ?"
@@ -111,6 +111,8 @@ RAW = {
     "top-events": f"SELECT e.name_id, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
     "pages": f"SELECT e.path_id, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
     "browsers": f"SELECT a.browser, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+    "users/u123": f"SELECT e.* {_E} AND e.person_id = (SELECT person_id FROM person_ids WHERE distinct_id = 'u123')"
+                  " ORDER BY e.ts DESC, e.id DESC LIMIT 51",
 }
 
 

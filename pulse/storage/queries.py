@@ -904,14 +904,40 @@ def user_timeline(conn: apsw.Connection, project_id: int, distinct_id: str, wind
     ).fetchone()
     if person is None:
         return None
-    page, page_params = _cursor(cursor)
-    rows = list(conn.execute(
-        f"{_EVENT_COLUMNS} WHERE e.project_id = ? AND e.ts >= ? AND e.ts < ? AND e.person_id = ?"
-        + page.replace("ts_col", "e.ts").replace("id_col", "e.id") + " ORDER BY e.ts DESC, e.id DESC LIMIT ?",
-        [project_id, window.start, window.end, person[0], *page_params, limit + 1]))
     person_id, shown, traits, first, last, count = person
+    page, page_params = _cursor(cursor)
+    end = window.end if cursor is None else min(window.end, cursor[0] + 1)
+    rows: list[tuple] = []
+    for start, stop in _person_ranges(conn, project_id, person_id, Window(max(window.start, first), min(end, last + 1))):
+        rows += conn.execute(
+            f"{_EVENT_COLUMNS} WHERE e.project_id = ? AND e.ts >= ? AND e.ts < ? AND e.person_id = ?"
+            + page.replace("ts_col", "e.ts").replace("id_col", "e.id") + " ORDER BY e.ts DESC, e.id DESC LIMIT ?",
+            [project_id, start, stop, person_id, *page_params, limit + 1 - len(rows)])
+        if len(rows) > limit:
+            break
     return {"user": {"distinct_id": shown, "traits": _json(traits), "first_seen": first, "last_seen": last,
                      "events": count}, **_event_rows(rows, limit)}
+
+
+def _person_ranges(conn: apsw.Connection, project_id: int, person_id: int, window: Window
+                   ) -> Iterator[tuple[int, int]]:
+    """The parts of the window that can hold the person's events, newest first: the whole hours whose
+    rollup (of every event, bots too) has the person in its set of users, and the minutes at the edges."""
+    hours, raw = window.split()
+    if hours is None:
+        yield from reversed(raw)
+        return
+    if raw and raw[-1][0] >= hours[1] * HOUR_MS:
+        yield raw.pop()
+    present = sorted({hour for hour, user_set in conn.execute(
+        "SELECT hour, user_set FROM hourly WHERE project_id = ? AND name_id = 0 AND hour >= ? AND hour < ?",
+        (project_id, *hours)) if person_id in BitMap.deserialize(user_set)}, reverse=True)
+    while present:  # runs of consecutive hours as one range
+        top = bottom = present.pop(0)
+        while present and present[0] == bottom - 1:
+            bottom = present.pop(0)
+        yield bottom * HOUR_MS, (top + 1) * HOUR_MS
+    yield from raw
 
 
 _PROPERTY_KEYS = ("SELECT j.key, e.person_id {raw}, json_each(e.props) j WHERE {where} AND e.props IS NOT NULL")

@@ -335,14 +335,16 @@ async def test_identified_users(api, population, filters):
     assert all(r["traits"] == traits[int(r["distinct_id"][5:])] for r in rows)
 
 
-async def test_one_users_timeline_by_either_id(api, population):
+@pytest.mark.parametrize("start, end", WINDOWS)
+@pytest.mark.parametrize("user", [3, 17, 42])
+async def test_one_users_timeline_by_either_id(api, population, start, end, user):
     _, sent, _ = population
-    start, end = WINDOWS[0]
-    mine = sorted((e.ts, e.name) for e in sent if e.user == 3)[::-1]
-    for distinct_id in ("user-3", "anon-3"):
+    mine = sorted((e.ts, e.name) for e in sent if e.user == user and start <= e.ts < end)[::-1]
+    for distinct_id in (f"user-{user}", f"anon-{user}"):
         rows, first = await all_pages(api, f"users/{distinct_id}", **{"from": iso(start), "to": iso(end),
                                                                      "limit": "4"})
-        assert first["user"]["distinct_id"] == "user-3" and first["user"]["events"] == len(mine)
+        assert first["user"]["distinct_id"] == f"user-{user}"
+        assert first["user"]["events"] == sum(e.user == user for e in sent)
         assert [(r["ts"], r["event"]) for r in rows] == mine
 
 
