@@ -458,21 +458,32 @@ def totals(conn: apsw.Connection, project_id: int, window: Window, filters: Filt
 # -- overview ---------------------------------------------------------------------------------------
 
 
+def _totals_and_names(conn: apsw.Connection, project_id: int, window: Window, filters: Filters
+                      ) -> tuple[Totals, dict[str, Totals]]:
+    """Events, users and sessions in the window, and events and users per event name, in one pass."""
+    if not filters.rollup_ready:
+        found = Totals()
+        names: dict[str, Totals] = defaultdict(Totals)
+        for digest in _digests(conn, project_id, window, filters):
+            found.add(digest.total)
+            _merge([digest.names], names)
+        return found, names
+    name_id = _name_id(conn, filters.event)
+    if name_id < 0:
+        return Totals(), {}
+    hours, raw = window.split()
+    found = _summed(conn, project_id, hours, name_id) if hours is not None else Totals()  # fresh, safe to add to
+    names = _named(conn, project_id, hours, filters.event) if hours is not None else defaultdict(Totals)
+    for start, end in raw:
+        digest = _digest(conn, project_id, start, end, filters)
+        found.add(digest.total)
+        _merge([digest.names], names)
+    return found, names
+
+
 def _top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict[str, Totals]:
     """Per event name: events and the exact users in the window."""
-    if not filters.rollup_ready:
-        return _merge(digest.names for digest in _digests(conn, project_id, window, filters))
-    hours, raw = window.split()
-    found = _named(conn, project_id, hours, filters.event) if hours is not None else defaultdict(Totals)
-    for start, end in raw:
-        where, params = event_conditions(conn, project_id, start, end, filters)
-        for name, person_id in conn.execute(
-            f"SELECT s.value, e.person_id {_RAW_FROM} JOIN strings s ON s.id = e.name_id WHERE {where}", params
-        ):
-            total = found[name]
-            total.events += 1
-            total.users.add(person_id)
-    return found
+    return _totals_and_names(conn, project_id, window, filters)[1]
 
 
 # -- sessions, by the day they started ------------------------------------------------------------------
@@ -589,8 +600,7 @@ def _session_stats(sums: tuple[int, int, int, int]) -> dict:
 
 
 def _period(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> dict:
-    found = totals(conn, project_id, window, filters)
-    names = _top_events(conn, project_id, window, filters)
+    found, names = _totals_and_names(conn, project_id, window, filters)
     top = max(names.items(), key=lambda item: (item[1].events, item[0]), default=None)
     days = max((window.end - window.start) / DAY_MS, 1 / 24)
     return {
