@@ -131,6 +131,32 @@ async def time_endpoints(url: str, token: str, runs: int, filters: dict) -> dict
     return timings
 
 
+OTHER_FILTERS = {  # answered from per-person counts, like trait.gender, or by their own scan of the raw events
+    "trait.age_group": {"trait.age_group": "18-40"},
+    "two traits": {"trait.age_group": ">40", "trait.gender": "Male"},
+    "trait + event": {"trait.gender": "Other", "event": "event_07"},
+    "prop.plan": {"prop.plan": "pro"},
+}
+
+
+async def first_overviews(url: str, token: str) -> dict[str, float]:
+    found = {}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        for name, filters in OTHER_FILTERS.items():
+            began = time.perf_counter()
+            async with session.get(f"{url}/api/v1/projects/1/overview", params={"range": "30d", **filters}) as response:
+                await response.read()
+                assert response.status == 200, (name, response.status)
+            found[name] = (time.perf_counter() - began) * 1000
+    return found
+
+
+def rss(pid: int) -> str:
+    """Resident and peak resident memory of a process, from /proc."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return f"{int(status['VmRSS'].split()[0]) / 1024:.0f} MiB (peak {int(status['VmHWM'].split()[0]) / 1024:.0f} MiB)"
+
+
 def time_raw(path: Path, runs: int) -> dict[str, float]:
     conn = connect(path, readonly=True)
     now = int(time.time() * 1000)
@@ -192,9 +218,12 @@ def main() -> None:
         began = time.monotonic()
         while not json.loads(urlopen(f"{url}/health").read())["warmed_up"]:
             time.sleep(0.2)
-        print(f"warm-up at start (the readers' cache of the last 31 days): {time.monotonic() - began:.1f}s")
+        print(f"warm-up at start (the readers' cache of the last 31 days): {time.monotonic() - began:.1f}s;"
+              f" server RSS {rss(server.pid)}")
         plain = asyncio.run(time_endpoints(url, token, args.runs, {}))
         filtered = asyncio.run(time_endpoints(url, token, args.runs, {"trait.gender": "Female"}))
+        others = asyncio.run(first_overviews(url, token))
+        print(f"server RSS after the requests {rss(server.pid)}")
     finally:
         server.terminate()
         server.wait(60)
@@ -209,6 +238,8 @@ def main() -> None:
         ratio = f"{scan / p(a, 0.5):>7.0f}x" if scan else ""
         print(f"{endpoint:<26} {p(a, 0.5):>8.1f} {p(a, 0.95):>8.1f}   {b[0]:>12.1f} {p(b[1:], 0.5):>8.1f} "
               f"{p(b[1:], 0.95):>8.1f}   {'' if scan is None else f'{scan:.0f}':>11} {ratio:>8}")
+    print("\nthe first overview under other new filters (ms): "
+          + ", ".join(f"{name} {ms:,.0f}" for name, ms in others.items()))
     if not args.keep:
         shutil.rmtree(data_dir)
 

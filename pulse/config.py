@@ -47,6 +47,8 @@ class Settings:
     query_timeout_s: float = 10.0
     # days of numbers computed at start for the readers' cache (0: none)
     warm_days: int = 31
+    # the readers' cache of per-day results (MiB, as estimated from what it holds)
+    cache_mib: int = 96
     # network
     trust_proxy: bool = False
     catalog_poll_s: float = 0.25
@@ -88,6 +90,8 @@ class Settings:
             raise ValueError(f"synchronous must be NORMAL or FULL, not {self.synchronous!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log level must be debug, info, warning or error, not {self.log_level!r}")
+        if self.cache_mib < 1:
+            raise ValueError("cache_mib must be at least 1")
         if self.queue_max_events < 1000:
             raise ValueError("queue_max_events must be at least 1000 (one full batch)")
 

@@ -25,6 +25,7 @@ from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
 from pulse.server.warmup import warm
+from pulse.storage import queries
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter
 
@@ -61,6 +62,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         wants=hub.wants,
     )
     await writer.start()  # creates and migrates the database
+    queries.DAYS.max_bytes = settings.cache_mib * 1024 * 1024
     reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s)
     keyring = KeyRing(reader, settings.operator_token)
     await keyring.reload()

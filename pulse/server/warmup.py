@@ -23,8 +23,9 @@ PROPERTY_KEYS = 3  # the values of this many keys, most used first
 
 def _day(conn, project_id: int, window: Window, now: int) -> None:
     """Every cached piece of one day: totals, event names, sessions, breakdowns, property keys and the values
-    of the most used ones."""
+    of the most used ones, and the per-person counts that answer trait filters."""
     queries.overview(conn, project_id, window, now)
+    queries.cache_for_filters(conn, project_id, window)
     for dimension in BREAKDOWNS:
         queries.breakdown(conn, project_id, window, Filters(), dimension, 10)
     for row in queries.property_keys(conn, project_id, window, Filters(), PROPERTY_KEYS):

@@ -183,7 +183,8 @@ WINDOWS = [
     (BASE + 30 * HOUR + 5, BASE + 30 * HOUR + 2_500_000),      # inside one hour
 ]
 FILTERS = [{}, {"event": "click"}, {"trait.gender": "Female"}, {"prop.plan": "pro"}, {"browser": "Firefox"},
-           {"path": "/pricing"}, {"trait.age_group": "18-40", "device": "desktop"}, {"utm_source": "news"}]
+           {"path": "/pricing"}, {"trait.age_group": "18-40", "device": "desktop"}, {"utm_source": "news"},
+           {"trait.age_group": ">40", "trait.gender": "Male"}]
 
 
 @pytest.mark.parametrize("start, end", WINDOWS)
@@ -366,7 +367,8 @@ async def test_raw_events_paginate_newest_first(api, population, filters):
 
 
 @pytest.mark.parametrize("start, end", WINDOWS[:2])
-@pytest.mark.parametrize("filters", [{}, {"event": "purchase"}, {"trait.gender": "Female"}, {"utm_source": "news"}],
+@pytest.mark.parametrize("filters", [{}, {"event": "purchase"}, {"trait.gender": "Female"}, {"utm_source": "news"},
+                                     {"trait.age_group": "18-40", "trait.gender": "Female"}],
                          ids=lambda f: ",".join(f) or "none")
 async def test_property_keys_and_values(api, population, start, end, filters):
     _, sent, traits = population

@@ -225,8 +225,11 @@ async def test_a_trait_set_after_a_filtered_day_was_read_changes_that_day(client
                *[event("page_view", distinct_id=user, session_id=f"{user}1", timestamp=day + HOUR + i,
                        page_url="https://site.example/docs") for i, user in enumerate("aabbb")])
     assert await read() == (3, 1, 1, [{"value": "/docs", "count": 2, "unique_users": 1}])
+    await post(event("page_view", distinct_id="a", session_id="a2", timestamp=day + 5 * HOUR,
+                     page_url="https://site.example/docs"))  # a late event in the day already read
+    assert await read() == (4, 1, 2, [{"value": "/docs", "count": 3, "unique_users": 1}])
     await post(event("$identify", distinct_id="b", traits={"plan": "pro"}, timestamp=BASE + 10 * 24 * HOUR))
-    assert await read() == (6, 2, 2, [{"value": "/docs", "count": 5, "unique_users": 2}])
+    assert await read() == (7, 2, 3, [{"value": "/docs", "count": 6, "unique_users": 2}])
     await post(event("$identify", distinct_id="a", traits={"plan": "free"}, timestamp=BASE + 10 * 24 * HOUR))
     assert await read() == (3, 1, 1, [{"value": "/docs", "count": 3, "unique_users": 1}])
 
@@ -260,6 +263,8 @@ async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_f
             break
         await asyncio.sleep(0.05)
     assert day // (24 * HOUR) in cached_days()
+    people = {key[3] // 24 for key in DAYS._entries if key[:3] == (str(settings.db_path), project.id, "people")}
+    assert day // (24 * HOUR) in people  # what trait filters are answered from
     body = await (await again.get(f"/api/v1/projects/{project.id}/overview", params={"range": "7d"},
                                   headers={"Authorization": f"Bearer {project.read_token}"})).json()
     assert (body["events"], body["sessions"], body["bounce_rate"]) == (5, 5, 1.0)
