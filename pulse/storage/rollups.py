@@ -168,7 +168,9 @@ _INSERT_SESSION = (
     " entry_ts, entry_path_id, referrer_id, utm_source_id, utm_medium_id, utm_campaign_id, exit_ts, exit_path_id,"
     " agent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# SQLite evaluates every SET expression against the row as it was, so the CASEs all see the old entry_ts
+# SQLite evaluates every SET expression against the row as it was, so the CASEs all see the old entry_ts.
+# first_ts is only named when it moves: SQLite rewrites the entry of sessions_project_first for every
+# UPDATE that assigns the column, even to its own value (a page of WAL per session per commit)
 _UPDATE_SESSION = """
 UPDATE sessions SET
     first_ts = min(first_ts, ?1),
@@ -187,8 +189,10 @@ UPDATE sessions SET
     agent_id = coalesce(agent_id, ?13)
 WHERE id = ?14
 """
+_UPDATE_LATER_SESSION = _UPDATE_SESSION.replace("first_ts = min(first_ts, ?1),", "")  # ?1 bound, unused
 # the common case: the batch has no page view of the session, so only its times and event count change
 _EXTEND_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
+_EXTEND_LATER_SESSION = "UPDATE sessions SET last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
 
 
 def _max_id(conn: apsw.Connection, table: str) -> int:
@@ -579,18 +583,23 @@ class BatchApplier:
             first_seen[session_id] = (project_id, first)
             days.add((project_id, first // DAY_MS))
         self.conn.executemany(_INSERT_SESSION, fresh)
-        extend, full = [], []
+        extend, extend_later, full, full_later = [], [], [], []
         for session_id, delta in sessions.items():
             project_id, first = first_seen[session_id]
             days.add((project_id, first // DAY_MS))
-            if delta[FIRST] < first:  # an earlier event: the session now starts then
+            earlier = delta[FIRST] < first
+            if earlier:  # an earlier event: the session now starts then
                 first_seen[session_id] = (project_id, delta[FIRST])
                 days.add((project_id, delta[FIRST] // DAY_MS))
-            if delta[ENTRY_TS] is None:  # no page view: entry, exit and page views stay as they are
+            if delta[ENTRY_TS] is not None:
+                (full if earlier else full_later).append((*delta, session_id))
+            elif earlier:  # no page view: entry, exit and page views stay as they are
                 extend.append((delta[FIRST], delta[LAST], delta[EVENTS], session_id))
             else:
-                full.append((*delta, session_id))
+                extend_later.append((delta[LAST], delta[EVENTS], session_id))
         self.conn.executemany(_EXTEND_SESSION, extend)
+        self.conn.executemany(_EXTEND_LATER_SESSION, extend_later)
         self.conn.executemany(_UPDATE_SESSION, full)
+        self.conn.executemany(_UPDATE_LATER_SESSION, full_later)
         generation = self.next_event_id  # above every earlier commit's
         self.conn.executemany(_TOUCH_SESSION_DAY, [(*day, generation) for day in days])
