@@ -16,6 +16,7 @@ from pulse.storage.rows import IngestJob, to_ms
 from pulse.storage.writer import QueueFull, WriteFailed, WriterClosed
 
 routes = web.RouteTableDef()
+_JSON = {"Content-Type": "application/json"}
 
 
 def _retrieve(future) -> None:
@@ -61,8 +62,11 @@ async def _ingest(request: web.Request) -> web.Response:
     ip = client_ip(request, settings.trust_proxy)
     _limit(request, ip, str(project.id))
     try:
-        async with asyncio.timeout(settings.body_timeout_s):
+        if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
             body = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout_s):
+                body = await request.read()
     except TimeoutError:
         raise ApiError(408, f"request body did not arrive within {settings.body_timeout_s:g} s",
                        field="body") from None
@@ -101,6 +105,4 @@ async def _ingest(request: web.Request) -> web.Response:
             accepted, duplicates = await future
         except WriteFailed as exc:
             raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
-    return web.Response(
-        status=202, body=json_encoder.encode(IngestAck(accepted, duplicates)), content_type="application/json"
-    )
+    return web.Response(status=202, body=json_encoder.encode(IngestAck(accepted, duplicates)), headers=_JSON)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import math
 import time
@@ -39,6 +40,7 @@ def retry_after(wait: float) -> str:
     return str(max(1, math.ceil(wait)))
 
 
+@functools.lru_cache(maxsize=4096)
 def is_loopback(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_loopback
