@@ -21,7 +21,9 @@ from pulse.storage.rows import (
     TRAITS, TS, UID, URL, UTM_CAMPAIGN, UTM_MEDIUM, UTM_SOURCE, time_uuid,
 )
 
-_CACHE_LIMIT = 200_000
+# ids of persons and sessions kept per cache (~120 bytes an entry; a site's open sessions fit many times
+# over); past it a cache is emptied and refilled by the batched lookups of the next commits
+_CACHE_LIMIT = 50_000
 _ROLLUP_CACHE_LIMIT = 20_000
 COMPACT_EVERY_S = 2.0
 CATALOG_CHECK_EVERY_S = 0.1
