@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -61,12 +62,11 @@ async def _ingest(request: web.Request) -> web.Response:
                             f" {project.allowed_origins})")
     ip = client_ip(request, settings.trust_proxy)
     _limit(request, ip, str(project.id))
+    # a body that came with the headers needs no timer
+    timer = contextlib.nullcontext() if request.content.is_eof() else asyncio.timeout(settings.body_timeout_s)
     try:
-        if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
+        async with timer:
             body = await request.read()
-        else:
-            async with asyncio.timeout(settings.body_timeout_s):
-                body = await request.read()
     except TimeoutError:
         raise ApiError(408, f"request body did not arrive within {settings.body_timeout_s:g} s",
                        field="body") from None

@@ -173,9 +173,7 @@ _INSERT_SESSION = (
 # SQLite evaluates every SET expression against the row as it was, so the CASEs all see the old entry_ts.
 # first_ts is only named when it moves: SQLite rewrites the entry of sessions_project_first for every
 # UPDATE that assigns the column, even to its own value (a page of WAL per session per commit)
-_UPDATE_SESSION = """
-UPDATE sessions SET
-    first_ts = min(first_ts, ?1),
+_SESSION_CHANGES = """
     last_ts = max(last_ts, ?2),
     events = events + ?3,
     pageviews = pageviews + ?4,
@@ -191,7 +189,8 @@ UPDATE sessions SET
     agent_id = coalesce(agent_id, ?13)
 WHERE id = ?14
 """
-_UPDATE_LATER_SESSION = _UPDATE_SESSION.replace("first_ts = min(first_ts, ?1),", "")  # ?1 bound, unused
+_UPDATE_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?1)," + _SESSION_CHANGES
+_UPDATE_LATER_SESSION = "UPDATE sessions SET" + _SESSION_CHANGES  # ?1 is bound and unused
 # the common case: the batch has no page view of the session, so only its times and event count change
 _EXTEND_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
 _EXTEND_LATER_SESSION = "UPDATE sessions SET last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
