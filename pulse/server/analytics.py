@@ -39,7 +39,7 @@ async def projects(request: web.Request) -> web.Response:
         today = parse_window({"from": datetime.now(ZoneInfo(project.timezone)).date().isoformat()},
                              project.timezone, now_ms=now)
         bounds = bucket_bounds(day, "hour", project.timezone)
-        summary = await request.app[READER].run(queries.project_summary, project.id, today, bounds)
+        summary = await request.app[READER].fresh(queries.project_summary, project.id, today, bounds)
         found.append({"id": project.id, "name": project.name, "domain": project.domain,
                       "timezone": project.timezone, **summary})
     return web.json_response({"projects": found})
@@ -51,7 +51,7 @@ async def overview(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     filters = parse_filters(request.query)
     now = time.time_ns() // 1_000_000
-    found = await request.app[READER].run(queries.overview, project.id, window, now, filters)
+    found = await request.app[READER].fresh(queries.overview, project.id, window, now, filters)
     return web.json_response({**_range(project, window), **found})
 
 
@@ -64,7 +64,7 @@ async def timeseries(request: web.Request) -> web.Response:
     bounds = bucket_bounds(window, interval, project.timezone)
     shift = window.end - window.start
     reader = request.app[READER]
-    current = await reader.run(queries.timeseries, project.id, bounds, filters)
+    current = await reader.fresh(queries.timeseries, project.id, bounds, filters)
     previous = await reader.run(queries.timeseries, project.id, [b - shift for b in bounds], filters)
     return web.json_response({
         **_range(project, window), "interval": interval,
@@ -79,7 +79,7 @@ async def _rows(request: web.Request, query, *args, filtered: bool = True, defau
     project = _project(request)
     window = parse_window(request.query, project.timezone)
     extra = (parse_filters(request.query),) if filtered else ()
-    rows = await request.app[READER].run(query, project.id, window, *extra, *args,
+    rows = await request.app[READER].fresh(query, project.id, window, *extra, *args,
                                          parse_limit(request.query, default=default_limit))
     return web.json_response({**_range(project, window), "rows": rows})
 
@@ -126,7 +126,7 @@ def _cursor(request: web.Request) -> tuple[int, int] | None:
 async def _list(request: web.Request, query, *extra) -> web.Response:
     project = _project(request)
     window = parse_window(request.query, project.timezone)
-    found = await request.app[READER].run(query, project.id, window, parse_filters(request.query), *extra,
+    found = await request.app[READER].fresh(query, project.id, window, parse_filters(request.query), *extra,
                                           parse_limit(request.query, default=50), _cursor(request))
     return web.json_response({**_range(project, window), **found})
 
@@ -152,7 +152,7 @@ async def user(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     parse_filters(request.query)  # rejects unknown parameters
     distinct_id = request.match_info["distinct_id"]
-    found = await request.app[READER].run(queries.user_timeline, project.id, distinct_id, window,
+    found = await request.app[READER].fresh(queries.user_timeline, project.id, distinct_id, window,
                                           parse_limit(request.query, default=50), _cursor(request))
     if found is None:
         raise ApiError(404, f"no user {distinct_id!r} in project {project.id}")

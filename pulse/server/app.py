@@ -63,7 +63,8 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await writer.start()  # creates and migrates the database
     queries.DAYS.max_bytes = settings.cache_mib * 1024 * 1024
-    reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s)
+    reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
+                    settle=writer.settle)
     keyring = KeyRing(reader, settings.operator_token)
     await keyring.reload()
     keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds

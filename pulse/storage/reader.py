@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,8 +17,10 @@ T = TypeVar("T")
 
 
 class Reader:
-    def __init__(self, path: Path, *, threads: int = 2, timeout_s: float = 10.0) -> None:
+    def __init__(self, path: Path, *, threads: int = 2, timeout_s: float = 10.0,
+                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
         self.path = path
+        self.settle = settle  # waits until what the writer acknowledged is all in the tables
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._connections: list[apsw.Connection] = []
@@ -49,6 +51,12 @@ class Reader:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(connection, *args) on a reader thread inside one read transaction."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, args)
+
+    async def fresh(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like run, after every event acknowledged so far counts in sessions and persons too."""
+        if self.settle is not None:
+            await self.settle()
+        return await self.run(fn, *args)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, wait=True)

@@ -14,7 +14,7 @@ import apsw
 import msgspec
 from pyroaring import BitMap
 
-from pulse.enrich import parse_agent
+from pulse.enrich import parse_agent, split_url
 from pulse.storage.projects import catalog_version
 from pulse.storage.rows import (
     ANON_ID, DAY_MS, DISTINCT_ID, HOUR_MS, NAME, PAGE_VIEW, PATH, PROPS, REFERRER, REFERRER_DOMAIN, SESSION_KEY,
@@ -154,6 +154,12 @@ _TOUCH_SESSION_DAY = (
     "INSERT INTO session_days(project_id, day, generation) VALUES (?, ?, ?)"
     " ON CONFLICT(project_id, day) DO UPDATE SET generation = excluded.generation"
 )
+_UNWRITTEN = (
+    "SELECT e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.referrer_domain_id, e.agent_id, u.value"
+    " FROM events e LEFT JOIN strings u ON u.id = e.url_id WHERE e.id > ? ORDER BY e.id"
+)
+_SESSION_FIRST = "SELECT id, project_id, first_ts FROM sessions WHERE id IN (SELECT value FROM json_each(?))"
+_WRITTEN_THROUGH = "UPDATE meta SET value = ? WHERE key = 'derived_through'"
 _INSERT_PERSON = (
     "INSERT INTO persons(id, project_id, distinct_id, first_seen, last_seen, event_count) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -231,6 +237,48 @@ class BatchApplier:
         self.next_event_id = _max_id(self.conn, "events") + 1
         self.next_person_id = _max_id(self.conn, "persons") + 1
         self.next_session_id = _max_id(self.conn, "sessions") + 1
+        self._replay()
+
+    # -- session and person changes written behind the events ----------------------------------
+
+    @property
+    def unwritten(self) -> int:
+        """How many sessions and persons have changes kept in memory, not yet in their tables."""
+        return len(self.pending_sessions) + len(self.pending_persons)
+
+    def unwritten_for(self, now: float) -> float:
+        """Seconds since the oldest change kept in memory was made (0 when there is none)."""
+        return 0.0 if self.pending_since is None else now - self.pending_since
+
+    def _replay(self) -> None:
+        """Rebuild the changes kept in memory from the events stored after derived_through.
+
+        They were lost with a crashed writer or a rolled-back transaction; the events that make them are
+        on disk, and every session and person row holds nothing of them but idempotent times.
+        """
+        conn = self.conn
+        self.pending_persons: dict[int, list[int]] = {}  # person id -> [first ts, last ts, events]
+        self.pending_sessions: dict[int, list] = {}  # session id -> the changes, as in _SESSION_CHANGES
+        self.pending_since: float | None = None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'derived_through'").fetchone()
+        self.derived_through = row[0] if row is not None else self.next_event_id - 1
+        if self.derived_through >= self.next_event_id - 1:
+            return
+        found = conn.execute("SELECT id FROM strings WHERE value = ?", (PAGE_VIEW,)).fetchone()
+        page_view = found[0] if found is not None else None
+        persons, sessions = self.pending_persons, self.pending_sessions
+        for ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, url in conn.execute(_UNWRITTEN, (self.derived_through,)):
+            person = persons.get(person_id)
+            if person is None:
+                persons[person_id] = [ts, ts, 1]
+            else:
+                person[0], person[1], person[2] = min(person[0], ts), max(person[1], ts), person[2] + 1
+            if session_id is not None:
+                parts = split_url(url) if url is not None and name_id == page_view else None
+                utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
+                self._count_in_session(sessions, session_id, ts, name_id == page_view, path_id, referrer_id, utm,
+                                       agent_id)
+        self.pending_since = time.monotonic()
 
     # -- interning -------------------------------------------------------------------------------
 
@@ -249,6 +297,27 @@ class BatchApplier:
 
     def opt_string_id(self, value: str | None) -> int | None:
         return None if value is None else self.string_id(value)
+
+    def _count_in_session(self, changes: dict[int, list], session_id: int, ts: int, page_view: bool,
+                          path_id: int | None, referrer_id: int | None, utm: tuple, agent_id: int) -> None:
+        """Add one event to its session's changes; utm is (source, medium, campaign) of its page."""
+        delta = changes.get(session_id)
+        if delta is None:
+            delta = changes[session_id] = [ts, ts, 0, 0, None, None, None, None, None, None, None, None, agent_id]
+        elif ts < delta[FIRST]:
+            delta[FIRST] = ts
+        elif ts > delta[LAST]:
+            delta[LAST] = ts
+        delta[EVENTS] += 1
+        if page_view:
+            delta[PAGEVIEWS] += 1
+            if delta[ENTRY_TS] is None or ts < delta[ENTRY_TS]:
+                source, medium, campaign = utm
+                delta[ENTRY_TS:EXIT_TS] = (ts, path_id, referrer_id, self.opt_string_id(source),
+                                           self.opt_string_id(medium), self.opt_string_id(campaign))
+            if delta[EXIT_TS] is None or ts >= delta[EXIT_TS]:
+                delta[EXIT_TS] = ts
+                delta[EXIT_PATH] = path_id
 
     def agent(self, user_agent: str) -> tuple[int, bool]:
         found = self.agents.get(user_agent)
@@ -323,8 +392,13 @@ class BatchApplier:
 
     # -- the batch --------------------------------------------------------------------------------
 
-    def apply(self, jobs: list[Submit]) -> list[tuple[int, int, list[int]]]:
-        """Write the jobs in the current transaction; returns (job id, accepted, duplicate positions) per job."""
+    def apply(self, jobs: list[Submit], *, flush: bool = True) -> list[tuple[int, int, list[int]]]:
+        """Write the jobs in the current transaction; returns (job id, accepted, duplicate positions) per job.
+
+        Events, new sessions and persons, and rollups are always written. Changes to existing sessions and
+        persons (counts, times, entry and exit pages) are kept in memory unless `flush`, and merged with
+        later ones, so each changed row is written once per flush rather than once per commit.
+        """
         conn = self.conn
         now = time.monotonic()
         if now - self.catalog_checked_at > CATALOG_CHECK_EVERY_S:
@@ -380,13 +454,13 @@ class BatchApplier:
         results: list[tuple[int, int, list[int]]] = []
         groups: dict[tuple[int, int, int, int], list] = {}
         dims: dict[tuple[int, int, int, int, int], list] = {}
-        person_changes: dict[int, list[int]] = {}
-        session_changes: dict[int, list] = {}
+        person_changes = self.pending_persons  # the batch's changes join those kept from earlier commits
+        session_changes = self.pending_sessions
         traits: list[tuple[str, int]] = []
         traited: set[int] = set()  # projects whose persons' traits change
         strings = self.strings
         string_id = self.string_id
-        opt_string_id = self.opt_string_id
+        count_in_session = self._count_in_session
         event_id = self.next_event_id
         for index, job in enumerate(jobs):
             project_id = job.project_id
@@ -464,25 +538,8 @@ class BatchApplier:
                     traited.add(project_id)
                 if session_id is not None:
                     group[2].append(session_id)
-                    delta = session_changes.get(session_id)
-                    if delta is None:
-                        delta = session_changes[session_id] = [ts, ts, 0, 0, None, None, None, None, None, None,
-                                                               None, None, agent_id]
-                    elif ts < delta[FIRST]:
-                        delta[FIRST] = ts
-                    elif ts > delta[LAST]:
-                        delta[LAST] = ts
-                    delta[EVENTS] += 1
-                    if name == PAGE_VIEW:
-                        delta[PAGEVIEWS] += 1
-                        if delta[ENTRY_TS] is None or ts < delta[ENTRY_TS]:
-                            delta[ENTRY_TS:EXIT_TS] = (
-                                ts, path_id, referrer_domain_id, opt_string_id(ev[UTM_SOURCE]),
-                                opt_string_id(ev[UTM_MEDIUM]), opt_string_id(ev[UTM_CAMPAIGN]),
-                            )
-                        if delta[EXIT_TS] is None or ts >= delta[EXIT_TS]:
-                            delta[EXIT_TS] = ts
-                            delta[EXIT_PATH] = path_id
+                    count_in_session(session_changes, session_id, ts, name == PAGE_VIEW, path_id, referrer_domain_id,
+                                     ev[UTM_SOURCE:PROPS], agent_id)
             results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
         self.next_event_id = event_id
 
@@ -492,8 +549,14 @@ class BatchApplier:
         if conn.total_changes() - before != len(rows):
             raise RuntimeError("an event uuid was stored twice in one batch; the batch is rolled back")
         self._write_rollups(groups, dims)
-        self._write_people(person_changes, traits, traited)
-        self._write_sessions(session_changes)
+        self._write_people(traits, traited, flush)
+        self._write_sessions(flush)
+        if flush:
+            self.derived_through = event_id - 1
+            conn.execute(_WRITTEN_THROUGH, (self.derived_through,))
+            self.pending_since = None
+        elif self.pending_since is None and self.unwritten:
+            self.pending_since = now
         if now - self.compacted_at > COMPACT_EVERY_S and (self.hourly.uncompacted or self.dims.uncompacted):
             self.compact()
         return results
@@ -552,40 +615,70 @@ class BatchApplier:
         self.hourly.add(deltas, seq)
         self.dims.add({key: [count, BitMap(users), None] for key, (count, users) in dims.items()}, seq)
 
-    def _write_people(self, persons: dict[int, list[int]], traits: list[tuple[str, int]], traited: set[int]) -> None:
+    def _write_people(self, traits: list[tuple[str, int]], traited: set[int], flush: bool) -> None:
+        """Insert new persons and links, and if `flush` write every kept person change.
+
+        A person made by a commit that does not flush is inserted with no events (its times are safe to
+        apply twice); its count stays with the changes kept in memory."""
         conn = self.conn
+        pending = self.pending_persons
         fresh = []
         for person_id, (project_id, distinct_id, ts) in self.new_persons.items():
-            first, last, count = persons.pop(person_id, (ts, ts, 0))
-            fresh.append((person_id, project_id, distinct_id, first, last, count))
+            first, last, count = (pending.pop(person_id, None) if flush else pending.get(person_id)) or (ts, ts, 0)
+            fresh.append((person_id, project_id, distinct_id, first, last, count if flush else 0))
         conn.executemany(_INSERT_PERSON, fresh)
         conn.executemany(_INSERT_PERSON_ID, self.new_links)
         if self.renames:
             conn.executemany(_RENAME_PERSON, self.renames)
-        conn.executemany(_UPDATE_PERSON, [(p[0], p[1], p[2], person_id) for person_id, p in persons.items()])
+        if flush:
+            conn.executemany(_UPDATE_PERSON, [(p[0], p[1], p[2], person_id) for person_id, p in pending.items()])
+            pending.clear()
         if traits:
             conn.executemany(_MERGE_TRAITS, traits)
             # readers keep who has which trait while this is unchanged
             conn.executemany(_TOUCH_TRAITS, [(f"traits:{project_id}", self.next_event_id) for project_id in traited])
 
-    def _write_sessions(self, sessions: dict[int, list]) -> None:
-        """Insert new sessions, update changed ones, and mark the start days of both as changed."""
+    def _write_sessions(self, flush: bool) -> None:
+        """Insert new sessions and if `flush` update every session with kept changes; marks the start days
+        of the sessions written as changed.
+
+        A session made by a commit that does not flush is inserted with no events or page views (its
+        times and entry and exit pages are safe to apply twice); those stay with the changes kept."""
+        pending = self.pending_sessions
         first_seen = self.session_first
         days: set[tuple[int, int]] = set()
         fresh = []
         for session_id, (project_id, key, person_id) in self.new_sessions.items():
-            delta = sessions.pop(session_id, None)
+            delta = pending.pop(session_id, None) if flush else pending.get(session_id)
             if delta is None:  # only duplicate events named it
                 continue
             (first, last, events, pageviews, entry_ts, entry_path, referrer, source, medium, campaign,
              exit_ts, exit_path, agent_id) = delta
+            if not flush:
+                events = pageviews = 0
             fresh.append((session_id, project_id, key, person_id, first, last, events, pageviews, entry_ts,
                           entry_path, referrer, source, medium, campaign, exit_ts, exit_path, agent_id))
             first_seen[session_id] = (project_id, first)
             days.add((project_id, first // DAY_MS))
         self.conn.executemany(_INSERT_SESSION, fresh)
+        if flush:
+            self._update_sessions(days)
+        generation = self.next_event_id  # above every earlier commit's
+        self.conn.executemany(_TOUCH_SESSION_DAY, [(*day, generation) for day in days])
+
+    def _update_sessions(self, days: set[tuple[int, int]]) -> None:
+        """Write every kept session change; adds the start days of the sessions changed to `days`."""
+        first_seen = self.session_first
+        sessions, self.pending_sessions = self.pending_sessions, {}
+        missing = [session_id for session_id in sessions if session_id not in first_seen]
+        for start in range(0, len(missing), 5000):
+            chunk = _encode(missing[start:start + 5000]).decode()
+            for session_id, project_id, first_ts in self.conn.execute(_SESSION_FIRST, (chunk,)):
+                first_seen[session_id] = (project_id, first_ts)
         extend, extend_later, full, full_later = [], [], [], []
         for session_id, delta in sessions.items():
+            if session_id not in first_seen:  # deleted with its project since
+                continue
             project_id, first = first_seen[session_id]
             days.add((project_id, first // DAY_MS))
             earlier = delta[FIRST] < first
@@ -602,5 +695,3 @@ class BatchApplier:
         self.conn.executemany(_EXTEND_LATER_SESSION, extend_later)
         self.conn.executemany(_UPDATE_SESSION, full)
         self.conn.executemany(_UPDATE_LATER_SESSION, full_later)
-        generation = self.next_event_id  # above every earlier commit's
-        self.conn.executemany(_TOUCH_SESSION_DAY, [(*day, generation) for day in days])

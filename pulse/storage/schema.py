@@ -212,6 +212,12 @@ INSERT INTO session_days(project_id, day, generation)
     SELECT project_id, first_ts / 86400000, (SELECT coalesce(max(id), 0) FROM events) FROM sessions GROUP BY 1, 2;
 """)
 
+# 6: the highest event id whose session and person changes are written; the writer keeps those of later
+# events in memory and rebuilds them from the events after a crash. Every earlier commit wrote them.
+MIGRATIONS.append(
+    "INSERT OR IGNORE INTO meta(key, value) SELECT 'derived_through', coalesce(max(id), 0) FROM events;"
+)
+
 
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]

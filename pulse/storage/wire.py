@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import struct
+from typing import ClassVar
 
 import msgspec
 
 from pulse.storage.rollups import Submit
+
+
+class Flush(msgspec.Struct, array_like=True, tag="flush"):
+    """Write every session and person change kept in memory in the next commit, answered like a job."""
+
+    job_id: int
+    events: ClassVar[tuple] = ()
 
 
 class Shutdown(msgspec.Struct, array_like=True, tag="shutdown"):
@@ -25,6 +33,7 @@ class Committed(msgspec.Struct, array_like=True, tag="committed"):
     results: list[tuple[int, int, list[int]]]  # job id, events accepted, positions of duplicates
     seconds: float
     events: int
+    unwritten: bool = False  # session and person changes are kept in the writer's memory after this commit
 
 
 class Failed(msgspec.Struct, array_like=True, tag="failed"):
@@ -38,7 +47,7 @@ class Stopped(msgspec.Struct, array_like=True, tag="stopped"):
 
 _LENGTH = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
-_to_writer = msgspec.msgpack.Decoder(Submit | Shutdown)
+_to_writer = msgspec.msgpack.Decoder(Submit | Flush | Shutdown)
 _from_writer = msgspec.msgpack.Decoder(Ready | StartFailed | Committed | Failed | Stopped)
 
 
@@ -61,7 +70,7 @@ def read_frames(buffer: bytearray) -> list[bytes]:
     return found
 
 
-def decode_to_writer(payload: bytes) -> Submit | Shutdown:
+def decode_to_writer(payload: bytes) -> Submit | Flush | Shutdown:
     return _to_writer.decode(payload)
 
 

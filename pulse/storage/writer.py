@@ -22,7 +22,7 @@ from pathlib import Path
 from pulse.storage.rollups import Submit
 from pulse.storage.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
 from pulse.storage.wire import (
-    Committed, Failed, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
+    Committed, Failed, Flush, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
 )
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,13 @@ def _bucket(bounds: tuple[float, ...], value: float) -> int:
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future
-    job: IngestJob
+    job: IngestJob | None  # None: a Flush
     rows: list[tuple]
     queued_at: float
+
+    @property
+    def events(self) -> int:
+        return 0 if self.job is None else len(self.job.events)
 
 
 class EventWriter:
@@ -125,6 +129,7 @@ class EventWriter:
         self._up = False
         self._closing = False
         self._outbox: list[bytes] = []  # frames written once per event-loop turn, not one syscall each
+        self._unwritten = True  # the writer may keep session and person changes in memory (see settle)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -144,6 +149,7 @@ class EventWriter:
             await self._process.wait()
             raise WriterStartFailed(first.error if isinstance(first, StartFailed) else "writer process exited")
         self._up = True
+        self._unwritten = True  # a restarted writer rebuilds the changes a crashed one kept
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="pulse-writer-acks")
 
     async def close(self) -> None:
@@ -192,17 +198,34 @@ class EventWriter:
             raise QueueFull(retry_after=1)
         rows = prepare(job)
         job_id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        if not self._outbox:
-            loop.call_soon(self._flush)
-        self._outbox.append(frame(Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows)))
-        future = loop.create_future()
-        self._pending[job_id] = _Pending(future, job, rows, time.monotonic())
+        future = self._send(job_id, Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows),
+                            job, rows)
         self.stats.queued_events += count
         return future
 
     async def submit(self, job: IngestJob) -> tuple[int, int]:
         return await self.enqueue(job)
+
+    async def settle(self) -> None:
+        """Wait until the session and person changes of every event acknowledged so far are in their tables.
+
+        The writer keeps them in memory for up to half a second under load; readers call this first, so a
+        client reads what it was told was stored. Returns at once when nothing is kept.
+        """
+        if not self._unwritten or not self._up or self._closing or self._stream is None or self._stream.is_closing():
+            return
+        job_id = next(self._ids)
+        with contextlib.suppress(WriteFailed, WriterClosed):  # a failed write leaves the kept changes kept
+            await self._send(job_id, Flush(job_id), None, [])
+
+    def _send(self, job_id: int, message: Submit | Flush, job: IngestJob | None, rows: list[tuple]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append(frame(message))
+        future = loop.create_future()
+        self._pending[job_id] = _Pending(future, job, rows, time.monotonic())
+        return future
 
     def _flush(self) -> None:
         frames, self._outbox = self._outbox, []
@@ -260,13 +283,14 @@ class EventWriter:
     def _fail_pending(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
         for item in pending.values():
-            self.stats.queued_events -= len(item.job.events)
+            self.stats.queued_events -= item.events
             if not item.future.done():
                 item.future.set_exception(error)
                 item.future.exception()  # retrieved: the handler may be gone
 
     def _committed(self, message: Committed) -> None:
         stats = self.stats
+        self._unwritten = message.unwritten
         stats.commits += 1
         stats.last_commit_at = time.time()
         stats.last_batch_events = message.events
@@ -279,6 +303,9 @@ class EventWriter:
         for job_id, accepted, duplicates in message.results:
             item = self._pending.pop(job_id, None)
             if item is None:
+                continue
+            if item.job is None:  # a Flush
+                item.future.set_result((0, 0))
                 continue
             stats.queued_events -= len(item.job.events)
             stats.events_written += accepted
@@ -305,7 +332,7 @@ class EventWriter:
             item = self._pending.pop(job_id, None)
             if item is None:
                 continue
-            self.stats.queued_events -= len(item.job.events)
+            self.stats.queued_events -= item.events
             if not item.future.done():
                 item.future.set_exception(error)
                 item.future.exception()

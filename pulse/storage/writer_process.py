@@ -2,9 +2,10 @@
 
 Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRONOUS BATCH_MAX`, with one end
 of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
-them and all derived rows in one transaction, commits, then answers with one Committed frame. It stops
-after a Shutdown frame, or when the server's end closes (the server died): either way it first writes
-and commits everything it has received.
+them and their rollups in one transaction, commits, then answers with one Committed frame. Changes to
+existing sessions and persons may be written by a later commit (see FLUSH_AFTER_S); a Flush frame asks
+for them now. It stops after a Shutdown frame, or when the server's end closes (the server died): either
+way it first writes and commits everything it has received and kept.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pulse.storage.connection import connect
 from pulse.storage.rollups import BatchApplier, Submit
 from pulse.storage.schema import migrate
 from pulse.storage.wire import (
-    Committed, Failed, Ready, Shutdown, StartFailed, Stopped, decode_to_writer, frame, read_frames,
+    Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, decode_to_writer, frame, read_frames,
 )
 
 log = logging.getLogger("pulse.writer")
@@ -38,6 +39,12 @@ READ_SIZE = 1 << 20
 COMMIT_WINDOW_EVENTS = 256
 COMMIT_WINDOW_S = 0.002
 COMMIT_GAP_S = 0.0003
+# Session and person changes are written behind the events (see BatchApplier.apply): by the first commit
+# after the oldest kept change is FLUSH_AFTER_S old, after FLUSH_IDLE_S without a request, when more than
+# FLUSH_ROWS rows have changes kept, when a reader asks (Flush) and before the writer exits.
+FLUSH_AFTER_S = 0.5
+FLUSH_IDLE_S = 0.05
+FLUSH_ROWS = 50_000
 
 
 class Channel:
@@ -69,21 +76,25 @@ class Channel:
         return messages
 
 
-def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit]) -> Committed | Failed:
+def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit | Flush], flush: bool) -> Committed | Failed:
     started = time.perf_counter()
     error: BaseException | None = None
+    submits = [job for job in jobs if isinstance(job, Submit)]
+    flushes = [(job.job_id, 0, []) for job in jobs if isinstance(job, Flush)]
+    flush = flush or bool(flushes)
     for attempt in range(BUSY_RETRIES):
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                results = applier.apply(jobs)
+                results = applier.apply(submits, flush=flush)
                 conn.execute("COMMIT")
             except BaseException:
                 if not conn.getautocommit():
                     conn.execute("ROLLBACK")
                 applier.reset()
                 raise
-            return Committed(results, time.perf_counter() - started, sum(len(j.events) for j in jobs))
+            return Committed(results + flushes, time.perf_counter() - started, sum(len(j.events) for j in submits),
+                             applier.unwritten > 0)
         except apsw.BusyError as exc:  # another process holds the write lock past the busy timeout
             error = exc
             log.warning("database busy (attempt %d of %d)", attempt + 1, BUSY_RETRIES)
@@ -119,16 +130,26 @@ class Checkpointer(threading.Thread):
 
 
 def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_max: int) -> None:
-    pending: list[Submit] = []
+    pending: list[Submit | Flush] = []
     stopping = False
+    quiet_flush_at = 0.0  # after a failed write (a full disk), the next quiet flush waits a second
     while True:
-        for message in channel.receive(block=not pending and not stopping):
+        idle = not pending and not stopping
+        may_flush = applier.unwritten > 0 and time.monotonic() >= quiet_flush_at
+        arrived = channel.receive(block=idle and not may_flush, timeout=FLUSH_IDLE_S if idle else 0.0)
+        for message in arrived:
             if isinstance(message, Shutdown):
                 stopping = True
             else:
                 pending.append(message)
         if channel.closed:
             stopping = True
+        if idle and not arrived and may_flush and not channel.closed:  # quiet: write what is kept
+            outcome = write(conn, applier, [], flush=True)
+            if isinstance(outcome, Failed):
+                quiet_flush_at = time.monotonic() + 1.0
+            send(channel, outcome)
+            continue
         if pending and not stopping:
             deadline = time.monotonic() + COMMIT_WINDOW_S
             while sum(len(job.events) for job in pending) < COMMIT_WINDOW_EVENTS and time.monotonic() < deadline:
@@ -146,16 +167,23 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
                 events += len(pending[taken].events)
                 taken += 1
             jobs, pending = pending[:taken], pending[taken:]
-            outcome = write(conn, applier, jobs)
-            if not channel.closed:
-                try:
-                    channel.send(outcome)
-                except OSError:
-                    channel.closed = True
+            flush = (stopping or applier.unwritten > FLUSH_ROWS
+                     or applier.unwritten_for(time.monotonic()) >= FLUSH_AFTER_S)
+            send(channel, write(conn, applier, jobs, flush))
         elif stopping:
+            if applier.unwritten:
+                write(conn, applier, [], flush=True)
             if not channel.closed:
                 channel.send(Stopped())
             return
+
+
+def send(channel: Channel, outcome: Committed | Failed) -> None:
+    if not channel.closed:
+        try:
+            channel.send(outcome)
+        except OSError:
+            channel.closed = True
 
 
 def main(argv: list[str]) -> int:

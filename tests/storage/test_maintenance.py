@@ -26,6 +26,10 @@ async def filled(aiohttp_client, settings, make_project):
         response = await client.post("/api/v1/events/ingest", json={"events": request["events"]},
                                      headers={"X-API-Key": project.ingest_key, "User-Agent": request["agent"]})
         assert response.status == 202
+    # a read waits until the writer has written the session and person changes it keeps in memory
+    response = await client.get(f"/api/v1/projects/{project.id}/overview",
+                                headers={"Authorization": f"Bearer {project.read_token}"})
+    assert response.status == 200
     return project, sent, requests
 
 

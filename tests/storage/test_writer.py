@@ -183,3 +183,106 @@ def test_compaction_keeps_totals_and_leaves_one_row_per_key(db, project):
         applier.reset()
         applier.apply(submit(job(project.id, [ev("click", BASE, "u999", "s999")])))
     assert {k: v[:3] for k, v in rollups(db, project.id).items()} == recount_hourly(db, project.id)
+
+
+def sessions_and_persons(db, project_id: int) -> tuple[dict, dict]:
+    """Stored sessions by key and persons by distinct id, and the same recounted from the raw events."""
+    stored_sessions = {key: (first, last, events, views) for key, first, last, events, views in db.execute(
+        "SELECT session_key, first_ts, last_ts, events, pageviews FROM sessions WHERE project_id = ?", (project_id,))}
+    recounted_sessions = {key: (first, last, events, views) for key, first, last, events, views in db.execute(
+        "SELECT s.session_key, min(e.ts), max(e.ts), count(*), sum(n.value = 'page_view') FROM events e"
+        " JOIN sessions s ON s.id = e.session_id JOIN strings n ON n.id = e.name_id WHERE e.project_id = ?"
+        " GROUP BY 1", (project_id,))}
+    stored_persons = {user: (first, last, events) for user, first, last, events in db.execute(
+        "SELECT distinct_id, first_seen, last_seen, event_count FROM persons WHERE project_id = ?", (project_id,))}
+    recounted_persons = {user: (first, last, events) for user, first, last, events in db.execute(
+        "SELECT p.distinct_id, min(e.ts), max(e.ts), count(*) FROM events e JOIN persons p ON p.id = e.person_id"
+        " WHERE e.project_id = ? GROUP BY 1", (project_id,))}
+    return (stored_sessions, stored_persons), (recounted_sessions, recounted_persons)
+
+
+async def test_after_settle_sessions_and_persons_count_every_acknowledged_event_while_others_keep_writing(
+        db, project, settings):
+    writer = EventWriter(settings.db_path, synchronous="NORMAL")
+    await writer.start()
+    rng = random.Random(5)
+    stop = asyncio.Event()
+
+    async def others() -> None:  # steady traffic of other visitors: the writer is never idle for long
+        while not stop.is_set():
+            await writer.submit(job(project.id, [
+                ev("page_view", BASE + rng.randrange(HOUR_MS), f"other{rng.randrange(50)}", f"o{rng.randrange(80)}",
+                   page_url=f"https://site.example/o/{rng.randrange(9)}") for _ in range(10)]))
+
+    background = [asyncio.create_task(others()) for _ in range(3)]
+    try:
+        mine: list[IngestEvent] = []
+        for round_ in range(15):
+            batch = [ev(rng.choice(["page_view", "click"]), BASE + rng.randrange(2 * HOUR_MS), f"me{rng.randrange(6)}",
+                        f"m{rng.randrange(8)}", page_url=f"https://site.example/m/{rng.randrange(5)}")
+                     for _ in range(rng.randrange(1, 12))]
+            assert await writer.submit(job(project.id, batch)) == (len(batch), 0)
+            mine += batch
+            await writer.settle()
+            (sessions, persons), (expected_sessions, expected_persons) = sessions_and_persons(db, project.id)
+            for key in {e.session_id for e in mine}:
+                assert sessions[key] == expected_sessions[key], (round_, key)
+            for user in {e.distinct_id for e in mine}:
+                assert persons[user] == expected_persons[user], (round_, user)
+    finally:
+        stop.set()
+        await asyncio.gather(*background)
+        await writer.close()
+    # closing wrote what was kept: every session and person agrees with the events
+    stored, expected = sessions_and_persons(db, project.id)
+    assert stored == expected
+
+
+def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_rollback(db, project):
+    from pulse.storage.rollups import BatchApplier
+
+    def submit(j: IngestJob) -> list[Submit]:
+        return [Submit(1, j.project_id, j.received_ms, j.ip, j.user_agent, prepare(j))]
+
+    rng = random.Random(3)
+
+    def batch() -> list[IngestEvent]:
+        return [ev(rng.choice(["page_view", "click"]), BASE + rng.randrange(2 * HOUR_MS), f"u{rng.randrange(30)}",
+                   f"s{rng.randrange(40)}", page_url=f"https://site.example/p/{rng.randrange(6)}?utm_source=n{rng.randrange(3)}")
+                for _ in range(15)]
+
+    applier = BatchApplier(db)
+    for _ in range(10):
+        with db:
+            applier.apply(submit(job(project.id, batch())), flush=False)
+    stored, expected = sessions_and_persons(db, project.id)
+    assert stored != expected  # the tables lag: new sessions and persons hold no events yet
+    assert all(events == 0 for _, _, events, _ in stored[0].values())
+
+    # the writer dies with its changes in memory; the next one rebuilds them from the events
+    applier = BatchApplier(db)
+    assert applier.unwritten > 0
+    with db:
+        applier.apply(submit(job(project.id, batch())), flush=False)
+    # a transaction that fails after apply() is rolled back; reset() drops its changes with it
+    db.execute("BEGIN IMMEDIATE")
+    applier.apply(submit(job(project.id, batch())), flush=False)
+    db.execute("ROLLBACK")
+    applier.reset()
+    with db:
+        applier.apply([], flush=True)
+    assert applier.unwritten == 0
+    stored, expected = sessions_and_persons(db, project.id)
+    assert stored == expected
+    # entry and exit pages and their UTM source agree with a recount too
+    from pulse.storage.maintenance import verify
+    assert [str(d) for d in verify(db)] == []
+    entries = db.execute(
+        "SELECT s.session_key, src.value FROM sessions s LEFT JOIN strings src ON src.id = s.utm_source_id").fetchall()
+    first_views = {}
+    for key, url, ts in db.execute(
+            "SELECT s.session_key, u.value, e.ts FROM events e JOIN sessions s ON s.id = e.session_id"
+            " JOIN strings u ON u.id = e.url_id JOIN strings n ON n.id = e.name_id"
+            " WHERE n.value = 'page_view' ORDER BY e.ts, e.id"):
+        first_views.setdefault(key, url.rsplit("=", 1)[1])
+    assert {key: source for key, source in entries if key in first_views} == first_views
