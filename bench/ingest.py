@@ -177,7 +177,11 @@ async def writer_rate(path: Path, events: list[IngestEvent], now: int) -> float:
     await writer.start()
     jobs = [IngestJob(1, events[i:i + 50], now, 0, "192.0.2.1", CHROME) for i in range(0, len(events), 50)]
     started = time.perf_counter()
-    futures = [writer.enqueue(job) for job in jobs]
+    futures = []
+    for i, job in enumerate(jobs):
+        futures.append(writer.enqueue(job))
+        if i % 20 == 19:  # hand over what is prepared, as the server does each event-loop turn
+            await asyncio.sleep(0)
     results = await asyncio.gather(*futures)
     elapsed = time.perf_counter() - started
     await writer.close()

@@ -26,7 +26,6 @@ from pulse.storage.rows import (
 _CACHE_LIMIT = 50_000
 _ROLLUP_CACHE_LIMIT = 20_000
 COMPACT_EVERY_S = 2.0
-CATALOG_CHECK_EVERY_S = 0.1
 
 _encode = msgspec.json.Encoder().encode
 
@@ -155,8 +154,10 @@ _TOUCH_SESSION_DAY = (
     " ON CONFLICT(project_id, day) DO UPDATE SET generation = excluded.generation"
 )
 _UNWRITTEN = (
-    "SELECT e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.referrer_domain_id, e.agent_id, u.value"
-    " FROM events e LEFT JOIN strings u ON u.id = e.url_id WHERE e.id > ? ORDER BY e.id"
+    "SELECT e.project_id, e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.referrer_domain_id, e.agent_id,"
+    " coalesce(a.is_bot, 0), u.value FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
+    " LEFT JOIN strings u ON u.id = e.url_id"
+    " WHERE e.id > ? ORDER BY e.id"
 )
 _SESSION_FIRST = "SELECT id, project_id, first_ts FROM sessions WHERE id IN (SELECT value FROM json_each(?))"
 _WRITTEN_THROUGH = "UPDATE meta SET value = ? WHERE key = 'derived_through'"
@@ -233,7 +234,6 @@ class BatchApplier:
                                 sessions=False)
         self.salts: dict[int, bytes] = {}
         self.compacted_at = time.monotonic()
-        self.catalog_checked_at = 0.0
         self.next_event_id = _max_id(self.conn, "events") + 1
         self.next_person_id = _max_id(self.conn, "persons") + 1
         self.next_session_id = _max_id(self.conn, "sessions") + 1
@@ -243,8 +243,8 @@ class BatchApplier:
 
     @property
     def unwritten(self) -> int:
-        """How many sessions and persons have changes kept in memory, not yet in their tables."""
-        return len(self.pending_sessions) + len(self.pending_persons)
+        """How many stored events have rollup, session and person changes kept in memory, not yet written."""
+        return self.next_event_id - 1 - self.derived_through
 
     def unwritten_for(self, now: float) -> float:
         """Seconds since the oldest change kept in memory was made (0 when there is none)."""
@@ -257,8 +257,12 @@ class BatchApplier:
         on disk, and every session and person row holds nothing of them but idempotent times.
         """
         conn = self.conn
-        self.pending_persons: dict[int, list[int]] = {}  # person id -> [first ts, last ts, events]
-        self.pending_sessions: dict[int, list] = {}  # session id -> the changes, as in _SESSION_CHANGES
+        # (project, hour, name, bot) -> [events, person ids, session ids]; (project, dim, hour, value, bot) ->
+        # [events, person ids]; person id -> [first ts, last ts, events]; session id -> as in _SESSION_CHANGES
+        self.pending_groups: dict[tuple[int, int, int, int], list] = {}
+        self.pending_dims: dict[tuple[int, int, int, int, int], list] = {}
+        self.pending_persons: dict[int, list[int]] = {}
+        self.pending_sessions: dict[int, list] = {}
         self.pending_since: float | None = None
         row = conn.execute("SELECT value FROM meta WHERE key = 'derived_through'").fetchone()
         self.derived_through = row[0] if row is not None else self.next_event_id - 1
@@ -266,18 +270,15 @@ class BatchApplier:
             return
         found = conn.execute("SELECT id FROM strings WHERE value = ?", (PAGE_VIEW,)).fetchone()
         page_view = found[0] if found is not None else None
-        persons, sessions = self.pending_persons, self.pending_sessions
-        for ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, url in conn.execute(_UNWRITTEN, (self.derived_through,)):
-            person = persons.get(person_id)
-            if person is None:
-                persons[person_id] = [ts, ts, 1]
-            else:
-                person[0], person[1], person[2] = min(person[0], ts), max(person[1], ts), person[2] + 1
+        for row in conn.execute(_UNWRITTEN, (self.derived_through,)):
+            project_id, ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, bot, url = row
+            self._count(project_id, ts, name_id, bot, person_id, session_id, agent_id,
+                        path_id if name_id == page_view else None)
             if session_id is not None:
                 parts = split_url(url) if url is not None and name_id == page_view else None
                 utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
-                self._count_in_session(sessions, session_id, ts, name_id == page_view, path_id, referrer_id, utm,
-                                       agent_id)
+                self._count_in_session(self.pending_sessions, session_id, ts, name_id == page_view, path_id,
+                                       referrer_id, utm, agent_id)
         self.pending_since = time.monotonic()
 
     # -- interning -------------------------------------------------------------------------------
@@ -395,18 +396,19 @@ class BatchApplier:
     def apply(self, jobs: list[Submit], *, flush: bool = True) -> list[tuple[int, int, list[int]]]:
         """Write the jobs in the current transaction; returns (job id, accepted, duplicate positions) per job.
 
-        Events, new sessions and persons, and rollups are always written. Changes to existing sessions and
-        persons (counts, times, entry and exit pages) are kept in memory unless `flush`, and merged with
-        later ones, so each changed row is written once per flush rather than once per commit.
+        Events and new sessions and persons are always written. What they add to the hourly rollups and
+        to sessions and persons (counts, times, entry and exit pages) is kept in memory unless `flush`,
+        merged with what later commits add, so each rollup key and changed row is written once per flush
+        rather than once per commit.
         """
         conn = self.conn
         now = time.monotonic()
-        if now - self.catalog_checked_at > CATALOG_CHECK_EVERY_S:
-            version = catalog_version(conn)
-            if version != self.catalog:
-                self.reset()
-                self.catalog = version
-            self.catalog_checked_at = now
+        # a project deleted since the last commit: forget its ids and drop what was kept of its events
+        # (gone with them), so no rollup, session or person row of it is written again
+        version = catalog_version(conn)
+        if version != self.catalog:
+            self.reset()
+            self.catalog = version
         for caches in (self.persons, self.sessions):
             if sum(len(c) for c in caches.values()) > _CACHE_LIMIT:
                 caches.clear()
@@ -452,10 +454,8 @@ class BatchApplier:
         self.new_sessions: dict[int, tuple[int, str, int]] = {}  # id -> (project, key, person)
         rows: list[tuple] = []
         results: list[tuple[int, int, list[int]]] = []
-        groups: dict[tuple[int, int, int, int], list] = {}
-        dims: dict[tuple[int, int, int, int, int], list] = {}
-        person_changes = self.pending_persons  # the batch's changes join those kept from earlier commits
-        session_changes = self.pending_sessions
+        session_changes = self.pending_sessions  # the batch's changes join those kept from earlier commits
+        count = self._count
         traits: list[tuple[str, int]] = []
         traited: set[int] = set()  # projects whose persons' traits change
         strings = self.strings
@@ -504,41 +504,13 @@ class BatchApplier:
                 ))
                 event_id += 1
 
-                hour = ts // HOUR_MS
-                key = (project_id, hour, name_id, bot)
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = [0, [], []]
-                group[0] += 1
-                group[1].append(person_id)
-                key = (project_id, DIM_AGENT, hour, agent_id, bot)
-                dim = dims.get(key)
-                if dim is None:
-                    dim = dims[key] = [0, []]
-                dim[0] += 1
-                dim[1].append(person_id)
-                if path_id is not None and name == PAGE_VIEW:
-                    key = (project_id, DIM_PAGE, hour, path_id, bot)
-                    dim = dims.get(key)
-                    if dim is None:
-                        dim = dims[key] = [0, []]
-                    dim[0] += 1
-                    dim[1].append(person_id)
-                person = person_changes.get(person_id)
-                if person is None:
-                    person_changes[person_id] = [ts, ts, 1]
-                else:
-                    if ts < person[0]:
-                        person[0] = ts
-                    elif ts > person[1]:
-                        person[1] = ts
-                    person[2] += 1
+                page_view = name == PAGE_VIEW
+                count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if page_view else None)
                 if ev[TRAITS] is not None:
                     traits.append((ev[TRAITS], person_id))
                     traited.add(project_id)
                 if session_id is not None:
-                    group[2].append(session_id)
-                    count_in_session(session_changes, session_id, ts, name == PAGE_VIEW, path_id, referrer_domain_id,
+                    count_in_session(session_changes, session_id, ts, page_view, path_id, referrer_domain_id,
                                      ev[UTM_SOURCE:PROPS], agent_id)
             results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
         self.next_event_id = event_id
@@ -548,10 +520,10 @@ class BatchApplier:
         conn.executemany(_INSERT_EVENT, rows)
         if conn.total_changes() - before != len(rows):
             raise RuntimeError("an event uuid was stored twice in one batch; the batch is rolled back")
-        self._write_rollups(groups, dims)
         self._write_people(traits, traited, flush)
         self._write_sessions(flush)
         if flush:
+            self._write_rollups()
             self.derived_through = event_id - 1
             conn.execute(_WRITTEN_THROUGH, (self.derived_through,))
             self.pending_since = None
@@ -598,9 +570,40 @@ class BatchApplier:
         self.new_sessions[session_id] = (project_id, session_key, person_id)
         return session_id
 
-    def _write_rollups(self, groups: dict[tuple[int, int, int, int], list],
-                       dims: dict[tuple[int, int, int, int, int], list]) -> None:
-        """Each touched key of both tables gets a row of what this commit adds (per event and for all)."""
+    def _count(self, project_id: int, ts: int, name_id: int, bot: int, person_id: int, session_id: int | None,
+               agent_id: int, page_path_id: int | None) -> None:
+        """Add one event to the kept rollup and person changes; page_path_id: its path if a page view."""
+        hour = ts // HOUR_MS
+        key = (project_id, hour, name_id, bot)
+        group = self.pending_groups.get(key)
+        if group is None:
+            group = self.pending_groups[key] = [0, [], []]
+        group[0] += 1
+        group[1].append(person_id)
+        if session_id is not None:
+            group[2].append(session_id)
+        dims = self.pending_dims
+        by_agent = (project_id, DIM_AGENT, hour, agent_id, bot)
+        for key in (by_agent,) if page_path_id is None else (by_agent, (project_id, DIM_PAGE, hour, page_path_id, bot)):
+            dim = dims.get(key)
+            if dim is None:
+                dim = dims[key] = [0, []]
+            dim[0] += 1
+            dim[1].append(person_id)
+        person = self.pending_persons.get(person_id)
+        if person is None:
+            self.pending_persons[person_id] = [ts, ts, 1]
+        else:
+            if ts < person[0]:
+                person[0] = ts
+            elif ts > person[1]:
+                person[1] = ts
+            person[2] += 1
+
+    def _write_rollups(self) -> None:
+        """Each key of both tables with kept events gets a row of what they add (per event and for all)."""
+        groups, dims = self.pending_groups, self.pending_dims
+        self.pending_groups, self.pending_dims = {}, {}
         deltas: dict[tuple[int, int, int, int], list] = {}
         for (project_id, hour, name_id, bot), (count, users, sessions) in groups.items():
             for key in ((project_id, hour, name_id, bot), (project_id, hour, 0, bot)):

@@ -11,7 +11,7 @@ from pulse.storage.rollups import Submit
 
 
 class Flush(msgspec.Struct, array_like=True, tag="flush"):
-    """Write every session and person change kept in memory in the next commit, answered like a job."""
+    """Write every rollup, session and person change kept in memory in the next commit; answered like a job."""
 
     job_id: int
     events: ClassVar[tuple] = ()
@@ -33,7 +33,7 @@ class Committed(msgspec.Struct, array_like=True, tag="committed"):
     results: list[tuple[int, int, list[int]]]  # job id, events accepted, positions of duplicates
     seconds: float
     events: int
-    unwritten: bool = False  # session and person changes are kept in the writer's memory after this commit
+    unwritten: bool = False  # rollup, session and person changes are kept in the writer's memory after it
 
 
 class Failed(msgspec.Struct, array_like=True, tag="failed"):

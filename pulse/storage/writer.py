@@ -129,7 +129,7 @@ class EventWriter:
         self._up = False
         self._closing = False
         self._outbox: list[bytes] = []  # frames written once per event-loop turn, not one syscall each
-        self._unwritten = True  # the writer may keep session and person changes in memory (see settle)
+        self._unwritten = True  # the writer may keep rollup, session and person changes in memory (settle)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -207,7 +207,7 @@ class EventWriter:
         return await self.enqueue(job)
 
     async def settle(self) -> None:
-        """Wait until the session and person changes of every event acknowledged so far are in their tables.
+        """Wait until every event acknowledged so far counts in the rollups, sessions and persons tables.
 
         The writer keeps them in memory for up to half a second under load; readers call this first, so a
         client reads what it was told was stored. Returns at once when nothing is kept.

@@ -2,9 +2,9 @@
 
 Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRONOUS BATCH_MAX`, with one end
 of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
-them and their rollups in one transaction, commits, then answers with one Committed frame. Changes to
-existing sessions and persons may be written by a later commit (see FLUSH_AFTER_S); a Flush frame asks
-for them now. It stops after a Shutdown frame, or when the server's end closes (the server died): either
+them and any new sessions and persons in one transaction, commits, then answers with one Committed
+frame. What they add to rollups, sessions and persons may be written by a later commit (see
+FLUSH_AFTER_S); a Flush frame asks for it now. It stops after a Shutdown frame, or when the server's end closes (the server died): either
 way it first writes and commits everything it has received and kept.
 """
 
@@ -39,12 +39,12 @@ READ_SIZE = 1 << 20
 COMMIT_WINDOW_EVENTS = 256
 COMMIT_WINDOW_S = 0.002
 COMMIT_GAP_S = 0.0003
-# Session and person changes are written behind the events (see BatchApplier.apply): by the first commit
-# after the oldest kept change is FLUSH_AFTER_S old, after FLUSH_IDLE_S without a request, when more than
-# FLUSH_ROWS rows have changes kept, when a reader asks (Flush) and before the writer exits.
+# Rollups and session and person changes are written behind the events (see BatchApplier.apply): by the
+# first commit after the oldest kept change is FLUSH_AFTER_S old, after FLUSH_IDLE_S without a request,
+# once FLUSH_EVENTS events wait for them, when a reader asks (Flush) and before the writer exits.
 FLUSH_AFTER_S = 0.5
 FLUSH_IDLE_S = 0.05
-FLUSH_ROWS = 50_000
+FLUSH_EVENTS = 100_000
 
 
 class Channel:
@@ -167,7 +167,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
                 events += len(pending[taken].events)
                 taken += 1
             jobs, pending = pending[:taken], pending[taken:]
-            flush = (stopping or applier.unwritten > FLUSH_ROWS
+            flush = (stopping or applier.unwritten > FLUSH_EVENTS
                      or applier.unwritten_for(time.monotonic()) >= FLUSH_AFTER_S)
             send(channel, write(conn, applier, jobs, flush))
         elif stopping:

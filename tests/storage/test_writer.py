@@ -201,8 +201,9 @@ def sessions_and_persons(db, project_id: int) -> tuple[dict, dict]:
     return (stored_sessions, stored_persons), (recounted_sessions, recounted_persons)
 
 
-async def test_after_settle_sessions_and_persons_count_every_acknowledged_event_while_others_keep_writing(
-        db, project, settings):
+async def test_after_settle_rollups_sessions_and_persons_count_every_acknowledged_event_while_others_keep_writing(
+        db, project, make_project, settings):
+    other = make_project("other")
     writer = EventWriter(settings.db_path, synchronous="NORMAL")
     await writer.start()
     rng = random.Random(5)
@@ -210,7 +211,7 @@ async def test_after_settle_sessions_and_persons_count_every_acknowledged_event_
 
     async def others() -> None:  # steady traffic of other visitors: the writer is never idle for long
         while not stop.is_set():
-            await writer.submit(job(project.id, [
+            await writer.submit(job(other.id, [
                 ev("page_view", BASE + rng.randrange(HOUR_MS), f"other{rng.randrange(50)}", f"o{rng.randrange(80)}",
                    page_url=f"https://site.example/o/{rng.randrange(9)}") for _ in range(10)]))
 
@@ -224,18 +225,18 @@ async def test_after_settle_sessions_and_persons_count_every_acknowledged_event_
             assert await writer.submit(job(project.id, batch)) == (len(batch), 0)
             mine += batch
             await writer.settle()
-            (sessions, persons), (expected_sessions, expected_persons) = sessions_and_persons(db, project.id)
-            for key in {e.session_id for e in mine}:
-                assert sessions[key] == expected_sessions[key], (round_, key)
-            for user in {e.distinct_id for e in mine}:
-                assert persons[user] == expected_persons[user], (round_, user)
+            stored, expected = sessions_and_persons(db, project.id)
+            assert stored == expected, round_
+            assert {k: v[:3] for k, v in rollups(db, project.id).items()} == recount_hourly(db, project.id), round_
     finally:
         stop.set()
         await asyncio.gather(*background)
         await writer.close()
-    # closing wrote what was kept: every session and person agrees with the events
-    stored, expected = sessions_and_persons(db, project.id)
-    assert stored == expected
+    # closing wrote what was kept: every rollup, session and person agrees with the events
+    for project_id in (project.id, other.id):
+        stored, expected = sessions_and_persons(db, project_id)
+        assert stored == expected
+        assert {k: v[:3] for k, v in rollups(db, project_id).items()} == recount_hourly(db, project_id)
 
 
 def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_rollback(db, project):
@@ -258,6 +259,7 @@ def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_
     stored, expected = sessions_and_persons(db, project.id)
     assert stored != expected  # the tables lag: new sessions and persons hold no events yet
     assert all(events == 0 for _, _, events, _ in stored[0].values())
+    assert rollups(db, project.id) == {}  # and no rollup row is written yet
 
     # the writer dies with its changes in memory; the next one rebuilds them from the events
     applier = BatchApplier(db)
@@ -274,6 +276,7 @@ def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_
     assert applier.unwritten == 0
     stored, expected = sessions_and_persons(db, project.id)
     assert stored == expected
+    assert {k: v[:3] for k, v in rollups(db, project.id).items()} == recount_hourly(db, project.id)
     # entry and exit pages and their UTM source agree with a recount too
     from pulse.storage.maintenance import verify
     assert [str(d) for d in verify(db)] == []
