@@ -120,9 +120,7 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
     later = conn.execute(
         "SELECT DISTINCT session_id, person_id FROM events WHERE project_id = ?"
         " AND id > (SELECT value FROM meta WHERE key = 'derived_through')", (pid,)).fetchall()
-    for key in {(session_id,) for session_id, _ in later}:
-        stored.pop(key, None)
-        recounted.pop(key, None)
+    _leave_out({(session_id,) for session_id, _ in later}, stored, recounted)
     found += _compare(pid, "session", stored, recounted, lambda k: f"{k[0]} (events, page views, first, last)")
 
     # every day a session starts on is marked, so readers can tell when its sessions change
@@ -140,14 +138,18 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
         "SELECT e.person_id, count(*), min(e.ts), max(e.ts) FROM events e WHERE e.project_id = ?"
         " AND e.person_id IN (SELECT id FROM persons WHERE project_id = ? AND first_seen >= ?) GROUP BY 1",
         (pid, pid, cut))}
-    for key in {(person_id,) for _, person_id in later}:
-        stored.pop(key, None)
-        recounted.pop(key, None)
+    _leave_out({(person_id,) for _, person_id in later}, stored, recounted)
     for key in stored.keys() - recounted.keys():
         if stored[key][0] == 0:  # a person made by identify alone, with no event of its own
             recounted[key] = stored[key]
     found += _compare(pid, "person", stored, recounted, lambda k: f"{k[0]} (events, first seen, last seen)")
     return found
+
+
+def _leave_out(keys: set[tuple], *found: dict) -> None:
+    for key in keys:
+        for each in found:
+            each.pop(key, None)
 
 
 def _day(day: int) -> str:

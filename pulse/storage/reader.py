@@ -53,7 +53,7 @@ class Reader:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, args)
 
     async def fresh(self, fn: Callable[..., T], *args: Any) -> T:
-        """Like run, after every event acknowledged so far counts in sessions and persons too."""
+        """Like run, after every event acknowledged so far counts in the rollups, sessions and persons."""
         if self.settle is not None:
             await self.settle()
         return await self.run(fn, *args)

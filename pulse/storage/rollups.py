@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import apsw
@@ -203,6 +204,12 @@ _EXTEND_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = ma
 _EXTEND_LATER_SESSION = "UPDATE sessions SET last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
 
 
+def _json_chunks(values: list) -> Iterator[str]:
+    """The values as JSON arrays of at most 5000, one per `IN (SELECT value FROM json_each(?))` lookup."""
+    for start in range(0, len(values), 5000):
+        yield _encode(values[start:start + 5000]).decode()
+
+
 def _max_id(conn: apsw.Connection, table: str) -> int:
     return conn.execute(f"SELECT max(id) FROM {table}").fetchone()[0] or 0
 
@@ -239,7 +246,7 @@ class BatchApplier:
         self.next_session_id = _max_id(self.conn, "sessions") + 1
         self._replay()
 
-    # -- session and person changes written behind the events ----------------------------------
+    # -- rollup, session and person changes written behind the events ---------------------------
 
     @property
     def unwritten(self) -> int:
@@ -272,13 +279,12 @@ class BatchApplier:
         page_view = found[0] if found is not None else None
         for row in conn.execute(_UNWRITTEN, (self.derived_through,)):
             project_id, ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, bot, url = row
-            self._count(project_id, ts, name_id, bot, person_id, session_id, agent_id,
-                        path_id if name_id == page_view else None)
+            is_page = name_id == page_view
+            self._count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if is_page else None)
             if session_id is not None:
-                parts = split_url(url) if url is not None and name_id == page_view else None
+                parts = split_url(url) if url is not None and is_page else None
                 utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
-                self._count_in_session(self.pending_sessions, session_id, ts, name_id == page_view, path_id,
-                                       referrer_id, utm, agent_id)
+                self._count_in_session(session_id, ts, is_page, path_id, referrer_id, utm, agent_id)
         self.pending_since = time.monotonic()
 
     # -- interning -------------------------------------------------------------------------------
@@ -299,9 +305,10 @@ class BatchApplier:
     def opt_string_id(self, value: str | None) -> int | None:
         return None if value is None else self.string_id(value)
 
-    def _count_in_session(self, changes: dict[int, list], session_id: int, ts: int, page_view: bool,
-                          path_id: int | None, referrer_id: int | None, utm: tuple, agent_id: int) -> None:
-        """Add one event to its session's changes; utm is (source, medium, campaign) of its page."""
+    def _count_in_session(self, session_id: int, ts: int, page_view: bool, path_id: int | None,
+                          referrer_id: int | None, utm: tuple, agent_id: int) -> None:
+        """Add one event to its session's kept changes; utm is (source, medium, campaign) of its page."""
+        changes = self.pending_sessions
         delta = changes.get(session_id)
         if delta is None:
             delta = changes[session_id] = [ts, ts, 0, 0, None, None, None, None, None, None, None, None, agent_id]
@@ -361,18 +368,14 @@ class BatchApplier:
         """Bring every wanted key of each project that exists into its cache, one query per 5000 keys."""
         for project_id, keys in wanted.items():
             cache = caches.setdefault(project_id, {})
-            missing = list(keys)
-            for start in range(0, len(missing), 5000):
-                chunk = _encode(missing[start:start + 5000]).decode()
+            for chunk in _json_chunks(list(keys)):
                 cache.update(self.conn.execute(sql, (project_id, chunk)))
 
     def _load_sessions(self, wanted: dict[int, set[str]]) -> None:
         """Like _load, keeping each session's first time too."""
         for project_id, keys in wanted.items():
             cache = self.sessions.setdefault(project_id, {})
-            missing = list(keys)
-            for start in range(0, len(missing), 5000):
-                chunk = _encode(missing[start:start + 5000]).decode()
+            for chunk in _json_chunks(list(keys)):
                 for key, session_id, first_ts in self.conn.execute(_LOOKUP_SESSIONS, (project_id, chunk)):
                     cache[key] = session_id
                     self.session_first[session_id] = (project_id, first_ts)
@@ -386,8 +389,7 @@ class BatchApplier:
                 wanted.setdefault(job.project_id, []).extend(uuids)
         found = set()
         for project_id, uuids in wanted.items():
-            for start in range(0, len(uuids), 5000):
-                chunk = _encode(uuids[start:start + 5000]).decode()
+            for chunk in _json_chunks(uuids):
                 found.update((project_id, uid) for (uid,) in self.conn.execute(_STORED_UUIDS, (project_id, chunk)))
         return found
 
@@ -454,8 +456,7 @@ class BatchApplier:
         self.new_sessions: dict[int, tuple[int, str, int]] = {}  # id -> (project, key, person)
         rows: list[tuple] = []
         results: list[tuple[int, int, list[int]]] = []
-        session_changes = self.pending_sessions  # the batch's changes join those kept from earlier commits
-        count = self._count
+        count = self._count  # the batch's changes join those kept from earlier commits
         traits: list[tuple[str, int]] = []
         traited: set[int] = set()  # projects whose persons' traits change
         strings = self.strings
@@ -510,8 +511,8 @@ class BatchApplier:
                     traits.append((ev[TRAITS], person_id))
                     traited.add(project_id)
                 if session_id is not None:
-                    count_in_session(session_changes, session_id, ts, page_view, path_id, referrer_domain_id,
-                                     ev[UTM_SOURCE:PROPS], agent_id)
+                    count_in_session(session_id, ts, page_view, path_id, referrer_domain_id, ev[UTM_SOURCE:PROPS],
+                                     agent_id)
             results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
         self.next_event_id = event_id
 
@@ -673,9 +674,7 @@ class BatchApplier:
         """Write every kept session change; adds the start days of the sessions changed to `days`."""
         first_seen = self.session_first
         sessions, self.pending_sessions = self.pending_sessions, {}
-        missing = [session_id for session_id in sessions if session_id not in first_seen]
-        for start in range(0, len(missing), 5000):
-            chunk = _encode(missing[start:start + 5000]).decode()
+        for chunk in _json_chunks([session_id for session_id in sessions if session_id not in first_seen]):
             for session_id, project_id, first_ts in self.conn.execute(_SESSION_FIRST, (chunk,)):
                 first_seen[session_id] = (project_id, first_ts)
         extend, extend_later, full, full_later = [], [], [], []

@@ -4,8 +4,8 @@ Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRON
 of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
 them and any new sessions and persons in one transaction, commits, then answers with one Committed
 frame. What they add to rollups, sessions and persons may be written by a later commit (see
-FLUSH_AFTER_S); a Flush frame asks for it now. It stops after a Shutdown frame, or when the server's end closes (the server died): either
-way it first writes and commits everything it has received and kept.
+FLUSH_AFTER_S); a Flush frame asks for it now. It stops after a Shutdown frame, or when the server's end
+closes (the server died): either way it first writes and commits everything it has received and kept.
 """
 
 from __future__ import annotations
@@ -54,7 +54,13 @@ class Channel:
         self.closed = False
 
     def send(self, message: object) -> None:
-        self.sock.sendall(frame(message))
+        """Send unless the server's end is gone (then the writer finishes its work and exits)."""
+        if self.closed:
+            return
+        try:
+            self.sock.sendall(frame(message))
+        except OSError:
+            self.closed = True
 
     def receive(self, block: bool, timeout: float = 0.0) -> list:
         """Every message that has arrived; waits for the first one if `block`, else up to `timeout`."""
@@ -148,7 +154,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
             outcome = write(conn, applier, [], flush=True)
             if isinstance(outcome, Failed):
                 quiet_flush_at = time.monotonic() + 1.0
-            send(channel, outcome)
+            channel.send(outcome)
             continue
         if pending and not stopping:
             deadline = time.monotonic() + COMMIT_WINDOW_S
@@ -169,21 +175,12 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
             jobs, pending = pending[:taken], pending[taken:]
             flush = (stopping or applier.unwritten > FLUSH_EVENTS
                      or applier.unwritten_for(time.monotonic()) >= FLUSH_AFTER_S)
-            send(channel, write(conn, applier, jobs, flush))
+            channel.send(write(conn, applier, jobs, flush))
         elif stopping:
             if applier.unwritten:
                 write(conn, applier, [], flush=True)
-            if not channel.closed:
-                channel.send(Stopped())
+            channel.send(Stopped())
             return
-
-
-def send(channel: Channel, outcome: Committed | Failed) -> None:
-    if not channel.closed:
-        try:
-            channel.send(outcome)
-        except OSError:
-            channel.closed = True
 
 
 def main(argv: list[str]) -> int:

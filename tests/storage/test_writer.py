@@ -19,6 +19,11 @@ def job(project_id: int, events: list[IngestEvent], ua: str = "test-agent") -> I
     return IngestJob(project_id, events, received_ms=BASE + 10 * HOUR_MS, skew_ms=0, ip="192.0.2.1", user_agent=ua)
 
 
+def submit(j: IngestJob) -> list[Submit]:
+    """The job as the writer process receives it, for a BatchApplier used directly."""
+    return [Submit(1, j.project_id, j.received_ms, j.ip, j.user_agent, prepare(j))]
+
+
 def ev(name: str, ts: int, user: str, session: str | None = None, uid: uuid.UUID | None = None, **kw) -> IngestEvent:
     return IngestEvent(event=name, uuid=uid or uuid.uuid4(), distinct_id=user, session_id=session, timestamp=ts, **kw)
 
@@ -162,9 +167,6 @@ async def test_sessions_agree_with_recount_when_batches_arrive_out_of_order(db, 
 def test_compaction_keeps_totals_and_leaves_one_row_per_key(db, project):
     from pulse.storage.rollups import BatchApplier
 
-    def submit(j: IngestJob) -> list[Submit]:
-        return [Submit(1, j.project_id, j.received_ms, j.ip, j.user_agent, prepare(j))]
-
     applier = BatchApplier(db)
     rng = random.Random(11)
     for _ in range(30):
@@ -242,14 +244,12 @@ async def test_after_settle_rollups_sessions_and_persons_count_every_acknowledge
 def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_rollback(db, project):
     from pulse.storage.rollups import BatchApplier
 
-    def submit(j: IngestJob) -> list[Submit]:
-        return [Submit(1, j.project_id, j.received_ms, j.ip, j.user_agent, prepare(j))]
-
     rng = random.Random(3)
 
     def batch() -> list[IngestEvent]:
         return [ev(rng.choice(["page_view", "click"]), BASE + rng.randrange(2 * HOUR_MS), f"u{rng.randrange(30)}",
-                   f"s{rng.randrange(40)}", page_url=f"https://site.example/p/{rng.randrange(6)}?utm_source=n{rng.randrange(3)}")
+                   f"s{rng.randrange(40)}",
+                   page_url=f"https://site.example/p/{rng.randrange(6)}?utm_source=n{rng.randrange(3)}")
                 for _ in range(15)]
 
     applier = BatchApplier(db)
