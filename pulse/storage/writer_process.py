@@ -69,9 +69,9 @@ class Channel:
         while not self.closed:
             if not wait:
                 ready, _, _ = select.select([self.sock], [], [], timeout)
-                timeout = 0.0
                 if not ready:
                     break
+            timeout = 0.0  # only the first wait may be long: then take what else has arrived, and go
             chunk = self.sock.recv(READ_SIZE)
             if not chunk:
                 self.closed = True

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import threading
 import uuid
 
 from pulse.protocol import IngestEvent
 from pulse.storage.rollups import Submit
 from pulse.storage.rows import HOUR_MS, IngestJob, prepare
+from pulse.storage.wire import Flush, frame
 from pulse.storage.writer import EventWriter
+from pulse.storage.writer_process import Channel
 from tests.conftest import recount_hourly, rollups
 
 BASE = 1_790_000_000_000 - 1_790_000_000_000 % HOUR_MS  # an hour boundary
@@ -289,3 +293,25 @@ def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_
             " WHERE n.value = 'page_view' ORDER BY e.ts, e.id"):
         first_views.setdefault(key, url.rsplit("=", 1)[1])
     assert {key: source for key, source in entries if key in first_views} == first_views
+
+
+def test_a_request_that_finds_the_writer_idle_is_taken_without_waiting_for_more():
+    """The writer, blocked on an idle socket, takes what arrives and goes on to commit it.
+
+    It used to wait up to its idle-flush period for a second message after the first, so every
+    request on a quiet server was answered 50 ms late. Here the period is long and the server's end
+    closes after a few seconds: a channel that waited would see the close and report it.
+    """
+    ours, theirs = socket.socketpair()
+    channel = Channel(theirs)
+    closer = threading.Timer(10.0, ours.close)
+    closer.start()
+    try:
+        ours.sendall(frame(Flush(1)))
+        messages = channel.receive(block=True, timeout=3600.0)
+        assert messages == [Flush(1)]
+        assert not channel.closed
+    finally:
+        closer.cancel()
+        ours.close()
+        theirs.close()
