@@ -52,6 +52,12 @@ def parse_agent(user_agent: str) -> Agent:
     return Agent(browser, os_name, device, False)
 
 
+def load_agent_rules() -> None:
+    """Compile ua-parser's rules now (about 0.15 s) rather than inside the first request that needs them."""
+    parse_agent.__wrapped__("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0"
+                            " Safari/537.36")
+
+
 @functools.lru_cache(maxsize=65536)
 def split_url(url: str) -> UrlParts:
     try:

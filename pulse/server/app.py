@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
+from pulse.enrich import load_agent_rules
 from pulse.server import analytics, ingest, live, metrics, static
 from pulse.server.auth import KeyRing
 from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, READER, SETTINGS, WARM_UP, WRITER
@@ -62,6 +63,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         wants=hub.wants,
     )
     await writer.start()  # creates and migrates the database
+    load_agent_rules()  # the live feed parses user agents on the event loop: not in its first message
     queries.DAYS.max_bytes = settings.cache_mib * 1024 * 1024
     reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
                     settle=writer.settle)

@@ -22,6 +22,7 @@ import time
 
 import apsw
 
+from pulse.enrich import load_agent_rules
 from pulse.storage.connection import connect
 from pulse.storage.rollups import BatchApplier, Submit
 from pulse.storage.schema import migrate
@@ -198,6 +199,7 @@ def main(argv: list[str]) -> int:
         if max_db_mb:  # a quota: past it, writes fail as on a full disk (503s) until space is freed
             conn.pragma("max_page_count", max_db_mb * 1_048_576 // conn.pragma("page_size"))
         applier = BatchApplier(conn)
+        load_agent_rules()  # before Ready: the first request should not wait for it
     except Exception as exc:
         channel.send(StartFailed(str(exc)))
         return 1
