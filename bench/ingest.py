@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -191,12 +192,18 @@ async def writer_rate(path: Path, events: list[IngestEvent], now: int) -> float:
 
 PLAIN_ROLLUP = """
 CREATE TABLE plain_hourly (project_id INTEGER, hour INTEGER, name_id INTEGER, events INTEGER,
-                           PRIMARY KEY (project_id, hour, name_id)) WITHOUT ROWID
+                           PRIMARY KEY (project_id, hour, name_id)) WITHOUT ROWID;
+CREATE TABLE plain_hourly_users (project_id INTEGER, hour INTEGER, name_id INTEGER, distinct_id TEXT,
+                                 PRIMARY KEY (project_id, hour, name_id, distinct_id)) WITHOUT ROWID;
+CREATE TABLE plain_hourly_sessions (project_id INTEGER, hour INTEGER, name_id INTEGER, session TEXT,
+                                    PRIMARY KEY (project_id, hour, name_id, session)) WITHOUT ROWID;
 """
 
 
-def plain_rate(path: Path, events: list[IngestEvent], now: int) -> float:
-    """The same rows through one executemany per 5000 rows, plus a per-row hourly count upsert."""
+def plain_rate(path: Path, events: list[IngestEvent], now: int, *, uniques: bool = False) -> float:
+    """The same rows through one executemany per 5000 rows, plus a per-row hourly count upsert; with
+    `uniques`, also the members of each hour's unique users and sessions (INSERT OR IGNORE), which is
+    what an exact hourly rollup of count, unique users and unique sessions takes in plain SQL."""
     conn = connect(path)
     migrate(conn)
     conn.execute(PLAIN_ROLLUP)
@@ -206,14 +213,19 @@ def plain_rate(path: Path, events: list[IngestEvent], now: int) -> float:
          b"\x00" * 8, '{"plan":"pro","n":1}')
         for i, e in enumerate(events)
     ]
-    rollup_rows = [(1, e.timestamp // HOUR_MS, names[e.event]) for e in events]
+    keys = [(1, e.timestamp // HOUR_MS, names[e.event]) for e in events]
+    users = [(*key, e.distinct_id) for key, e in zip(keys, events)]
+    sessions = [(*key, e.session_id) for key, e in zip(keys, events)]
     started = time.perf_counter()
     for start in range(0, len(rows), 5000):
+        end = start + 5000
         with conn:
-            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             rows[start:start + 5000])
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[start:end])
             conn.executemany("INSERT INTO plain_hourly VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE SET events = events + 1",
-                             rollup_rows[start:start + 5000])
+                             keys[start:end])
+            if uniques:
+                conn.executemany("INSERT OR IGNORE INTO plain_hourly_users VALUES (?, ?, ?, ?)", users[start:end])
+                conn.executemany("INSERT OR IGNORE INTO plain_hourly_sessions VALUES (?, ?, ?, ?)", sessions[start:end])
     elapsed = time.perf_counter() - started
     conn.close()
     return len(rows) / elapsed
@@ -225,12 +237,14 @@ def storage_benchmarks(count: int, repeat: int) -> dict:
     rng = random.Random(1)
     now = int(time.time() * 1000)
     base = now - 6 * HOUR_MS
-    runs: dict[str, list[float]] = {"writer v7": [], "plain v7": [], "writer v4": [], "plain v4": []}
+    runs: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(repeat):
         for kind in ("v7", "v4"):
             events = make_events(count, rng, base, random_uuids=kind == "v4")
-            with tempfile.TemporaryDirectory() as tmp:
-                runs[f"plain {kind}"].append(plain_rate(Path(tmp) / "plain.db", events, now))
+            for uniques in (False, True):
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs[f"plain{'+u' * uniques} {kind}"].append(
+                        plain_rate(Path(tmp) / "plain.db", events, now, uniques=uniques))
             with tempfile.TemporaryDirectory() as tmp:
                 runs[f"writer {kind}"].append(asyncio.run(writer_rate(Path(tmp) / "writer.db", events, now)))
     return {name: statistics.median(values) for name, values in runs.items()}
@@ -242,10 +256,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median is printed)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rows", type=int, default=200_000, help="rows for the writer-alone benchmark")
+    parser.add_argument("--part", choices=("all", "http", "storage"), default="all", help="which benchmarks to run")
     args = parser.parse_args()
+    if args.part != "storage":
+        http_part(args)
+    if args.part != "http":
+        storage_part(args)
+
+
+def http_part(args: argparse.Namespace) -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench/ingest.py needs wrk: apt-get install wrk")
-
     print(f"ingest over HTTP: wrk -t1 -c{args.connections}, {args.duration:g}s per run, median of {args.repeat}")
     http = http_benchmarks(args.duration, args.repeat, args.connections)
     print(f"{'batch':>5}  {'pulse req/s':>11} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-202':>7}"
@@ -259,13 +280,17 @@ def main() -> None:
           f"{http['events_stored']:,} events stored, {http['bytes_per_event']:.0f} bytes/event on disk "
           "(events, indexes, rollups, sessions, persons)")
 
+
+def storage_part(args: argparse.Namespace) -> None:
     print(f"\nstorage alone: {args.rows:,} events in jobs of 50, median of {args.repeat}")
     print("  writer: events + rollup bitmaps + sessions + persons, group commit, in its process")
     print("  plain:  the same rows through executemany, 5000 per transaction, + hourly count upsert per row")
+    print("  plain+u: plain, + INSERT OR IGNORE of each row's user and session into the hour's unique members")
     storage = storage_benchmarks(args.rows, args.repeat)
     for kind, label in (("v7", "time-ordered uuids"), ("v4", "random client uuids")):
-        writer, plain = storage[f"writer {kind}"], storage[f"plain {kind}"]
-        print(f"  {label:<20}  writer {writer:>9,.0f} events/s   plain {plain:>9,.0f} rows/s   writer/plain {writer / plain:.0%}")
+        writer, plain, plain_u = storage[f"writer {kind}"], storage[f"plain {kind}"], storage[f"plain+u {kind}"]
+        print(f"  {label:<20}  writer {writer:>9,.0f} events/s   plain {plain:>9,.0f} rows/s ({writer / plain:.0%})"
+              f"   plain+u {plain_u:>9,.0f} rows/s ({writer / plain_u:.0%})")
 
 
 if __name__ == "__main__":
