@@ -77,17 +77,32 @@ def pss_mb(pid: int) -> float:
     return _memory_mb(pid, "smaps_rollup", "Pss:")
 
 
-def wrk(port: int, batch: int, key: str, duration: float, connections: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def wrk(port: int, batch: int, key: str, duration: float, connections: int, server_pid: int) -> dict:
+    """One wrk run; also the CPU time per request of the server and, for pulse, of its writer per event."""
     env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key}
+    helpers = children(server_pid)
+    before = [cpu_seconds(pid) for pid in (server_pid, *helpers)]
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "load.lua"), f"http://127.0.0.1:{port}"],
         capture_output=True, text=True, env=env, check=True,
     ).stdout
+    used = [cpu_seconds(pid) - start for pid, start in zip((server_pid, *helpers), before)]
     line = next(line for line in out.splitlines() if line.startswith("RESULT"))
     requests, micros, p50, p99, bad_status, socket_errors = map(int, line.split()[1:])
     seconds = micros / 1e6
     return {"rps": requests / seconds, "eps": requests * batch / seconds, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
-            "bad": bad_status + socket_errors}
+            "bad": bad_status + socket_errors, "server_us": used[0] / requests * 1e6,
+            "writer_us": sum(used[1:]) / (requests * batch) * 1e6}
 
 
 def median_runs(runs: list[dict]) -> dict:
@@ -110,13 +125,13 @@ def http_benchmarks(duration: float, repeat: int, connections: int) -> dict:
         wait_http(pulse_port)
         wait_http(floor_port)
         for port in (pulse_port, floor_port):  # warm up both
-            wrk(port, 10, key, 1, connections)
+            wrk(port, 10, key, 1, connections, pulse.pid if port == pulse_port else floor.pid)
         for batch in (1, 10, 50):
             runs: dict[str, list[dict]] = {"pulse": [], "floor": []}
             for _ in range(repeat):  # interleaved, so both see the same machine noise
-                runs["pulse"].append(wrk(pulse_port, batch, key, duration, connections))
+                runs["pulse"].append(wrk(pulse_port, batch, key, duration, connections, pulse.pid))
                 results["pss_mb"] = max(results.get("pss_mb", 0.0), pss_mb(pulse.pid))
-                runs["floor"].append(wrk(floor_port, batch, key, duration, connections))
+                runs["floor"].append(wrk(floor_port, batch, key, duration, connections, floor.pid))
             results[batch] = {name: median_runs(r) for name, r in runs.items()}
         results["rss_mb"] = peak_rss_mb(pulse.pid)
     finally:
@@ -275,6 +290,12 @@ def http_part(args: argparse.Namespace) -> None:
         p, f = http[batch]["pulse"], http[batch]["floor"]
         print(f"{batch:>5}  {p['rps']:>11,.0f} {p['eps']:>9,.0f} {p['p50_ms']:>7.2f} {p['p99_ms']:>7.2f} {p['bad']:>7,.0f}"
               f"  {f['rps']:>11,.0f} {f['eps']:>9,.0f} {f['p99_ms']:>7.2f}  {p['rps'] / f['rps']:>10.0%}")
+    print("CPU time per request (less noisy than throughput on a shared machine), and of pulse's writer process per event:")
+    print(f"{'batch':>5}  {'pulse server':>12} {'floor server':>12} {'floor/pulse':>11}  {'writer per event':>16}")
+    for batch in (1, 10, 50):
+        p, f = http[batch]["pulse"], http[batch]["floor"]
+        print(f"{batch:>5}  {p['server_us']:>9,.1f} us {f['server_us']:>9,.1f} us {f['server_us'] / p['server_us']:>10.0%}"
+              f"  {p['writer_us']:>13,.1f} us")
     print(f"pulse peak RSS {http['rss_mb']:.0f} MB summed over server and writer processes (PSS after the"
           f" heaviest run {http['pss_mb']:.0f} MB); exit code after SIGTERM {http['exit_code']}; "
           f"{http['events_stored']:,} events stored, {http['bytes_per_event']:.0f} bytes/event on disk "
