@@ -56,11 +56,15 @@ def wait_http(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listening on port {port}")
 
 
+def children(pid: int) -> list[int]:
+    """A process's children (pulse's: its writer process)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def _memory_mb(pid: int, path: str, field: str) -> float:
-    """A memory field summed over a process and its children (the writer process), in MB."""
+    """A memory field summed over a process and its children, in MB."""
     total = 0.0
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for each in [pid, *map(int, children.read_text().split())]:
+    for each in [pid, *children(pid)]:
         for line in Path(f"/proc/{each}/{path}").read_text().splitlines():
             if line.startswith(field):
                 total += int(line.split()[1]) / 1024
@@ -83,20 +87,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def wrk(port: int, batch: int, key: str, duration: float, connections: int, server_pid: int) -> dict:
     """One wrk run; also the CPU time per request of the server and, for pulse, of its writer per event."""
     env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key}
-    helpers = children(server_pid)
-    before = [cpu_seconds(pid) for pid in (server_pid, *helpers)]
+    pids = [server_pid, *children(server_pid)]
+    before = [cpu_seconds(pid) for pid in pids]
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "load.lua"), f"http://127.0.0.1:{port}"],
         capture_output=True, text=True, env=env, check=True,
     ).stdout
-    used = [cpu_seconds(pid) - start for pid, start in zip((server_pid, *helpers), before)]
+    used = [cpu_seconds(pid) - start for pid, start in zip(pids, before)]
     line = next(line for line in out.splitlines() if line.startswith("RESULT"))
     requests, micros, p50, p99, bad_status, socket_errors = map(int, line.split()[1:])
     seconds = micros / 1e6
@@ -124,8 +124,8 @@ def http_benchmarks(duration: float, repeat: int, connections: int) -> dict:
     try:
         wait_http(pulse_port)
         wait_http(floor_port)
-        for port in (pulse_port, floor_port):  # warm up both
-            wrk(port, 10, key, 1, connections, pulse.pid if port == pulse_port else floor.pid)
+        for port, pid in ((pulse_port, pulse.pid), (floor_port, floor.pid)):  # warm up both
+            wrk(port, 10, key, 1, connections, pid)
         for batch in (1, 10, 50):
             runs: dict[str, list[dict]] = {"pulse": [], "floor": []}
             for _ in range(repeat):  # interleaved, so both see the same machine noise
