@@ -34,12 +34,38 @@ class KeyRing:
         self.version = -1
         self.grants: dict[bytes, KeyGrant] = {}
         self.projects: dict[int, Project] = {}
+        # called whenever a grant may have ended: after each reload, and when a grace period runs out
         self.on_reload: Callable[[], Awaitable[None]] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_task: asyncio.Task | None = None  # kept: the loop holds tasks weakly
 
     async def reload(self) -> None:
         self.version, self.grants, self.projects = await self.reader.run(_load)
+        self._schedule_expiry()
         if self.on_reload is not None:
             await self.on_reload()
+
+    def _schedule_expiry(self) -> None:
+        """Run on_reload again when the next grace period ends: the catalog does not change then."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        now = now_ms()
+        upcoming = [g.expires_at for g in self.grants.values() if g.expires_at is not None and g.expires_at > now]
+        if upcoming:
+            self._expiry = asyncio.get_running_loop().call_later((min(upcoming) - now) / 1000, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._expiry_task = asyncio.create_task(self._after_expiry(), name="pulse-keyring-expiry")
+
+    async def _after_expiry(self) -> None:
+        try:
+            if self.on_reload is not None:
+                await self.on_reload()
+        except Exception:
+            log.exception("ending expired grants failed")
+        self._schedule_expiry()
 
     def is_operator_secret(self, secret: str) -> bool:
         return self.is_operator(digest(secret))

@@ -2,7 +2,8 @@
 
 The writer hands every committed batch to `LiveHub.publish` on the event loop. Publishing only appends
 to per-client buffers; a client that reads too slowly loses events (counted and reported to it), so no
-client can slow ingest down.
+client can slow ingest down. A feed is closed (4001) once its read token no longer grants the project:
+rotated without a grace period, deleted with it, or at the end of the grace period.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import collections
 import logging
 import weakref
+from collections.abc import Callable
 
 import msgspec
 from aiohttp import WSCloseCode, web
@@ -25,13 +27,17 @@ log = logging.getLogger(__name__)
 CLOSE_TOKEN_REVOKED = 4001
 MAX_EVENTS_PER_MESSAGE = 500
 
+# whether a token (by digest) still grants a project: KeyRing.grants_read
+Grants = Callable[[bytes, int], bool]
+
 
 class LiveClient:
     def __init__(self, ws: web.WebSocketResponse, project_id: int, token_digest: bytes, event: str | None,
-                 buffer_events: int) -> None:
+                 buffer_events: int, grants: Grants | None = None) -> None:
         self.ws = ws
         self.project_id = project_id
         self.token_digest = token_digest
+        self.grants = grants
         self.event = event
         self.buffer: collections.deque[CommittedEvent] = collections.deque()
         self.capacity = buffer_events
@@ -48,16 +54,34 @@ class LiveClient:
                 self.buffer.append(item)
         self.wake.set()
 
+    def granted(self) -> bool:
+        return self.grants is None or self.grants(self.token_digest, self.project_id)
+
+    async def end(self) -> None:
+        """Close the socket because the token no longer grants the project; what is buffered is not sent."""
+        self.buffer.clear()
+        await self.ws.close(code=CLOSE_TOKEN_REVOKED, message=b"read token revoked")
+
     async def pump(self) -> None:
-        """Send what is buffered, as it comes, until the socket closes."""
+        """Send what is buffered, as it comes, until the socket closes or the token stops granting it.
+
+        The grant is checked before every message: a grace period that has just run out ends the feed
+        even before the keyring's timer closes it.
+        """
         ws = self.ws
         while not ws.closed:
             await self.wake.wait()
             self.wake.clear()
+            if not self.granted():
+                await self.end()
+                return
             if self.dropped:
                 dropped, self.dropped = self.dropped, 0
                 await ws.send_str(json_encoder.encode(LiveDropped(dropped)).decode())
             while self.buffer and not ws.closed:
+                if not self.granted():
+                    await self.end()
+                    return
                 batch = [_live_event(self.buffer.popleft())
                          for _ in range(min(len(self.buffer), MAX_EVENTS_PER_MESSAGE))]
                 await ws.send_str(json_encoder.encode(LiveEvents(batch)).decode())
@@ -87,8 +111,9 @@ async def live_events(request: web.Request) -> web.StreamResponse:
     raw = request.match_info["project"]
     if not raw.isdigit():
         raise ApiError(404, f"no project {raw!r}: projects are addressed by numeric id")
-    project, token_digest = request.app[KEYRING].read_grant(request, int(raw))
-    return await request.app[LIVE].serve(request, project.id, token_digest)
+    keyring = request.app[KEYRING]
+    project, token_digest = keyring.read_grant(request, int(raw))
+    return await request.app[LIVE].serve(request, project.id, token_digest, keyring.grants_read)
 
 
 class LiveHub:
@@ -120,12 +145,14 @@ class LiveHub:
                 client.offer(items)
                 self.dropped_total += client.dropped - before
 
-    async def serve(self, request: web.Request, project_id: int, token_digest: bytes) -> web.WebSocketResponse:
+    async def serve(self, request: web.Request, project_id: int, token_digest: bytes,
+                    grants: Grants | None = None) -> web.WebSocketResponse:
+        """Feed one client until it leaves, or `grants` says its token no longer grants the project."""
         event = request.query.get("event") or None
         ws = web.WebSocketResponse(heartbeat=30.0)
         await ws.prepare(request)
         self.sockets.add(ws)
-        client = LiveClient(ws, project_id, token_digest, event, self.buffer_events)
+        client = LiveClient(ws, project_id, token_digest, event, self.buffer_events, grants)
         self.clients.setdefault(project_id, set()).add(client)
         pump = asyncio.create_task(client.pump(), name="pulse-live-pump")
         try:
@@ -142,12 +169,12 @@ class LiveHub:
                     del self.clients[project_id]
         return ws
 
-    async def revoke(self, still_valid) -> None:
-        """Close every client whose token no longer grants its project (after a key rotation)."""
-        for members in list(self.clients.values()):
-            for client in list(members):
-                if not still_valid(client.token_digest, client.project_id):
-                    await client.ws.close(code=CLOSE_TOKEN_REVOKED, message=b"read token revoked")
+    async def revoke(self, still_valid: Grants) -> None:
+        """Close every client whose token no longer grants its project (after a key rotation, or when its
+        grace period ends), all at once: each close waits for its client's answer."""
+        ended = [client for members in self.clients.values() for client in members
+                 if not still_valid(client.token_digest, client.project_id)]
+        await asyncio.gather(*(client.end() for client in ended))
 
     async def close(self) -> None:
         for ws in list(self.sockets):
