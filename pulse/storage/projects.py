@@ -225,13 +225,17 @@ def update_project(
     return get_project(conn, project.id)
 
 
-_PROJECT_DATA_TABLES = ("events", "hourly", "hourly_dims", "sessions", "session_days", "person_ids", "persons")
+PROJECT_DATA_TABLES = ("events", "hourly", "hourly_dims", "sessions", "session_days", "person_ids", "persons")
 
 
 def delete_project(conn: apsw.Connection, project: Project) -> None:
-    """Delete a project, its keys and all its data."""
+    """Delete a project, its keys and all its data.
+
+    Batches for it that the server's writer has not committed yet are refused, not written: the writer
+    looks the project up in its own transaction, which waits for this one.
+    """
     with immediate(conn):
-        for table in _PROJECT_DATA_TABLES:
+        for table in PROJECT_DATA_TABLES:
             conn.execute(f"DELETE FROM {table} WHERE project_id = ?", (project.id,))
         conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (f"pruned_before:{project.id}", f"traits:{project.id}"))
         conn.execute("DELETE FROM projects WHERE id = ?", (project.id,))

@@ -27,6 +27,9 @@ from pulse.storage.rows import (
 _CACHE_LIMIT = 50_000
 _ROLLUP_CACHE_LIMIT = 20_000
 COMPACT_EVERY_S = 2.0
+# the `accepted` of a job's result when its project was deleted before the job's commit: nothing of it
+# is written, and the request is answered like one with a revoked key
+PROJECT_GONE = -1
 
 _encode = msgspec.json.Encoder().encode
 
@@ -160,6 +163,7 @@ _UNWRITTEN = (
     " LEFT JOIN strings u ON u.id = e.url_id"
     " WHERE e.id > ? ORDER BY e.id"
 )
+_EXISTING_PROJECTS = "SELECT id FROM projects WHERE id IN (SELECT value FROM json_each(?))"
 _SESSION_FIRST = "SELECT id, project_id, first_ts FROM sessions WHERE id IN (SELECT value FROM json_each(?))"
 _WRITTEN_THROUGH = "UPDATE meta SET value = ? WHERE key = 'derived_through'"
 _INSERT_PERSON = (
@@ -401,7 +405,8 @@ class BatchApplier:
         Events and new sessions and persons are always written. What they add to the hourly rollups and
         to sessions and persons (counts, times, entry and exit pages) is kept in memory unless `flush`,
         merged with what later commits add, so each rollup key and changed row is written once per flush
-        rather than once per commit.
+        rather than once per commit. A job whose project no longer exists writes nothing; its accepted
+        count is PROJECT_GONE.
         """
         conn = self.conn
         now = time.monotonic()
@@ -411,6 +416,15 @@ class BatchApplier:
         if version != self.catalog:
             self.reset()
             self.catalog = version
+        # this write transaction waits for one deleting a project (SQLite's write lock), so jobs queued
+        # for a project before the server noticed its delete find it gone here
+        gone: list[tuple[int, int, list[int]]] = []
+        if jobs:
+            named = _encode(list({job.project_id for job in jobs})).decode()
+            existing = {project_id for (project_id,) in conn.execute(_EXISTING_PROJECTS, (named,))}
+            gone = [(job.job_id, PROJECT_GONE, []) for job in jobs if job.project_id not in existing]
+            if gone:
+                jobs = [job for job in jobs if job.project_id in existing]
         for caches in (self.persons, self.sessions):
             if sum(len(c) for c in caches.values()) > _CACHE_LIMIT:
                 caches.clear()
@@ -532,7 +546,7 @@ class BatchApplier:
             self.pending_since = now
         if now - self.compacted_at > COMPACT_EVERY_S and (self.hourly.uncompacted or self.dims.uncompacted):
             self.compact()
-        return results
+        return results + gone
 
     def _new_person(self, project_id: int, distinct_id: str, ts: int) -> int:
         person_id = self.next_person_id

@@ -30,7 +30,7 @@ class StartFailed(msgspec.Struct, array_like=True, tag="start_failed"):
 
 
 class Committed(msgspec.Struct, array_like=True, tag="committed"):
-    results: list[tuple[int, int, list[int]]]  # job id, events accepted, positions of duplicates
+    results: list[tuple[int, int, list[int]]]  # job id, events accepted (PROJECT_GONE: none), positions of duplicates
     seconds: float
     events: int
     unwritten: bool = False  # rollup, session and person changes are kept in the writer's memory after it

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pulse.storage.rollups import Submit
+from pulse.storage.rollups import PROJECT_GONE, Submit
 from pulse.storage.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
 from pulse.storage.wire import (
     Committed, Failed, Flush, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
@@ -50,6 +50,10 @@ class WriteFailed(Exception):
 
 class WriterStartFailed(Exception):
     """The writer process could not open or migrate the database."""
+
+
+class ProjectGone(Exception):
+    """The batch's project was deleted before its commit; nothing of the batch was stored."""
 
 
 @dataclass(slots=True)
@@ -188,7 +192,7 @@ class EventWriter:
     # -- the handler side --------------------------------------------------------------------------
 
     def enqueue(self, job: IngestJob) -> asyncio.Future:
-        """Queue a job; the future resolves to (accepted, duplicates) after its commit."""
+        """Queue a job; the future resolves to (accepted, duplicates) after its commit, or raises ProjectGone."""
         if self._closing:
             raise WriterClosed("server is shutting down")
         if not self._up or self._stream is None or self._stream.is_closing():
@@ -308,6 +312,11 @@ class EventWriter:
                 item.future.set_result((0, 0))
                 continue
             stats.queued_events -= len(item.job.events)
+            if accepted == PROJECT_GONE:
+                if not item.future.done():
+                    item.future.set_exception(ProjectGone("the project was deleted"))
+                    item.future.exception()
+                continue
             stats.events_written += accepted
             stats.duplicates += len(duplicates)
             if not item.future.done():
