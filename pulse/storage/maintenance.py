@@ -20,7 +20,7 @@ from typing import TextIO
 import apsw
 
 from pulse.storage.connection import connect, immediate
-from pulse.storage.projects import Project, list_projects
+from pulse.storage.projects import PROJECT_DATA_TABLES, Project, list_projects
 from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
 from pulse.storage.rows import DAY_MS, HOUR_MS, PAGE_VIEW
 
@@ -39,7 +39,7 @@ def pruned_before(conn: apsw.Connection, project_id: int) -> int:
 @dataclass(frozen=True, slots=True)
 class Difference:
     project_id: int
-    what: str  # "hourly", "hourly_dims", "session", "session_days", "person"
+    what: str  # "hourly", "hourly_dims", "session", "session_days", "person", or the table of an orphan row
     key: str
     stored: object
     recounted: object
@@ -64,7 +64,9 @@ def _compare(project_id: int, what: str, stored: dict, recounted: dict, describe
 def verify(conn: apsw.Connection, projects: list[Project] | None = None) -> list[Difference]:
     """Recount hourly rollups, dimension rollups, sessions and persons from raw events; every difference.
 
-    Runs in one read transaction, so it sees one committed state even while the writer works.
+    Checking every project (`projects` None) also counts the rows of each table that belong to no project
+    (nothing reads them). Runs in one read transaction, so it sees one committed state even while the
+    writer works.
     """
     found: list[Difference] = []
     conn.execute("BEGIN")
@@ -72,9 +74,27 @@ def verify(conn: apsw.Connection, projects: list[Project] | None = None) -> list
         page_view = _page_view_id(conn)
         for project in projects if projects is not None else list_projects(conn):
             found += _verify_project(conn, project.id, page_view)
+        if projects is None:
+            found += _orphans(conn)
     finally:
         conn.execute("COMMIT")
     return found
+
+
+def _orphans(conn: apsw.Connection) -> Iterator[Difference]:
+    """How many rows each table holds of each project id that is not a project's: one index seek per id."""
+    existing = {project_id for (project_id,) in conn.execute("SELECT id FROM projects")}
+    for table in (*PROJECT_DATA_TABLES, "keys"):  # each indexed by project_id first
+        after = -1 << 63
+        while True:
+            row = conn.execute(f"SELECT project_id FROM {table} WHERE project_id > ? ORDER BY project_id LIMIT 1",
+                               (after,)).fetchone()
+            if row is None:
+                break
+            after = row[0]
+            if after not in existing:
+                count = conn.execute(f"SELECT count(*) FROM {table} WHERE project_id = ?", (after,)).fetchone()[0]
+                yield Difference(after, table, "rows (no such project)", count, 0)
 
 
 def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Difference]:
