@@ -163,10 +163,14 @@ class JsonLines(logging.Formatter):
 
 class ClientFaults(logging.Filter):
     """aiohttp logs a malformed request (the client's fault, already answered 400) as an error with a
-    traceback: make it one info line, so hostile clients cannot flood the log with errors."""
+    traceback: make it one info line, so hostile clients cannot flood the log with errors. A body that
+    does not decode (gzip that is not gzip) and that no handler read is met when aiohttp drains it after
+    the answer, and logged the same way."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, web.RequestPayloadError):
+            error = error.__cause__
         if isinstance(error, HttpProcessingError) and 400 <= (error.code or 0) < 500:
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args, record.exc_info = f"malformed request: {error.message}".splitlines()[0], (), None
