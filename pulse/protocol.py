@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Union
 from uuid import UUID
 
@@ -23,8 +23,20 @@ Url = Annotated[str, Meta(max_length=MAX_URL)]
 PropertyKey = Annotated[str, Meta(min_length=1, max_length=MAX_PROPERTY_KEY)]
 PropertyValue = Union[Annotated[str, Meta(max_length=MAX_PROPERTY_VALUE)], int, float, bool, None]
 Properties = Annotated[dict[PropertyKey, PropertyValue], Meta(max_length=MAX_PROPERTIES)]
-# epoch milliseconds, or an RFC 3339 string
-Timestamp = Union[datetime, Annotated[int, Meta(ge=0, le=32503680000000)]]
+# a time the client sends, epoch milliseconds or an RFC 3339 string, lies in 1970..3000: wide enough for
+# any clock, narrow enough that clock-skew correction by it stays a time (RFC 3339 allows years 1..9999)
+MIN_TIME_MS = 0
+MAX_TIME_MS = 32_503_680_000_000  # 3000-01-01
+_MIN_TIME = datetime.fromtimestamp(MIN_TIME_MS / 1000, timezone.utc)
+_MAX_TIME = datetime.fromtimestamp(MAX_TIME_MS / 1000, timezone.utc)
+_OUT_OF_RANGE = "Expected a time from 1970-01-01T00:00:00Z to 3000-01-01T00:00:00Z"
+Timestamp = Union[datetime, Annotated[int, Meta(ge=MIN_TIME_MS, le=MAX_TIME_MS)]]
+
+
+def _in_range(value: datetime) -> bool:
+    if value.tzinfo is None:  # read as UTC, as the server reads it
+        value = value.replace(tzinfo=timezone.utc)
+    return _MIN_TIME <= value <= _MAX_TIME
 
 
 # gc=False: decoded batches hold no reference cycles, so the cyclic GC need not scan them (it was a large
@@ -47,6 +59,21 @@ class IngestEvent(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=Fal
 class IngestBatch(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     events: Annotated[list[IngestEvent], Meta(min_length=1, max_length=MAX_EVENTS_PER_BATCH)]
     sent_at: Timestamp | None = None
+
+    def __post_init__(self) -> None:
+        """msgspec bounds a time in milliseconds; one in RFC 3339 is bounded here, once per batch.
+
+        The message names the field the way msgspec does (it passes a message raised for the whole batch
+        on as it is), so the 400 names the field and the event's index like any other.
+        """
+        sent_at = self.sent_at
+        if sent_at is not None and sent_at.__class__ is not int and not _in_range(sent_at):
+            raise ValueError(f"{_OUT_OF_RANGE} - at `$.sent_at`")
+        for index, ev in enumerate(self.events):
+            ts = ev.timestamp
+            # a year strictly inside no UTC offset (less than a day) can move out: most times, told cheaply
+            if ts is not None and ts.__class__ is not int and not 1970 < ts.year < 2999 and not _in_range(ts):
+                raise ValueError(f"{_OUT_OF_RANGE} - at `$.events[{index}].timestamp`")
 
 
 class IngestAck(Struct):

@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -27,10 +29,12 @@ from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
 from pulse.server.warmup import warm
 from pulse.storage import queries
+from pulse.storage.connection import DB_MODE
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter
 
 log = logging.getLogger("pulse.server")
+DATA_DIR_MODE = 0o700  # the database, the operator token in server.json: the owner's alone
 
 routes = web.RouteTableDef()
 
@@ -125,29 +129,51 @@ def local_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
+def make_private(path: Path, mode: int) -> None:
+    """Give `path` this mode if it exists with another; a warning if it cannot (someone else owns it)."""
+    try:
+        if stat.S_IMODE(path.stat().st_mode) != mode:
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot make %s private (mode %o): %s", path, mode, exc.strerror)
+
+
 @contextlib.contextmanager
 def serve_lock(settings: Settings):
-    """One server per data directory; also records where it listens, for local tools."""
-    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock_path = settings.data_dir / LOCK_FILENAME
-    handle = open(lock_path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise AlreadyRunning(f"another pulse server is using {settings.data_dir}") from None
-    info_path = settings.data_dir / SERVER_FILENAME
-    try:
+    """One server per data directory and per database; also records where it listens, for local tools.
+
+    The database file itself is locked too (found through symlinks): a second server whose data directory
+    leads to the same database by a link is refused rather than writing beside the first. flock does not
+    touch SQLite's locks (POSIX record locks); the descriptor is closed only once the server has closed its
+    own connections, as closing it drops every POSIX lock this process holds on the file.
+    """
+    settings.data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    make_private(settings.data_dir, DATA_DIR_MODE)  # the operator may have made it, readable by all
+    with contextlib.ExitStack() as held:
+        handle = held.enter_context(open(settings.data_dir / LOCK_FILENAME, "a+"))
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"another pulse server is using {settings.data_dir}") from None
+        database = settings.db_path.resolve()
+        db_handle = os.open(database, os.O_RDONLY | os.O_CREAT, DB_MODE)
+        held.callback(os.close, db_handle)
+        try:
+            fcntl.flock(db_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"another pulse server is using the database {database}") from None
+        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            make_private(path, DB_MODE)  # made by an older pulse, or copied in by hand
+        info_path = settings.data_dir / SERVER_FILENAME
+        held.callback(info_path.unlink, missing_ok=True)
         # the operator token reads every project: the file is its owner's alone, like the database beside it
         fd = os.open(info_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as info:
             json.dump({"url": local_url(settings), "pid": os.getpid(), "token": settings.operator_token}, info)
         yield
-    finally:
-        info_path.unlink(missing_ok=True)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 class JsonLines(logging.Formatter):
@@ -163,10 +189,14 @@ class JsonLines(logging.Formatter):
 
 class ClientFaults(logging.Filter):
     """aiohttp logs a malformed request (the client's fault, already answered 400) as an error with a
-    traceback: make it one info line, so hostile clients cannot flood the log with errors."""
+    traceback: make it one info line, so hostile clients cannot flood the log with errors. A body that
+    does not decode (gzip that is not gzip) and that no handler read is met when aiohttp drains it after
+    the answer, and logged the same way."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, web.RequestPayloadError):
+            error = error.__cause__
         if isinstance(error, HttpProcessingError) and 400 <= (error.code or 0) < 500:
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args, record.exc_info = f"malformed request: {error.message}".splitlines()[0], (), None

@@ -6,6 +6,7 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from pulse.server.errors import ApiError, json_error
@@ -41,6 +42,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_body_bytes
         response = json_error(413, f"request body too large: at most {limit} bytes", field="body")
+    except web.RequestPayloadError as exc:
+        response = _unreadable_body(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -58,4 +61,20 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         access_log.log(level, "request", extra={"fields": {
             "method": request.method, "path": request.path, "status": response.status,
             "ms": round((time.monotonic() - started) * 1000, 1), "ip": request.remote}})
+    return response
+
+
+def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> web.Response:
+    """A body that is not what its framing or Content-Encoding says (gzip that is not gzip) is the client's
+    fault: a 400. The rest of the stream cannot be parsed, so the connection closes after the answer, and
+    the body is marked read so aiohttp does not drain it, meet the error again and log it as unhandled."""
+    request.content.feed_eof()
+    cause = exc.__cause__
+    if isinstance(cause, ContentEncodingError):
+        encoding = request.headers.get("Content-Encoding", "")
+        message = f"body is not valid {encoding} (its Content-Encoding)"
+    else:
+        message = f"body could not be read: {cause.message if isinstance(cause, HttpProcessingError) else exc}"
+    response = json_error(400, message, field="body")
+    response.force_close()
     return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import apsw
 
 BUSY_TIMEOUT_MS = 5000
+# the database holds every project's events: its owner's alone. SQLite gives the -wal and -shm files the
+# database file's mode, so a database made with this mode keeps all three private
+DB_MODE = 0o600
 
 
 class QueryTimeout(Exception):
@@ -22,6 +26,7 @@ def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FUL
         flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
     else:
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
+        create_private(path)
     conn = apsw.Connection(str(path), flags=flags, statementcachesize=128)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     conn.pragma("foreign_keys", True)
@@ -34,6 +39,17 @@ def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FUL
         conn.pragma("synchronous", synchronous.upper())
         conn.pragma("journal_size_limit", 64 * 1024 * 1024)
     return conn
+
+
+def create_private(path: Path | str) -> None:
+    """Make a missing database file empty with DB_MODE (SQLite would use the umask's mode, 0644 as a rule).
+
+    An existing file is not opened: closing a descriptor of a database file drops every POSIX lock this
+    process holds on it, the locks of its open SQLite connections too.
+    """
+    if not os.path.exists(path):
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_MODE))
 
 
 @contextlib.contextmanager

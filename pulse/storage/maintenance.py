@@ -19,7 +19,7 @@ from typing import TextIO
 
 import apsw
 
-from pulse.storage.connection import connect, immediate
+from pulse.storage.connection import connect, create_private, immediate
 from pulse.storage.projects import PROJECT_DATA_TABLES, Project, list_projects
 from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
 from pulse.storage.rows import DAY_MS, HOUR_MS, PAGE_VIEW
@@ -225,6 +225,7 @@ def backup(source: Path, destination: Path) -> int:
         destination = destination / f"pulse-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.db"
     temporary = destination.with_name(destination.name + ".partial")
     temporary.unlink(missing_ok=True)
+    create_private(temporary)  # a backup holds what the database holds: its owner's alone, like it
     src = connect(source, readonly=True)
     dest = apsw.Connection(str(temporary))
     try:

@@ -19,7 +19,10 @@ from pulse.protocol import IngestEvent
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
+# a timestamp, after clock-skew correction, later than receipt plus MAX_FUTURE_MS or earlier than OLDEST_MS
+# is a broken clock's (or a far `sent_at`'s): the event is kept at the time of receipt, where reads find it
 MAX_FUTURE_MS = 60_000
+OLDEST_MS = 946_684_800_000  # 2000-01-01
 PAGE_VIEW = "page_view"
 
 # positions in a prepared event tuple
@@ -73,7 +76,7 @@ def prepare(job: IngestJob) -> list[tuple]:
             if ts.__class__ is not int:
                 ts = to_ms(ts)
             ts += skew
-            if ts > received + MAX_FUTURE_MS:
+            if ts > received + MAX_FUTURE_MS or ts < OLDEST_MS:
                 ts = received
         url = ev.page_url or None
         path = page_host = source = medium = campaign = None
