@@ -13,7 +13,8 @@ from pulse.server.keys import KEYRING, READER
 from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window
 from pulse.storage import queries
 from pulse.storage.projects import Project
-from pulse.storage.queries import EVENT_DIMENSIONS, SESSION_DIMENSIONS, Window
+from pulse.storage.model import Window
+from pulse.storage.queries import EVENT_DIMENSIONS, SESSION_DIMENSIONS
 
 routes = web.RouteTableDef()
 

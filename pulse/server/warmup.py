@@ -11,7 +11,8 @@ import time
 from pulse.storage import queries
 from pulse.storage.connection import QueryTimeout
 from pulse.storage.projects import list_projects
-from pulse.storage.queries import SESSION_DIMENSIONS, Filters, Window
+from pulse.storage.model import Filters, Window
+from pulse.storage.queries import SESSION_DIMENSIONS
 from pulse.storage.reader import Reader
 from pulse.storage.rows import DAY_MS
 
