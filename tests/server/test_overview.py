@@ -241,7 +241,7 @@ async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_f
     import time
 
     from pulse.server.app import create_app
-    from pulse.storage.queries import DAYS
+    from pulse.storage.sqlite.day_cache import DAYS
 
     day = (time.time_ns() // 1_000_000 // (24 * HOUR) - 2) * 24 * HOUR  # two days ago, a whole UTC day
     first = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=0)))
