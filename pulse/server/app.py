@@ -27,7 +27,6 @@ from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
 from pulse.server.warmup import warm
 from pulse.storage.reader import Reader
-from pulse.storage.sqlite import day_cache
 from pulse.storage.writer import EventWriter
 
 log = logging.getLogger("pulse.server")
@@ -64,9 +63,8 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await writer.start()  # creates and migrates the database
     load_agent_rules()  # the live feed parses user agents on the event loop: not in its first message
-    day_cache.DAYS.max_bytes = settings.cache_mib * 1024 * 1024
     reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
-                    settle=writer.settle)
+                    settle=writer.settle, cache_mib=settings.cache_mib)
     keyring = KeyRing(reader, settings.operator_token)
     await keyring.reload()
     keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds

@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-import apsw
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters, Window
 from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
 from pulse.storage.rows import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite.aggregates import Totals, merge
-from pulse.storage.sqlite.day_cache import cached_spans
+from pulse.storage.sqlite.day_cache import Snapshot, cached_spans
 from pulse.storage.sqlite.digests import digests, totals_and_names
 from pulse.storage.sqlite.scans import (
     RAW_FROM, STRING_ID, Digest, cached_scans, event_conditions, json_path, scan_sql, trait_people,
@@ -27,8 +26,8 @@ from pulse.storage.sqlite.sessions import (
 from pulse.storage.sqlite.tallies import Tally
 
 
-def top_events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
-    return _ranked(totals_and_names(conn, project_id, window, filters)[1], limit)
+def top_events(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+    return _ranked(totals_and_names(snap, project_id, window, filters)[1], limit)
 
 
 # event-level breakdowns: what is grouped, and which events count
@@ -65,7 +64,7 @@ def _ranked(found: dict[str, Totals], limit: int) -> list[dict]:
     return rows[:limit]
 
 
-def _by_value(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, kind: tuple,
+def _by_value(snap: Snapshot, project_id: int, window: Window, filters: Filters, kind: tuple,
               scan: Callable[[int, int], dict], whole_hours: Callable[[tuple[int, int]], dict] | None = None
               ) -> dict[str, Totals]:
     """{value: Totals} over the window: whole hours from `whole_hours` (rollups) when given, else from the day
@@ -77,28 +76,28 @@ def _by_value(conn: apsw.Connection, project_id: int, window: Window, filters: F
     elif whole_hours is not None:
         found = whole_hours(hours)  # fresh totals, safe to add to
     elif filters.by_hour:
-        found = merge(cached_scans(conn, project_id, hours, filters, kind, scan))
+        found = merge(cached_scans(snap, project_id, hours, filters, kind, scan))
     else:
         raw = [(window.start, window.end)]
     return merge((scan(start, end) for start, end in raw), found)
 
 
-def _event_breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, dimension: str,
+def _event_breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
                      limit: int) -> list[dict]:
     """Unfiltered: whole hours from hourly_dims, the minutes at the edges from raw events. Filtered: digests."""
     if filters != Filters():
-        found = list(digests(conn, project_id, window, filters))
+        found = list(digests(snap, project_id, window, filters))
         if dimension == "pages":
             return _ranked(merge(digest.pages for digest in found), limit)
         column = {"browsers": "browser", "os": "os", "devices": "device"}[dimension]
-        named = dict(conn.execute(f"SELECT id, {column} FROM agents"))
+        named = dict(snap.conn.execute(f"SELECT id, {column} FROM agents"))
         return _ranked(_by_agent(found, named), limit)
     value_sql, join, condition, extra = EVENT_DIMENSIONS[dimension]
 
     def scan(start: int, end: int) -> dict[str, Totals]:
-        where, params = event_conditions(conn, project_id, start, end, filters)
+        where, params = event_conditions(snap, project_id, start, end, filters)
         people: dict[str, list[int]] = defaultdict(list)
-        for value, person_id in conn.execute(
+        for value, person_id in snap.conn.execute(
             f"SELECT {value_sql}, e.person_id {RAW_FROM} {join} WHERE {where} AND {condition}", [*params, *extra]
         ):
             people[value].append(person_id)
@@ -106,14 +105,14 @@ def _event_breakdown(conn: apsw.Connection, project_id: int, window: Window, fil
 
     def rolled_up(span: tuple[int, int]) -> dict[str, Totals]:
         values: dict[str, Totals] = defaultdict(Totals)
-        for value, events, user_set in conn.execute(_DIM_ROLLUPS[dimension], (project_id, *span)):
+        for value, events, user_set in snap.conn.execute(_DIM_ROLLUPS[dimension], (project_id, *span)):
             values[value].add(Totals(events, BitMap.deserialize(user_set)))
         return dict(values)
 
     def whole_hours(hours: tuple[int, int]) -> dict[str, Totals]:
-        return merge(cached_spans(conn, project_id, hours, 0, ("dim", dimension), rolled_up))
+        return merge(cached_spans(snap, project_id, hours, 0, ("dim", dimension), rolled_up))
 
-    return _ranked(_by_value(conn, project_id, window, filters, ("dim", dimension), scan, whole_hours), limit)
+    return _ranked(_by_value(snap, project_id, window, filters, ("dim", dimension), scan, whole_hours), limit)
 
 
 def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]:
@@ -125,21 +124,21 @@ def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]
     return found
 
 
-def breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, dimension: str,
+def breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
               limit: int) -> list[dict]:
     if dimension in EVENT_DIMENSIONS:
-        return _event_breakdown(conn, project_id, window, filters, dimension, limit)
-    return _session_breakdown(conn, project_id, window, filters, SESSION_DIMENSIONS[dimension], limit)
+        return _event_breakdown(snap, project_id, window, filters, dimension, limit)
+    return _session_breakdown(snap, project_id, window, filters, SESSION_DIMENSIONS[dimension], limit)
 
 
-def _session_breakdown(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, column: str,
+def _session_breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, column: str,
                        limit: int) -> list[dict]:
     """Sessions and their users per value of a session column, over the sessions that started in the window
     (with a matching event in it, when filtered)."""
     def compute(start: int, end: int) -> dict[str, Totals]:
         sessions: dict[str, list[int]] = defaultdict(list)
         people: dict[str, list[int]] = defaultdict(list)
-        for value, session_id, person_id in conn.execute(
+        for value, session_id, person_id in snap.conn.execute(
             f"SELECT v.value, s.id, s.person_id {SESSIONS_FROM} JOIN strings v ON v.id = s.{column}"
             f" WHERE {SESSIONS_WHERE}", (project_id, start, end),
         ):
@@ -147,10 +146,10 @@ def _session_breakdown(conn: apsw.Connection, project_id: int, window: Window, f
             people[value].append(person_id)
         return {value: Totals(len(ids), BitMap(people[value]), BitMap(ids)) for value, ids in sessions.items()}
 
-    parts = session_pieces(conn, project_id, window, ("column", column), compute)
+    parts = session_pieces(snap, project_id, window, ("column", column), compute)
     if filters != Filters():
-        matched = matched_sessions(conn, project_id, window, filters)
-        parts = (_matching(part, day, matched) for part, day in zip(parts, session_days(conn, project_id, window)))
+        matched = matched_sessions(snap, project_id, window, filters)
+        parts = (_matching(part, day, matched) for part, day in zip(parts, session_days(snap, project_id, window)))
     return _ranked(merge(parts), limit)
 
 
@@ -170,15 +169,15 @@ _PROPERTY_VALUES = ("SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, e.perso
                     " WHERE {where} AND e.props IS NOT NULL AND v IS NOT NULL")
 
 
-def _property_rows(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, sql: str,
+def _property_rows(snap: Snapshot, project_id: int, window: Window, filters: Filters, sql: str,
                    extra: list, kind: tuple, limit: int) -> list[dict]:
     """Events and users per value of `sql` (a key or a key's value). Whole hours come from the day cache:
     unfiltered and under trait filters, from per-person counts of every event; under other filters, from
     that filter's own scans."""
     def scan(start: int, end: int, filters: Filters) -> dict[str, list[int]]:
-        source, where, params = scan_sql(conn, project_id, start, end, filters)
+        source, where, params = scan_sql(snap, project_id, start, end, filters)
         people: dict[str, list[int]] = defaultdict(list)
-        for value, person_id in conn.execute(sql.format(raw=source, where=where), [*extra, *params]):
+        for value, person_id in snap.conn.execute(sql.format(raw=source, where=where), [*extra, *params]):
             people[value].append(person_id)
         return people
 
@@ -186,12 +185,12 @@ def _property_rows(conn: apsw.Connection, project_id: int, window: Window, filte
         return {value: Totals(len(ids), BitMap(ids)) for value, ids in scan(start, end, filters).items()}
 
     if filters != Filters() and not filters.traits_only:
-        return _ranked(_by_value(conn, project_id, window, filters, kind, counted), limit)
-    people = trait_people(conn, project_id, filters.traits) if filters.traits else None
+        return _ranked(_by_value(snap, project_id, window, filters, kind, counted), limit)
+    people = trait_people(snap, project_id, filters.traits) if filters.traits else None
     hours, raw = window.split()
     found: dict[str, Totals] = defaultdict(Totals)
     if hours is not None:
-        for part in cached_spans(conn, project_id, hours, 0, ("tallies", *kind), lambda span: {
+        for part in cached_spans(snap, project_id, hours, 0, ("tallies", *kind), lambda span: {
                 value: Tally.of(ids) for value, ids in scan(span[0] * HOUR_MS, span[1] * HOUR_MS, Filters()).items()}):
             for value, tally in part.items():
                 total = tally.totals(people)
@@ -200,30 +199,30 @@ def _property_rows(conn: apsw.Connection, project_id: int, window: Window, filte
     return _ranked(merge((counted(start, end) for start, end in raw), found), limit)
 
 
-def property_keys(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
-    return _property_rows(conn, project_id, window, filters, _PROPERTY_KEYS, [], ("property keys",), limit)
+def property_keys(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+    return _property_rows(snap, project_id, window, filters, _PROPERTY_KEYS, [], ("property keys",), limit)
 
 
-def property_values(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, key: str,
+def property_values(snap: Snapshot, project_id: int, window: Window, filters: Filters, key: str,
                     limit: int) -> list[dict]:
-    return _property_rows(conn, project_id, window, filters, _PROPERTY_VALUES, [json_path(key)],
+    return _property_rows(snap, project_id, window, filters, _PROPERTY_VALUES, [json_path(key)],
                           ("property values", key), limit)
 
 
 _ACTIVE_PERSONS = "p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ?"
 
 
-def trait_keys(conn: apsw.Connection, project_id: int, window: Window, limit: int) -> list[dict]:
+def trait_keys(snap: Snapshot, project_id: int, window: Window, limit: int) -> list[dict]:
     """Trait keys of the persons seen in the window, by how many of them have it."""
-    rows = conn.execute(
+    rows = snap.conn.execute(
         f"SELECT j.key, count(*) FROM persons p, json_each(p.traits) j WHERE {_ACTIVE_PERSONS} AND p.traits IS NOT NULL"
         " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [project_id, window.start, window.end, limit])
     return [{"value": key, "count": count, "unique_users": count} for key, count in rows]
 
 
-def trait_values(conn: apsw.Connection, project_id: int, window: Window, key: str, limit: int) -> list[dict]:
+def trait_values(snap: Snapshot, project_id: int, window: Window, key: str, limit: int) -> list[dict]:
     """Values of one trait over the persons seen in the window, by how many of them have it."""
-    rows = conn.execute(
+    rows = snap.conn.execute(
         f"SELECT CAST(json_extract(p.traits, ?) AS TEXT) AS v, count(*) FROM persons p WHERE {_ACTIVE_PERSONS}"
         " AND v IS NOT NULL"
         " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [json_path(key), project_id, window.start, window.end, limit])

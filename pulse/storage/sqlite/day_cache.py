@@ -3,6 +3,7 @@ while what they were computed from is unchanged.
 
 Every cached answer carries a fingerprint read cheaply from the database (the sum of the span's rollup
 events, or a generation the writer bumps); a span is computed again only when its fingerprint moved.
+The reader owns the cache and hands it to every query with its connection, as a `Snapshot`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import apsw
 from pyroaring import BitMap
@@ -61,7 +63,13 @@ def size(value: object) -> int:
     return 64 if cache_size is None else cache_size()
 
 
-DAYS = DayCache()
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a read query reads: a connection inside one read transaction, so that every statement of the
+    query sees the same data, and the readers' day cache."""
+
+    conn: apsw.Connection
+    days: DayCache
 
 
 def _whole_days(hours: tuple[int, int]) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
@@ -73,7 +81,7 @@ def _whole_days(hours: tuple[int, int]) -> tuple[list[tuple[int, int]], tuple[in
     return edges, (first, last)
 
 
-def cached_spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_id: int, kind: tuple,
+def cached_spans(snap: Snapshot, project_id: int, hours: tuple[int, int], name_id: int, kind: tuple,
                  compute: Callable[[tuple[int, int]], object],
                  extra: Callable[[tuple[int, int]], object] | None = None) -> Iterator[object]:
     """`compute(span)` for the whole days in `hours` and the single hours around them, from the day cache.
@@ -84,7 +92,7 @@ def cached_spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int],
     edges, days = _whole_days(hours)
     spans = [(day * 24, day * 24 + 24) for day in range(*days)] if days is not None else []
     spans += [(hour, hour + 1) for start, end in edges for hour in range(start, end)]
-    fingerprints = dict(conn.execute(
+    fingerprints = dict(snap.conn.execute(
         "SELECT hour, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
         " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, *hours)))
     for span in spans:
@@ -93,9 +101,9 @@ def cached_spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int],
             continue
         if extra is not None:
             fingerprint = (fingerprint, extra(span))
-        key = (conn.filename, project_id, *kind, *span)
-        cached = DAYS.get(key, fingerprint)
+        key = (snap.conn.filename, project_id, *kind, *span)
+        cached = snap.days.get(key, fingerprint)
         if cached is None:
             cached = compute(span)
-            DAYS.put(key, fingerprint, cached)
+            snap.days.put(key, fingerprint, cached)
         yield cached

@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Iterator
 from itertools import islice
 
-import apsw
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters, Window
 from pulse.storage.rows import HOUR_MS
+from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.scans import event_conditions, json_path
 from pulse.storage.sqlite.sessions import matched_sessions, session_stats, session_sums
 
@@ -22,7 +22,7 @@ def _cursor(cursor: tuple[int, int] | None) -> tuple[str, list]:
                                             [cursor[0], cursor[0], cursor[1]])
 
 
-def sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int,
+def sessions(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int,
              cursor: tuple[int, int] | None) -> dict:
     """Aggregates of the sessions that started in the window, and a page of them, newest first."""
     sql = (
@@ -34,8 +34,8 @@ def sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Fi
         " WHERE s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ? AND coalesce(a.is_bot, 0) = 0"
     )
     page, page_params = _cursor(cursor)
-    matched = None if filters == Filters() else matched_sessions(conn, project_id, window, filters)
-    cursor = conn.execute(
+    matched = None if filters == Filters() else matched_sessions(snap, project_id, window, filters)
+    cursor = snap.conn.execute(
         sql + page.replace("ts_col", "s.first_ts").replace("id_col", "s.id") + " ORDER BY s.first_ts DESC, s.id DESC",
         [project_id, window.start, window.end, *page_params])
     newest = cursor if matched is None else (row for row in cursor if row[0] in matched)  # with a matching event
@@ -50,7 +50,7 @@ def sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Fi
         device in rows[:limit]
     ]
     more = len(rows) > limit
-    sums = session_sums(conn, project_id, window, filters, matched)
+    sums = session_sums(snap, project_id, window, filters, matched)
     return {
         "aggregates": {"sessions": sums[0], **session_stats(sums)},
         "rows": found,
@@ -63,7 +63,7 @@ def _identified(alias: str) -> str:
             f" AND i.person_id = {alias}.id AND i.distinct_id != {alias}.distinct_id))")
 
 
-def users(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int,
+def users(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int,
           cursor: tuple[int, int] | None) -> dict:
     """Identified users (with traits, or linked from an anonymous id) active in the window, last seen first."""
     sql = (f"SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM persons p"
@@ -73,7 +73,7 @@ def users(conn: apsw.Connection, project_id: int, window: Window, filters: Filte
         sql += " AND CAST(json_extract(p.traits, ?) AS TEXT) = ?"
         params += [json_path(key), value]
     page, page_params = _cursor(cursor)
-    rows = list(conn.execute(
+    rows = list(snap.conn.execute(
         sql + page.replace("ts_col", "p.last_seen").replace("id_col", "p.id") + " ORDER BY p.last_seen DESC, p.id DESC"
         " LIMIT ?", [*params, *page_params, limit + 1]))
     return {
@@ -101,21 +101,21 @@ def _event_rows(rows: list[tuple], limit: int) -> dict:
     }
 
 
-def events(conn: apsw.Connection, project_id: int, window: Window, filters: Filters, limit: int,
+def events(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int,
            cursor: tuple[int, int] | None) -> dict:
     """Raw events in the window that match the filters, newest first."""
-    where, params = event_conditions(conn, project_id, window.start, window.end, filters)
+    where, params = event_conditions(snap, project_id, window.start, window.end, filters)
     page, page_params = _cursor(cursor)
-    rows = list(conn.execute(
+    rows = list(snap.conn.execute(
         f"{_EVENT_COLUMNS} WHERE {where}" + page.replace("ts_col", "e.ts").replace("id_col", "e.id")
         + " ORDER BY e.ts DESC, e.id DESC LIMIT ?", [*params, *page_params, limit + 1]))
     return _event_rows(rows, limit)
 
 
-def user_timeline(conn: apsw.Connection, project_id: int, distinct_id: str, window: Window, limit: int,
+def user_timeline(snap: Snapshot, project_id: int, distinct_id: str, window: Window, limit: int,
                   cursor: tuple[int, int] | None) -> dict | None:
     """One user (by any of their distinct ids) and their events in the window, newest first."""
-    person = conn.execute(
+    person = snap.conn.execute(
         "SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM person_ids i"
         " JOIN persons p ON p.id = i.person_id WHERE i.project_id = ? AND i.distinct_id = ?",
         (project_id, distinct_id),
@@ -126,8 +126,8 @@ def user_timeline(conn: apsw.Connection, project_id: int, distinct_id: str, wind
     page, page_params = _cursor(cursor)
     end = window.end if cursor is None else min(window.end, cursor[0] + 1)
     rows: list[tuple] = []
-    for start, stop in _person_ranges(conn, project_id, person_id, Window(max(window.start, first), min(end, last + 1))):
-        rows += conn.execute(
+    for start, stop in _person_ranges(snap, project_id, person_id, Window(max(window.start, first), min(end, last + 1))):
+        rows += snap.conn.execute(
             f"{_EVENT_COLUMNS} WHERE e.project_id = ? AND e.ts >= ? AND e.ts < ? AND e.person_id = ?"
             + page.replace("ts_col", "e.ts").replace("id_col", "e.id") + " ORDER BY e.ts DESC, e.id DESC LIMIT ?",
             [project_id, start, stop, person_id, *page_params, limit + 1 - len(rows)])
@@ -137,7 +137,7 @@ def user_timeline(conn: apsw.Connection, project_id: int, distinct_id: str, wind
                      "events": count}, **_event_rows(rows, limit)}
 
 
-def _person_ranges(conn: apsw.Connection, project_id: int, person_id: int, window: Window
+def _person_ranges(snap: Snapshot, project_id: int, person_id: int, window: Window
                    ) -> Iterator[tuple[int, int]]:
     """The parts of the window that can hold the person's events, newest first: the whole hours whose
     rollup (of every event, bots too) has the person in its set of users, and the minutes at the edges."""
@@ -147,7 +147,7 @@ def _person_ranges(conn: apsw.Connection, project_id: int, person_id: int, windo
         return
     if raw and raw[-1][0] >= hours[1] * HOUR_MS:
         yield raw.pop()
-    present = sorted({hour for hour, user_set in conn.execute(
+    present = sorted({hour for hour, user_set in snap.conn.execute(
         "SELECT hour, user_set FROM hourly WHERE project_id = ? AND name_id = 0 AND hour >= ? AND hour < ?",
         (project_id, *hours)) if person_id in BitMap.deserialize(user_set)}, reverse=True)
     while present:  # runs of consecutive hours as one range

@@ -11,19 +11,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import apsw
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters
 from pulse.storage.rows import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite.aggregates import Totals, from_rollups, name_id
-from pulse.storage.sqlite.day_cache import DAYS, cached_spans, size
+from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
 
 STRING_ID = "(SELECT id FROM strings WHERE value = ?)"  # the id of a string given as a parameter
 RAW_FROM = "FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
 
 
-def event_conditions(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters
+def event_conditions(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters
                      ) -> tuple[str, list]:
     """WHERE clause over `events e LEFT JOIN agents a`: the window, no bots, and the filters."""
     clauses = ["e.project_id = ?", "e.ts >= ?", "e.ts < ?", "coalesce(a.is_bot, 0) = 0"]
@@ -47,7 +46,7 @@ def event_conditions(conn: apsw.Connection, project_id: int, start: int, end: in
         params += [json_path(key), value]
     if filters.traits:
         clauses.append("e.person_id IN (SELECT value FROM json_each(?))")
-        params.append(json.dumps(list(trait_people(conn, project_id, filters.traits))))
+        params.append(json.dumps(list(trait_people(snap, project_id, filters.traits))))
     return " AND ".join(clauses), params
 
 
@@ -55,14 +54,14 @@ def json_path(key: str) -> str:
     return '$."' + key.replace('"', '""') + '"'
 
 
-def scan_sql(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters) -> tuple[str, str, list]:
+def scan_sql(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters) -> tuple[str, str, list]:
     """(FROM, WHERE, parameters) to read the events of [start, end) that match the filters in bulk.
 
     Events are stored about in time order, so when the span's ids are not mixed with many others' (late
     events), reading the table along its ids costs about a third of looking each row up from the index.
     """
-    where, params = event_conditions(conn, project_id, start, end, filters)
-    lowest, highest, count = conn.execute(
+    where, params = event_conditions(snap, project_id, start, end, filters)
+    lowest, highest, count = snap.conn.execute(
         "SELECT min(id), max(id), count(*) FROM events WHERE project_id = ? AND ts >= ? AND ts < ?",
         (project_id, start, end)).fetchone()  # from the index events_ts alone
     if count and highest - lowest < 2 * count:
@@ -71,12 +70,12 @@ def scan_sql(conn: apsw.Connection, project_id: int, start: int, end: int, filte
     return RAW_FROM, where, params
 
 
-def scan_totals(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters) -> Totals:
+def scan_totals(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters) -> Totals:
     """Events, users and sessions of the events of [start, end) that match the filters."""
-    source, where, params = scan_sql(conn, project_id, start, end, filters)
+    source, where, params = scan_sql(snap, project_id, start, end, filters)
     found = Totals()
     users, sessions = [], []
-    for person_id, session_id in conn.execute(f"SELECT e.person_id, e.session_id {source} WHERE {where}", params):
+    for person_id, session_id in snap.conn.execute(f"SELECT e.person_id, e.session_id {source} WHERE {where}", params):
         found.events += 1
         users.append(person_id)
         if session_id is not None:
@@ -86,42 +85,42 @@ def scan_totals(conn: apsw.Connection, project_id: int, start: int, end: int, fi
     return found
 
 
-def trait_people(conn: apsw.Connection, project_id: int, traits: tuple[tuple[str, str], ...]) -> BitMap:
+def trait_people(snap: Snapshot, project_id: int, traits: tuple[tuple[str, str], ...]) -> BitMap:
     """The persons of the project that have every trait given; kept until the writer next merges traits
     into one of the project's persons."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"traits:{project_id}",)).fetchone()
+    row = snap.conn.execute("SELECT value FROM meta WHERE key = ?", (f"traits:{project_id}",)).fetchone()
     generation = 0 if row is None else row[0]
-    key = (conn.filename, project_id, "trait people", traits)
-    found = DAYS.get(key, generation)
+    key = (snap.conn.filename, project_id, "trait people", traits)
+    found = snap.days.get(key, generation)
     if found is None:
         sql = "SELECT id FROM persons WHERE project_id = ?"
         params: list = [project_id]
         for name, value in traits:
             sql += " AND CAST(json_extract(traits, ?) AS TEXT) = ?"
             params += [json_path(name), value]
-        found = BitMap(row[0] for row in conn.execute(sql, params))
-        DAYS.put(key, generation, found)
+        found = BitMap(row[0] for row in snap.conn.execute(sql, params))
+        snap.days.put(key, generation, found)
     return found
 
 
-def cached_scans(conn: apsw.Connection, project_id: int, hours: tuple[int, int], filters: Filters, kind: tuple,
+def cached_scans(snap: Snapshot, project_id: int, hours: tuple[int, int], filters: Filters, kind: tuple,
                  compute: Callable[[int, int], object]) -> Iterator[object]:
     """`compute(start_ms, end_ms)` from raw events under `filters` (which must be `by_hour`), per whole day and
     single hour of `hours` from the day cache. Under trait filters a span is also told apart by which of its
     users have the traits now, so a trait that changes later is never answered from an older count."""
-    people = trait_people(conn, project_id, filters.traits) if filters.traits else None
+    people = trait_people(snap, project_id, filters.traits) if filters.traits else None
 
     def who(span: tuple[int, int]) -> bytes:
-        return hashlib.blake2b((from_rollups(conn, project_id, span, 0).users & people).serialize(),
+        return hashlib.blake2b((from_rollups(snap, project_id, span, 0).users & people).serialize(),
                                digest_size=16).digest()
 
-    return cached_spans(conn, project_id, hours, 0, ("filtered", filters, *kind),
+    return cached_spans(snap, project_id, hours, 0, ("filtered", filters, *kind),
                         lambda span: compute(span[0] * HOUR_MS, span[1] * HOUR_MS), who if people is not None else None)
 
 
-def strings(conn: apsw.Connection, ids) -> dict[int, str]:
-    return dict(conn.execute("SELECT id, value FROM strings WHERE id IN (SELECT value FROM json_each(?))",
-                             (json.dumps(list(ids)),)))
+def strings(snap: Snapshot, ids) -> dict[int, str]:
+    return dict(snap.conn.execute("SELECT id, value FROM strings WHERE id IN (SELECT value FROM json_each(?))",
+                                  (json.dumps(list(ids)),)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +143,7 @@ PAIR = 64  # a (person, session) pair as one integer while it is counted: person
 
 
 @dataclass(frozen=True, slots=True)
-class Pass:
+class Scanned:
     """One person id per event of a scan: per hour, per event name, per page viewed and per user agent; and
     per hour, its events' sessions (ids, or (person, session) pairs as `person << PAIR | session`)."""
 
@@ -155,18 +154,17 @@ class Pass:
     agents: dict[int, list[int]]
 
 
-def scan_pass(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters, *, pairs: bool
-              ) -> Pass:
+def scan_pass(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters, *, pairs: bool) -> Scanned:
     """Everything a digest (`pairs` False) or a per-person tally (`pairs` True) of the events of [start, end)
     that match the filters is made of, in one read of the rows."""
-    source, where, params = scan_sql(conn, project_id, start, end, filters)
-    page_view = name_id(conn, PAGE_VIEW)
+    source, where, params = scan_sql(snap, project_id, start, end, filters)
+    page_view = name_id(snap, PAGE_VIEW)
     hours: dict[int, list[int]] = defaultdict(list)
     sessions: dict[int, list[int]] = defaultdict(list)
     names: dict[int, list[int]] = defaultdict(list)
     pages: dict[int, list[int]] = defaultdict(list)
     agents: dict[int, list[int]] = defaultdict(list)
-    for ts, name, person_id, session_id, path_id, agent_id in conn.execute(
+    for ts, name, person_id, session_id, path_id, agent_id in snap.conn.execute(
         f"SELECT e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.agent_id {source} WHERE {where}", params
     ):
         hour = ts // HOUR_MS
@@ -177,8 +175,8 @@ def scan_pass(conn: apsw.Connection, project_id: int, start: int, end: int, filt
         if name == page_view and path_id is not None:
             pages[path_id].append(person_id)
         agents[agent_id].append(person_id)
-    named = strings(conn, names.keys() | pages.keys())
-    return Pass(hours, sessions, {named[i]: people for i, people in names.items()},
+    named = strings(snap, names.keys() | pages.keys())
+    return Scanned(hours, sessions, {named[i]: people for i, people in names.items()},
                 {named[i]: people for i, people in pages.items()}, agents)
 
 
@@ -196,8 +194,8 @@ def _counted(people: dict) -> dict:
     return {key: Totals(len(ids), BitMap(ids)) for key, ids in people.items()}
 
 
-def scan_digest(conn: apsw.Connection, project_id: int, start: int, end: int, filters: Filters) -> Digest:
-    found = scan_pass(conn, project_id, start, end, filters, pairs=False)
+def scan_digest(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters) -> Digest:
+    found = scan_pass(snap, project_id, start, end, filters, pairs=False)
     hours = {hour: Totals(len(people), BitMap(people), BitMap(found.sessions.get(hour, ())))
              for hour, people in found.hours.items()}
     return Digest(summed_hours(hours), hours, _counted(found.names), _counted(found.pages), _counted(found.agents))

@@ -9,19 +9,18 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import apsw
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters, Window
 from pulse.storage.rows import DAY_MS
-from pulse.storage.sqlite.day_cache import DAYS
+from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import totals
 
 SESSIONS_FROM = "FROM sessions s LEFT JOIN agents a ON a.id = s.agent_id"
 SESSIONS_WHERE = "s.project_id = ? AND s.first_ts >= ? AND s.first_ts < ? AND coalesce(a.is_bot, 0) = 0"
 
 
-def session_pieces(conn: apsw.Connection, project_id: int, window: Window, kind: tuple,
+def session_pieces(snap: Snapshot, project_id: int, window: Window, kind: tuple,
                    compute: Callable[[int, int], object]) -> Iterator[object]:
     """`compute(start, end)` over the sessions that started in the window: per whole UTC day from the day
     cache, the rest of the window directly. The writer records, per project and start day, the commit that
@@ -32,18 +31,18 @@ def session_pieces(conn: apsw.Connection, project_id: int, window: Window, kind:
         if window.start < window.end:
             yield compute(window.start, window.end)
         return
-    generations = dict(conn.execute(
+    generations = dict(snap.conn.execute(
         "SELECT day, generation FROM session_days WHERE project_id = ? AND day >= ? AND day < ?",
         (project_id, first, last)))
     for day in range(first, last):
         generation = generations.get(day)
         if generation is None:
             continue
-        key = (conn.filename, project_id, "sessions", *kind, day)
-        cached = DAYS.get(key, generation)
+        key = (snap.conn.filename, project_id, "sessions", *kind, day)
+        cached = snap.days.get(key, generation)
         if cached is None:
             cached = compute(day * DAY_MS, day * DAY_MS + DAY_MS)
-            DAYS.put(key, generation, cached)
+            snap.days.put(key, generation, cached)
         yield cached
     for start, end in ((window.start, first * DAY_MS), (last * DAY_MS, window.end)):
         if start < end:
@@ -70,10 +69,10 @@ class SessionDay:
         return 64 + 28 * len(self.ids)
 
 
-def _session_day(conn: apsw.Connection, project_id: int, start: int, end: int) -> SessionDay:
+def _session_day(snap: Snapshot, project_id: int, start: int, end: int) -> SessionDay:
     ids, bounced = BitMap(), BitMap()
     durations, pageviews, persons = array("q"), array("q"), array("q")
-    for session_id, bounce, duration, pages, person_id in conn.execute(
+    for session_id, bounce, duration, pages, person_id in snap.conn.execute(
         f"SELECT s.id, s.events = 1, s.last_ts - s.first_ts, s.pageviews, s.person_id {SESSIONS_FROM}"
         f" WHERE {SESSIONS_WHERE} ORDER BY s.id", (project_id, start, end)
     ):
@@ -86,25 +85,25 @@ def _session_day(conn: apsw.Connection, project_id: int, start: int, end: int) -
     return SessionDay(ids, bounced, durations, pageviews, persons)
 
 
-def session_days(conn: apsw.Connection, project_id: int, window: Window) -> Iterator[SessionDay]:
-    return session_pieces(conn, project_id, window, ("table",),
-                          lambda start, end: _session_day(conn, project_id, start, end))
+def session_days(snap: Snapshot, project_id: int, window: Window) -> Iterator[SessionDay]:
+    return session_pieces(snap, project_id, window, ("table",),
+                          lambda start, end: _session_day(snap, project_id, start, end))
 
 
-def matched_sessions(conn: apsw.Connection, project_id: int, window: Window, filters: Filters) -> BitMap:
+def matched_sessions(snap: Snapshot, project_id: int, window: Window, filters: Filters) -> BitMap:
     """The sessions with an event in the window that matches the filters."""
-    return totals(conn, project_id, window, filters).sessions
+    return totals(snap, project_id, window, filters).sessions
 
 
-def session_sums(conn: apsw.Connection, project_id: int, window: Window, filters: Filters,
+def session_sums(snap: Snapshot, project_id: int, window: Window, filters: Filters,
                  matched: BitMap | None = None) -> tuple[int, int, int, int]:
     """(sessions, bounces, total duration ms, total page views) of the sessions that started in the window
     (with a matching event in it, when filtered: `matched`, if the caller has it already)."""
     found = [0, 0, 0, 0]
     if filters != Filters():
         if matched is None:
-            matched = matched_sessions(conn, project_id, window, filters)
-        for day in session_days(conn, project_id, window):
+            matched = matched_sessions(snap, project_id, window, filters)
+        for day in session_days(snap, project_id, window):
             sessions = day.ids & matched
             positions = day.positions(sessions)
             found[0] += len(sessions)
@@ -114,8 +113,8 @@ def session_sums(conn: apsw.Connection, project_id: int, window: Window, filters
         return tuple(found)
     sql = (f"SELECT count(*), coalesce(sum(s.events = 1), 0), coalesce(sum(s.last_ts - s.first_ts), 0),"
            f" coalesce(sum(s.pageviews), 0) {SESSIONS_FROM} WHERE {SESSIONS_WHERE}")
-    for sums in session_pieces(conn, project_id, window, ("sums",),
-                               lambda start, end: conn.execute(sql, (project_id, start, end)).fetchone()):
+    for sums in session_pieces(snap, project_id, window, ("sums",),
+                               lambda start, end: snap.conn.execute(sql, (project_id, start, end)).fetchone()):
         for i, value in enumerate(sums):
             found[i] += value
     return tuple(found)

@@ -11,13 +11,12 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import apsw
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters
 from pulse.storage.rows import HOUR_MS
 from pulse.storage.sqlite.aggregates import Totals
-from pulse.storage.sqlite.day_cache import cached_spans, size
+from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
 from pulse.storage.sqlite.scans import PAIR, Digest, scan_pass, summed_hours
 
 
@@ -94,8 +93,8 @@ def _tallied(people: dict) -> dict:
     return {key: Tally.of(ids) for key, ids in people.items()}
 
 
-def scan_people(conn: apsw.Connection, project_id: int, start: int, end: int) -> People:
-    found = scan_pass(conn, project_id, start, end, Filters(), pairs=True)
+def scan_people(snap: Snapshot, project_id: int, start: int, end: int) -> People:
+    found = scan_pass(snap, project_id, start, end, Filters(), pairs=True)
     return People(_tallied(found.hours), {hour: _unpaired(found.sessions.get(hour, ())) for hour in found.hours},
                   _tallied(found.names), _tallied(found.pages), _tallied(found.agents))
 
@@ -110,14 +109,14 @@ def _unpaired(pairs: list[int]) -> tuple[array, array]:
     return persons, sessions
 
 
-def cached_people(conn: apsw.Connection, project_id: int, hours: tuple[int, int]) -> Iterator[People]:
+def cached_people(snap: Snapshot, project_id: int, hours: tuple[int, int]) -> Iterator[People]:
     """The `People` of the whole days and single hours in `hours`, from the day cache."""
-    return cached_spans(conn, project_id, hours, 0, ("people",),
-                        lambda span: scan_people(conn, project_id, span[0] * HOUR_MS, span[1] * HOUR_MS))
+    return cached_spans(snap, project_id, hours, 0, ("people",),
+                        lambda span: scan_people(snap, project_id, span[0] * HOUR_MS, span[1] * HOUR_MS))
 
 
-def from_tallies(conn: apsw.Connection, project_id: int, start: int, end: int, people: BitMap) -> Digest:
+def from_tallies(snap: Snapshot, project_id: int, start: int, end: int, people: BitMap) -> Digest:
     """The digest of the whole day or single hour [start, end) under filters on traits alone (`people`:
     the persons with the traits), cut from its `People`."""
-    found = next(cached_people(conn, project_id, (start // HOUR_MS, end // HOUR_MS)), None)
+    found = next(cached_people(snap, project_id, (start // HOUR_MS, end // HOUR_MS)), None)
     return Digest(Totals(), {}, {}, {}, {}) if found is None else found.digest(people)
