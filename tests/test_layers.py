@@ -14,12 +14,13 @@ def imported_after(module: str) -> set[str]:
     return set(output.split())
 
 
-@pytest.mark.parametrize("module", ["pulse.server.app", "pulse.storage.writer", "pulse.storage.queries", "pulse.cli"])
+@pytest.mark.parametrize("module", ["pulse.server.app", "pulse.storage.writer", "pulse.storage.sqlite.periods",
+                                    "pulse.storage.sqlite.breakdowns", "pulse.storage.sqlite.lists", "pulse.cli"])
 def test_server_storage_and_cli_do_not_import_textual(module):
     assert not any(name == "textual" or name.startswith("textual.") for name in imported_after(module))
 
 
-@pytest.mark.parametrize("module", ["pulse.protocol", "pulse.config", "pulse.enrich"])
+@pytest.mark.parametrize("module", ["pulse.protocol", "pulse.config", "pulse.enrich", "pulse.storage.model"])
 def test_shared_modules_import_no_database(module):
     loaded = imported_after(module)
     assert "apsw" not in loaded and "aiosqlite" not in loaded
@@ -31,7 +32,7 @@ def test_only_storage_imports_apsw():
     root = pathlib.Path(__file__).resolve().parent.parent / "pulse"
     offenders = [
         str(path.relative_to(root)) for path in root.rglob("*.py")
-        if "import apsw" in path.read_text() and path.parent.name != "storage"
+        if "import apsw" in path.read_text() and path.relative_to(root).parts[0] != "storage"
     ]
     assert offenders == []
 

@@ -11,9 +11,10 @@ from aiohttp import web
 from pulse.server.errors import ApiError
 from pulse.server.keys import KEYRING, READER
 from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window
-from pulse.storage import queries
+from pulse.storage.model import Window
 from pulse.storage.projects import Project
-from pulse.storage.queries import EVENT_DIMENSIONS, SESSION_DIMENSIONS, Window
+from pulse.storage.sqlite import breakdowns, lists, periods
+from pulse.storage.sqlite.breakdowns import EVENT_DIMENSIONS, SESSION_DIMENSIONS
 
 routes = web.RouteTableDef()
 
@@ -39,7 +40,7 @@ async def projects(request: web.Request) -> web.Response:
         today = parse_window({"from": datetime.now(ZoneInfo(project.timezone)).date().isoformat()},
                              project.timezone, now_ms=now)
         bounds = bucket_bounds(day, "hour", project.timezone)
-        summary = await request.app[READER].fresh(queries.project_summary, project.id, today, bounds)
+        summary = await request.app[READER].fresh(periods.project_summary, project.id, today, bounds)
         found.append({"id": project.id, "name": project.name, "domain": project.domain,
                       "timezone": project.timezone, **summary})
     return web.json_response({"projects": found})
@@ -51,7 +52,7 @@ async def overview(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     filters = parse_filters(request.query)
     now = time.time_ns() // 1_000_000
-    found = await request.app[READER].fresh(queries.overview, project.id, window, now, filters)
+    found = await request.app[READER].fresh(periods.overview, project.id, window, now, filters)
     return web.json_response({**_range(project, window), **found})
 
 
@@ -64,8 +65,8 @@ async def timeseries(request: web.Request) -> web.Response:
     bounds = bucket_bounds(window, interval, project.timezone)
     shift = window.end - window.start
     reader = request.app[READER]
-    current = await reader.fresh(queries.timeseries, project.id, bounds, filters)
-    previous = await reader.run(queries.timeseries, project.id, [b - shift for b in bounds], filters)
+    current = await reader.fresh(periods.timeseries, project.id, bounds, filters)
+    previous = await reader.run(periods.timeseries, project.id, [b - shift for b in bounds], filters)
     return web.json_response({
         **_range(project, window), "interval": interval,
         "buckets": [{"start": iso(start, project.timezone), **row} for start, row in zip(bounds, current)],
@@ -86,11 +87,11 @@ async def _rows(request: web.Request, query, *args, filtered: bool = True, defau
 
 @routes.get("/api/v1/projects/{project}/top-events")
 async def top_events(request: web.Request) -> web.Response:
-    return await _rows(request, queries.top_events)
+    return await _rows(request, breakdowns.top_events)
 
 
 async def _breakdown(request: web.Request, dimension: str) -> web.Response:
-    return await _rows(request, queries.breakdown, dimension)
+    return await _rows(request, breakdowns.breakdown, dimension)
 
 
 def _breakdown_route(path: str, dimension: str) -> None:
@@ -133,17 +134,17 @@ async def _list(request: web.Request, query, *extra) -> web.Response:
 
 @routes.get("/api/v1/projects/{project}/sessions")
 async def sessions(request: web.Request) -> web.Response:
-    return await _list(request, queries.sessions)
+    return await _list(request, lists.sessions)
 
 
 @routes.get("/api/v1/projects/{project}/users")
 async def users(request: web.Request) -> web.Response:
-    return await _list(request, queries.users)
+    return await _list(request, lists.users)
 
 
 @routes.get("/api/v1/projects/{project}/events")
 async def events(request: web.Request) -> web.Response:
-    return await _list(request, queries.events)
+    return await _list(request, lists.events)
 
 
 @routes.get("/api/v1/projects/{project}/users/{distinct_id}")
@@ -152,7 +153,7 @@ async def user(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     parse_filters(request.query)  # rejects unknown parameters
     distinct_id = request.match_info["distinct_id"]
-    found = await request.app[READER].fresh(queries.user_timeline, project.id, distinct_id, window,
+    found = await request.app[READER].fresh(lists.user_timeline, project.id, distinct_id, window,
                                           parse_limit(request.query, default=50), _cursor(request))
     if found is None:
         raise ApiError(404, f"no user {distinct_id!r} in project {project.id}")
@@ -161,20 +162,20 @@ async def user(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/projects/{project}/properties")
 async def properties(request: web.Request) -> web.Response:
-    return await _rows(request, queries.property_keys, default_limit=50)
+    return await _rows(request, breakdowns.property_keys, default_limit=50)
 
 
 @routes.get("/api/v1/projects/{project}/properties/{key}")
 async def property_values(request: web.Request) -> web.Response:
-    return await _rows(request, queries.property_values, request.match_info["key"])
+    return await _rows(request, breakdowns.property_values, request.match_info["key"])
 
 
 @routes.get("/api/v1/projects/{project}/traits")
 async def traits(request: web.Request) -> web.Response:
     """Trait keys of the persons seen in the window (for trait.KEY filters)."""
-    return await _rows(request, queries.trait_keys, filtered=False, default_limit=50)
+    return await _rows(request, breakdowns.trait_keys, filtered=False, default_limit=50)
 
 
 @routes.get("/api/v1/projects/{project}/traits/{key}")
 async def trait_values(request: web.Request) -> web.Response:
-    return await _rows(request, queries.trait_values, request.match_info["key"], filtered=False)
+    return await _rows(request, breakdowns.trait_values, request.match_info["key"], filtered=False)

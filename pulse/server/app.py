@@ -28,7 +28,6 @@ from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
 from pulse.server.warmup import warm
-from pulse.storage import queries
 from pulse.storage.connection import DB_MODE
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter
@@ -68,9 +67,8 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await writer.start()  # creates and migrates the database
     load_agent_rules()  # the live feed parses user agents on the event loop: not in its first message
-    queries.DAYS.max_bytes = settings.cache_mib * 1024 * 1024
     reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
-                    settle=writer.settle)
+                    settle=writer.settle, cache_mib=settings.cache_mib)
     keyring = KeyRing(reader, settings.operator_token)
     await keyring.reload()
     keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds

@@ -16,12 +16,12 @@ from pulse.storage.reader import Reader
 log = logging.getLogger(__name__)
 
 
-def _load(conn) -> tuple[int, dict[bytes, KeyGrant], dict[int, Project]]:
-    return catalog_version(conn), load_grants(conn), {p.id: p for p in list_projects(conn)}
+def _load(snap) -> tuple[int, dict[bytes, KeyGrant], dict[int, Project]]:
+    return catalog_version(snap.conn), load_grants(snap.conn), {p.id: p for p in list_projects(snap.conn)}
 
 
-def _version(conn) -> int:
-    return catalog_version(conn)
+def _version(snap) -> int:
+    return catalog_version(snap.conn)
 
 
 class KeyRing:

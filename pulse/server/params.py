@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 from multidict import MultiMapping
 
 from pulse.server.errors import ApiError
-from pulse.storage.queries import Filters, Window
+from pulse.storage.model import Filters, Window
 
 RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30), "90d": timedelta(days=90)}
 DEFAULT_RANGE = "7d"

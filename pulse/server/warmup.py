@@ -8,12 +8,13 @@ import contextlib
 import logging
 import time
 
-from pulse.storage import queries
 from pulse.storage.connection import QueryTimeout
+from pulse.storage.model import Filters, Window
 from pulse.storage.projects import list_projects
-from pulse.storage.queries import SESSION_DIMENSIONS, Filters, Window
 from pulse.storage.reader import Reader
 from pulse.storage.rows import DAY_MS
+from pulse.storage.sqlite import breakdowns, periods
+from pulse.storage.sqlite.breakdowns import SESSION_DIMENSIONS
 
 log = logging.getLogger("pulse.warmup")
 
@@ -21,22 +22,22 @@ BREAKDOWNS = ("pages", "browsers", "os", "devices", *SESSION_DIMENSIONS)
 PROPERTY_KEYS = 3  # the values of this many keys, most used first
 
 
-def _day(conn, project_id: int, window: Window, now: int) -> None:
+def _day(snap, project_id: int, window: Window, now: int) -> None:
     """Every cached piece of one day: totals, event names, sessions, breakdowns, property keys and the values
     of the most used ones, and the per-person counts that answer trait filters."""
-    queries.overview(conn, project_id, window, now)
-    queries.cache_for_filters(conn, project_id, window)
+    periods.overview(snap, project_id, window, now)
+    periods.cache_for_filters(snap, project_id, window)
     for dimension in BREAKDOWNS:
-        queries.breakdown(conn, project_id, window, Filters(), dimension, 10)
-    for row in queries.property_keys(conn, project_id, window, Filters(), PROPERTY_KEYS):
-        queries.property_values(conn, project_id, window, Filters(), row["value"], 10)
+        breakdowns.breakdown(snap, project_id, window, Filters(), dimension, 10)
+    for row in breakdowns.property_keys(snap, project_id, window, Filters(), PROPERTY_KEYS):
+        breakdowns.property_values(snap, project_id, window, Filters(), row["value"], 10)
 
 
 async def warm(reader: Reader, days: int) -> None:
     began = time.monotonic()
     now = time.time_ns() // 1_000_000
     today = now // DAY_MS * DAY_MS
-    projects = await reader.run(list_projects)
+    projects = await reader.run(lambda snap: list_projects(snap.conn))
     done = 0
     for back in range(days + 1):
         start = today - back * DAY_MS
@@ -53,4 +54,4 @@ async def warm(reader: Reader, days: int) -> None:
                 with contextlib.suppress(QueryTimeout):
                     await reader.run(_day, project.id, Window(now - back * DAY_MS, now), now)
     log.info("warm-up: %d project-days in %.1fs, %.0f MiB cached", done, time.monotonic() - began,
-             queries.DAYS.bytes / 2**20)
+             reader.days.bytes / 2**20)

@@ -12,14 +12,16 @@ from typing import Any, TypeVar
 import apsw
 
 from pulse.storage.connection import QueryTimeout, connect, set_deadline
+from pulse.storage.sqlite.day_cache import DayCache, Snapshot
 
 T = TypeVar("T")
 
 
 class Reader:
     def __init__(self, path: Path, *, threads: int = 2, timeout_s: float = 10.0,
-                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
+                 settle: Callable[[], Awaitable[None]] | None = None, cache_mib: int = 96) -> None:
         self.path = path
+        self.days = DayCache(cache_mib * 1024 * 1024)  # shared by the reader threads
         self.settle = settle  # waits until what the writer acknowledged is all in the tables
         self.timeout_s = timeout_s
         self._local = threading.local()
@@ -41,7 +43,7 @@ class Reader:
         set_deadline(conn, self.timeout_s)
         conn.execute("BEGIN")  # one snapshot for every statement of the call
         try:
-            return fn(conn, *args)
+            return fn(Snapshot(conn, self.days), *args)
         except apsw.InterruptError:
             raise QueryTimeout(f"query took longer than {self.timeout_s:g}s") from None
         finally:
@@ -49,7 +51,7 @@ class Reader:
             set_deadline(conn, None)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(connection, *args) on a reader thread inside one read transaction."""
+        """Run fn(Snapshot(connection, day cache), *args) on a reader thread inside one read transaction."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, args)
 
     async def fresh(self, fn: Callable[..., T], *args: Any) -> T:

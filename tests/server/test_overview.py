@@ -241,7 +241,7 @@ async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_f
     import time
 
     from pulse.server.app import create_app
-    from pulse.storage.queries import DAYS
+    from pulse.server.keys import READER
 
     day = (time.time_ns() // 1_000_000 // (24 * HOUR) - 2) * 24 * HOUR  # two days ago, a whole UTC day
     first = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=0)))
@@ -252,18 +252,18 @@ async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_f
     assert (await (await first.get("/health")).json())["warmed_up"] is True  # nothing to do
     await first.close()
 
-    def cached_days() -> set[int]:
-        return {key[-1] for key in DAYS._entries
-                if key[:3] == (str(settings.db_path), project.id, "sessions")}
+    def cached(client, kind: str) -> list[tuple]:
+        """The keys of one kind of entry in the day cache of the client's server."""
+        return [key for key in client.app[READER].days._entries if key[:3] == (str(settings.db_path), project.id, kind)]
 
-    assert day // (24 * HOUR) not in cached_days()
+    assert day // (24 * HOUR) not in {key[-1] for key in cached(first, "sessions")}
     again = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=3)))
     for _ in range(200):
         if (await (await again.get("/health")).json())["warmed_up"]:
             break
         await asyncio.sleep(0.05)
-    assert day // (24 * HOUR) in cached_days()
-    people = {key[3] // 24 for key in DAYS._entries if key[:3] == (str(settings.db_path), project.id, "people")}
+    assert day // (24 * HOUR) in {key[-1] for key in cached(again, "sessions")}
+    people = {key[3] // 24 for key in cached(again, "people")}
     assert day // (24 * HOUR) in people  # what trait filters are answered from
     body = await (await again.get(f"/api/v1/projects/{project.id}/overview", params={"range": "7d"},
                                   headers={"Authorization": f"Bearer {project.read_token}"})).json()

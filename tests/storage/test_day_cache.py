@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pyroaring import BitMap
 
-from pulse.storage.queries import DayCache, Totals
+from pulse.storage.sqlite.aggregates import Totals
+from pulse.storage.sqlite.day_cache import DayCache
 
 
 def test_a_changed_fingerprint_misses_and_the_least_recently_used_go_first():

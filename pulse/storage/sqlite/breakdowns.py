@@ -1,0 +1,229 @@
+"""Breakdowns: per event name, per page or user agent, per session entry, exit, referrer or UTM value,
+per event property key or value, per person trait. Unfiltered event-level breakdowns come from the hourly
+dimension rollups, filtered ones from digests (`digests`), session-level ones from sessions by start day
+(`sessions`), property keys and values from per-person tallies of whole days or cached scans.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+from pyroaring import BitMap
+
+from pulse.storage.model import Filters, Window
+from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
+from pulse.storage.rows import HOUR_MS, PAGE_VIEW
+from pulse.storage.sqlite.aggregates import Totals, merge
+from pulse.storage.sqlite.day_cache import Snapshot, cached_spans
+from pulse.storage.sqlite.digests import digests, totals_and_names
+from pulse.storage.sqlite.scans import (
+    RAW_FROM, STRING_ID, Digest, cached_scans, event_conditions, json_path, scan_sql, trait_people,
+)
+from pulse.storage.sqlite.sessions import (
+    SESSIONS_FROM, SESSIONS_WHERE, SessionDay, matched_sessions, session_days, session_pieces,
+)
+from pulse.storage.sqlite.tallies import Tally
+
+
+def top_events(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+    return _ranked(totals_and_names(snap, project_id, window, filters)[1], limit)
+
+
+# event-level breakdowns: what is grouped, and which events count
+EVENT_DIMENSIONS = {
+    "pages": ("ps.value", "JOIN strings ps ON ps.id = e.path_id", f"e.name_id = {STRING_ID}", [PAGE_VIEW]),
+    "browsers": ("a.browser", "", "a.browser IS NOT NULL", []),
+    "os": ("a.os", "", "a.os IS NOT NULL", []),
+    "devices": ("a.device", "", "a.device IS NOT NULL", []),
+}
+# session-level breakdowns, over sessions that started in the window: entry and exit page, source
+SESSION_DIMENSIONS = {
+    "entry-pages": "entry_path_id",
+    "exit-pages": "exit_path_id",
+    "referrers": "referrer_id",
+    "utm_source": "utm_source_id",
+    "utm_medium": "utm_medium_id",
+    "utm_campaign": "utm_campaign_id",
+}
+
+
+# unfiltered event-level breakdowns from hourly_dims: (dim, what the value id names)
+_DIM_ROLLUPS = {
+    "pages": ("SELECT v.value, d.events, d.user_set FROM hourly_dims d JOIN strings v ON v.id = d.value_id"
+              f" WHERE d.project_id = ? AND d.dim = {DIM_PAGE} AND d.bot = 0 AND d.hour >= ? AND d.hour < ?"),
+    **{name: (f"SELECT a.{column}, d.events, d.user_set FROM hourly_dims d JOIN agents a ON a.id = d.value_id"
+              f" WHERE d.project_id = ? AND d.dim = {DIM_AGENT} AND d.bot = 0 AND d.hour >= ? AND d.hour < ?")
+       for name, column in (("browsers", "browser"), ("os", "os"), ("devices", "device"))},
+}
+
+
+def _ranked(found: dict[str, Totals], limit: int) -> list[dict]:
+    rows = [{"value": value, "count": t.events, "unique_users": len(t.users)} for value, t in found.items()]
+    rows.sort(key=lambda r: (-r["count"], r["value"]))
+    return rows[:limit]
+
+
+def _by_value(snap: Snapshot, project_id: int, window: Window, filters: Filters, kind: tuple,
+              scan: Callable[[int, int], dict], whole_hours: Callable[[tuple[int, int]], dict] | None = None
+              ) -> dict[str, Totals]:
+    """{value: Totals} over the window: whole hours from `whole_hours` (rollups) when given, else from the day
+    cache of `scan(start_ms, end_ms)`; the minutes at the edges, and filters no cache can hold, by `scan`."""
+    hours, raw = window.split()
+    found: dict[str, Totals] = defaultdict(Totals)
+    if hours is None:
+        pass
+    elif whole_hours is not None:
+        found = whole_hours(hours)  # fresh totals, safe to add to
+    elif filters.by_hour:
+        found = merge(cached_scans(snap, project_id, hours, filters, kind, scan))
+    else:
+        raw = [(window.start, window.end)]
+    return merge((scan(start, end) for start, end in raw), found)
+
+
+def _event_breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
+                     limit: int) -> list[dict]:
+    """Unfiltered: whole hours from hourly_dims, the minutes at the edges from raw events. Filtered: digests."""
+    if filters != Filters():
+        found = list(digests(snap, project_id, window, filters))
+        if dimension == "pages":
+            return _ranked(merge(digest.pages for digest in found), limit)
+        column = {"browsers": "browser", "os": "os", "devices": "device"}[dimension]
+        named = dict(snap.conn.execute(f"SELECT id, {column} FROM agents"))
+        return _ranked(_by_agent(found, named), limit)
+    value_sql, join, condition, extra = EVENT_DIMENSIONS[dimension]
+
+    def scan(start: int, end: int) -> dict[str, Totals]:
+        where, params = event_conditions(snap, project_id, start, end, filters)
+        people: dict[str, list[int]] = defaultdict(list)
+        for value, person_id in snap.conn.execute(
+            f"SELECT {value_sql}, e.person_id {RAW_FROM} {join} WHERE {where} AND {condition}", [*params, *extra]
+        ):
+            people[value].append(person_id)
+        return {value: Totals(len(ids), BitMap(ids)) for value, ids in people.items()}
+
+    def rolled_up(span: tuple[int, int]) -> dict[str, Totals]:
+        values: dict[str, Totals] = defaultdict(Totals)
+        for value, events, user_set in snap.conn.execute(_DIM_ROLLUPS[dimension], (project_id, *span)):
+            values[value].add(Totals(events, BitMap.deserialize(user_set)))
+        return dict(values)
+
+    def whole_hours(hours: tuple[int, int]) -> dict[str, Totals]:
+        return merge(cached_spans(snap, project_id, hours, 0, ("dim", dimension), rolled_up))
+
+    return _ranked(_by_value(snap, project_id, window, filters, ("dim", dimension), scan, whole_hours), limit)
+
+
+def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]:
+    """Per browser, OS or device (`named` maps each user agent to one), from the digests' user agents."""
+    found: dict[str, Totals] = defaultdict(Totals)
+    for digest in digests:
+        for agent, total in digest.agents.items():
+            found[named[agent]].add(total)
+    return found
+
+
+def breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
+              limit: int) -> list[dict]:
+    if dimension in EVENT_DIMENSIONS:
+        return _event_breakdown(snap, project_id, window, filters, dimension, limit)
+    return _session_breakdown(snap, project_id, window, filters, SESSION_DIMENSIONS[dimension], limit)
+
+
+def _session_breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, column: str,
+                       limit: int) -> list[dict]:
+    """Sessions and their users per value of a session column, over the sessions that started in the window
+    (with a matching event in it, when filtered)."""
+    def compute(start: int, end: int) -> dict[str, Totals]:
+        sessions: dict[str, list[int]] = defaultdict(list)
+        people: dict[str, list[int]] = defaultdict(list)
+        for value, session_id, person_id in snap.conn.execute(
+            f"SELECT v.value, s.id, s.person_id {SESSIONS_FROM} JOIN strings v ON v.id = s.{column}"
+            f" WHERE {SESSIONS_WHERE}", (project_id, start, end),
+        ):
+            sessions[value].append(session_id)
+            people[value].append(person_id)
+        return {value: Totals(len(ids), BitMap(people[value]), BitMap(ids)) for value, ids in sessions.items()}
+
+    parts = session_pieces(snap, project_id, window, ("column", column), compute)
+    if filters != Filters():
+        matched = matched_sessions(snap, project_id, window, filters)
+        parts = (_matching(part, day, matched) for part, day in zip(parts, session_days(snap, project_id, window)))
+    return _ranked(merge(parts), limit)
+
+
+def _matching(part: dict[str, Totals], day: SessionDay, matched: BitMap) -> dict[str, Totals]:
+    """Per value, only its sessions in `matched`, and their persons."""
+    found = {}
+    for value, total in part.items():
+        sessions = total.sessions & matched
+        if sessions:
+            people = BitMap(day.persons[i] for i in day.positions(sessions))
+            found[value] = Totals(len(sessions), people, sessions)
+    return found
+
+
+_PROPERTY_KEYS = ("SELECT j.key, e.person_id {raw}, json_each(e.props) j WHERE {where} AND e.props IS NOT NULL")
+_PROPERTY_VALUES = ("SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, e.person_id {raw}"
+                    " WHERE {where} AND e.props IS NOT NULL AND v IS NOT NULL")
+
+
+def _property_rows(snap: Snapshot, project_id: int, window: Window, filters: Filters, sql: str,
+                   extra: list, kind: tuple, limit: int) -> list[dict]:
+    """Events and users per value of `sql` (a key or a key's value). Whole hours come from the day cache:
+    unfiltered and under trait filters, from per-person counts of every event; under other filters, from
+    that filter's own scans."""
+    def scan(start: int, end: int, filters: Filters) -> dict[str, list[int]]:
+        source, where, params = scan_sql(snap, project_id, start, end, filters)
+        people: dict[str, list[int]] = defaultdict(list)
+        for value, person_id in snap.conn.execute(sql.format(raw=source, where=where), [*extra, *params]):
+            people[value].append(person_id)
+        return people
+
+    def counted(start: int, end: int) -> dict[str, Totals]:
+        return {value: Totals(len(ids), BitMap(ids)) for value, ids in scan(start, end, filters).items()}
+
+    if filters != Filters() and not filters.traits_only:
+        return _ranked(_by_value(snap, project_id, window, filters, kind, counted), limit)
+    people = trait_people(snap, project_id, filters.traits) if filters.traits else None
+    hours, raw = window.split()
+    found: dict[str, Totals] = defaultdict(Totals)
+    if hours is not None:
+        for part in cached_spans(snap, project_id, hours, 0, ("tallies", *kind), lambda span: {
+                value: Tally.of(ids) for value, ids in scan(span[0] * HOUR_MS, span[1] * HOUR_MS, Filters()).items()}):
+            for value, tally in part.items():
+                total = tally.totals(people)
+                if total.events:
+                    found[value].add(total)
+    return _ranked(merge((counted(start, end) for start, end in raw), found), limit)
+
+
+def property_keys(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+    return _property_rows(snap, project_id, window, filters, _PROPERTY_KEYS, [], ("property keys",), limit)
+
+
+def property_values(snap: Snapshot, project_id: int, window: Window, filters: Filters, key: str,
+                    limit: int) -> list[dict]:
+    return _property_rows(snap, project_id, window, filters, _PROPERTY_VALUES, [json_path(key)],
+                          ("property values", key), limit)
+
+
+_ACTIVE_PERSONS = "p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ?"
+
+
+def trait_keys(snap: Snapshot, project_id: int, window: Window, limit: int) -> list[dict]:
+    """Trait keys of the persons seen in the window, by how many of them have it."""
+    rows = snap.conn.execute(
+        f"SELECT j.key, count(*) FROM persons p, json_each(p.traits) j WHERE {_ACTIVE_PERSONS} AND p.traits IS NOT NULL"
+        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [project_id, window.start, window.end, limit])
+    return [{"value": key, "count": count, "unique_users": count} for key, count in rows]
+
+
+def trait_values(snap: Snapshot, project_id: int, window: Window, key: str, limit: int) -> list[dict]:
+    """Values of one trait over the persons seen in the window, by how many of them have it."""
+    rows = snap.conn.execute(
+        f"SELECT CAST(json_extract(p.traits, ?) AS TEXT) AS v, count(*) FROM persons p WHERE {_ACTIVE_PERSONS}"
+        " AND v IS NOT NULL"
+        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [json_path(key), project_id, window.start, window.end, limit])
+    return [{"value": value, "count": count, "unique_users": count} for value, count in rows]
