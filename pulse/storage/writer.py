@@ -377,7 +377,8 @@ class EventWriter:
             if item is None:
                 continue
             if item.job is None:  # a Flush
-                item.future.set_result((0, 0))
+                if not item.future.done():  # done: the read gave up at the write deadline
+                    item.future.set_result((0, 0))
                 continue
             stats.queued_events -= len(item.job.events)
             stats.events_written += accepted
