@@ -264,8 +264,8 @@ class EventWriter:
         """New work waits behind a request already past its deadline: refuse it now rather than later."""
         if self.stalled:
             self.stats.stalled_requests += 1
-            raise WriterStalled(f"storage writer has committed nothing for {self.writer_lag_seconds:.0f} s;"
-                                " retry later", self._retry_after)
+            raise WriterStalled(f"storage writer is stalled ({self.writer_lag_seconds:.0f} s behind); retry later",
+                                self._retry_after)
 
     @property
     def _retry_after(self) -> int:

@@ -4,8 +4,9 @@ Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRON
 of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
 them and any new sessions and persons in one transaction, commits, then answers with one Committed
 frame. What they add to rollups, sessions and persons may be written by a later commit (see
-FLUSH_AFTER_S); a Flush frame asks for it now. It stops after a Shutdown frame, or when the server's end
-closes (the server died): either way it first writes and commits everything it has received and kept.
+FLUSH_AFTER_S); a Flush frame asks for it now. Between commits it keeps the WAL bounded (WalBound). It
+stops after a Shutdown frame, or when the server's end closes (the server died): either way it first
+writes and commits everything it has received and kept.
 """
 
 from __future__ import annotations
