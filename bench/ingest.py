@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,22 +88,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(port: int, batch: int, key: str, duration: float, connections: int, server_pid: int) -> dict:
-    """One wrk run; also the CPU time per request of the server and, for pulse, of its writer per event."""
+class PeakSize(threading.Thread):
+    """The largest size a file had, sampled every 20 ms until stopped (the WAL during a wrk run)."""
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__(daemon=True)
+        self.path, self.peak, self.stopping = path, 0, threading.Event()
+
+    def run(self) -> None:
+        while self.path is not None and not self.stopping.wait(0.02):
+            try:
+                self.peak = max(self.peak, self.path.stat().st_size)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> PeakSize:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopping.set()
+        self.join()
+
+
+def wrk(port: int, batch: int, key: str, duration: float, connections: int, server_pid: int,
+        wal: Path | None = None) -> dict:
+    """One wrk run; also the CPU time per request of the server and, for pulse, of its writer per event, and
+    the peak size of its WAL file during the run."""
     env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key}
     pids = [server_pid, *children(server_pid)]
     before = [cpu_seconds(pid) for pid in pids]
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "load.lua"), f"http://127.0.0.1:{port}"],
-        capture_output=True, text=True, env=env, check=True,
-    ).stdout
+    with PeakSize(wal) as wal_size:
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "load.lua"),
+             f"http://127.0.0.1:{port}"],
+            capture_output=True, text=True, env=env, check=True,
+        ).stdout
     used = [cpu_seconds(pid) - start for pid, start in zip(pids, before)]
     line = next(line for line in out.splitlines() if line.startswith("RESULT"))
     requests, micros, p50, p99, bad_status, socket_errors = map(int, line.split()[1:])
     seconds = micros / 1e6
     return {"rps": requests / seconds, "eps": requests * batch / seconds, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
             "bad": bad_status + socket_errors, "server_us": used[0] / requests * 1e6,
-            "writer_us": sum(used[1:]) / (requests * batch) * 1e6}
+            "writer_us": sum(used[1:]) / (requests * batch) * 1e6, "wal_mb": wal_size.peak / 1e6}
 
 
 def median_runs(runs: list[dict]) -> dict:
@@ -120,7 +148,8 @@ def http_benchmarks(duration: float, repeat: int, connections: int) -> dict:
                               "--data-dir", str(data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL)
     floor = subprocess.Popen([sys.executable, str(HERE / "floor_server.py"), str(floor_port)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    results: dict = {}
+    results: dict = {"wal_peak_mb": 0.0}
+    wal = data_dir / "pulse.db-wal"
     try:
         wait_http(pulse_port)
         wait_http(floor_port)
@@ -129,7 +158,8 @@ def http_benchmarks(duration: float, repeat: int, connections: int) -> dict:
         for batch in (1, 10, 50):
             runs: dict[str, list[dict]] = {"pulse": [], "floor": []}
             for _ in range(repeat):  # interleaved, so both see the same machine noise
-                runs["pulse"].append(wrk(pulse_port, batch, key, duration, connections, pulse.pid))
+                runs["pulse"].append(wrk(pulse_port, batch, key, duration, connections, pulse.pid, wal))
+                results["wal_peak_mb"] = max(results["wal_peak_mb"], runs["pulse"][-1]["wal_mb"])
                 results["pss_mb"] = max(results.get("pss_mb", 0.0), pss_mb(pulse.pid))
                 runs["floor"].append(wrk(floor_port, batch, key, duration, connections, floor.pid))
             results[batch] = {name: median_runs(r) for name, r in runs.items()}
@@ -300,6 +330,8 @@ def http_part(args: argparse.Namespace) -> None:
           f" heaviest run {http['pss_mb']:.0f} MB); exit code after SIGTERM {http['exit_code']}; "
           f"{http['events_stored']:,} events stored, {http['bytes_per_event']:.0f} bytes/event on disk "
           "(events, indexes, rollups, sessions, persons)")
+    print(f"pulse WAL peak size {http['wal_peak_mb']:.1f} MB (sampled every 20 ms during each wrk run); by batch size "
+          + ", ".join(f"{batch}: {http[batch]['pulse']['wal_mb']:.1f} MB" for batch in (1, 10, 50)) + " (median of runs)")
 
 
 def storage_part(args: argparse.Namespace) -> None:

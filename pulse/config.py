@@ -38,6 +38,9 @@ class Settings:
     write_batch_max_events: int = 20_000
     ack: str = "commit"  # "commit": 202 after the commit; "enqueue": 202 when queued
     synchronous: str = "FULL"  # SQLite synchronous pragma for the writer
+    # an ingest request (or a read waiting for the writer) gets 503 after waiting this long for a commit;
+    # while one has, new ingest is refused at once
+    write_timeout_s: float = 5.0
     # a size cap on the database (MiB, 0: none); past it ingest answers 503, as on a full disk
     max_db_mb: int = 0
     # live feed: events buffered per WebSocket client before it starts losing them
@@ -92,6 +95,8 @@ class Settings:
             raise ValueError(f"log level must be debug, info, warning or error, not {self.log_level!r}")
         if self.cache_mib < 1:
             raise ValueError("cache_mib must be at least 1")
+        if self.write_timeout_s <= 0:
+            raise ValueError("write_timeout_s must be more than 0")
         if self.queue_max_events < 1000:
             raise ValueError("queue_max_events must be at least 1000 (one full batch)")
 

@@ -14,7 +14,7 @@ from pulse.server.errors import ApiError, validation_error
 from pulse.server.keys import KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, WRITER
 from pulse.server.limits import is_loopback, retry_after
 from pulse.storage.rows import IngestJob, to_ms
-from pulse.storage.writer import ProjectGone, QueueFull, WriteFailed, WriterClosed
+from pulse.storage.writer import ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled
 
 routes = web.RouteTableDef()
 _JSON = {"Content-Type": "application/json"}
@@ -93,7 +93,7 @@ async def _ingest(request: web.Request) -> web.Response:
     )
     try:
         future = app[WRITER].enqueue(job)
-    except QueueFull as exc:
+    except (QueueFull, WriterStalled) as exc:
         raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     except WriterClosed as exc:
         raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
@@ -107,4 +107,6 @@ async def _ingest(request: web.Request) -> web.Response:
             raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
         except ProjectGone:  # deleted while the batch was queued: as if the key had been refused at once
             raise ApiError(401, "invalid or revoked ingest key") from None
+        except WriterStalled as exc:  # past the write deadline: the batch stays queued and may be stored
+            raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     return web.Response(status=202, body=json_encoder.encode(IngestAck(accepted, duplicates)), headers=_JSON)

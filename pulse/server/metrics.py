@@ -44,6 +44,12 @@ def render(app: web.Application) -> str:
     _metric(lines, "pulse_queue_events", "gauge", "Events waiting for the writer.", stats.queued_events)
     _metric(lines, "pulse_writer_lag_seconds", "gauge", "Age of the oldest request waiting for its commit.",
             round(app[WRITER].writer_lag_seconds, 6))
+    _metric(lines, "pulse_writer_stalled", "gauge", "1 while a request has waited past the write deadline.",
+            int(app[WRITER].stalled))
+    _metric(lines, "pulse_writer_stalled_requests_total", "counter",
+            "Ingest and read requests answered 503 because the writer missed the write deadline.",
+            stats.stalled_requests)
+    _metric(lines, "pulse_wal_bytes", "gauge", "Size of the database's write-ahead log file.", app[WRITER].wal_bytes)
     _metric(lines, "pulse_last_commit_timestamp_seconds", "gauge", "When the writer last committed.",
             stats.last_commit_at or 0)
     _metric(lines, "pulse_events_accepted_total", "counter", "Events stored.", stats.events_written)

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
+import os
 import socket
 import sys
 import time
@@ -48,6 +50,15 @@ class WriteFailed(Exception):
     """The transaction holding a batch failed; nothing of the batch was stored."""
 
 
+class WriterStalled(Exception):
+    """The writer has not committed within the write deadline. A batch refused with it was not queued; a
+    batch that waited past the deadline stays queued and is stored once the writer moves again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class WriterStartFailed(Exception):
     """The writer process could not open or migrate the database."""
 
@@ -77,6 +88,7 @@ class WriterStats:
     duplicates: int = 0
     failures: int = 0
     restarts: int = 0
+    stalled_requests: int = 0  # answered WriterStalled: refused, or waited past the write deadline
     last_commit_at: float | None = None  # wall clock seconds
     last_batch_events: int = 0
     last_commit_seconds: float = 0.0
@@ -114,6 +126,7 @@ class EventWriter:
         batch_max_events: int = 20_000,
         synchronous: str = "FULL",
         max_db_mb: int = 0,
+        write_timeout_s: float = 5.0,
         on_commit: Callable[[list[CommittedEvent]], None] | None = None,
         wants: Callable[[int], bool] | None = None,
     ) -> None:
@@ -122,6 +135,7 @@ class EventWriter:
         self.batch_max_events = batch_max_events
         self.synchronous = synchronous
         self.max_db_mb = max_db_mb
+        self.write_timeout_s = write_timeout_s  # a request waits this long for its commit, then gets WriterStalled
         self.on_commit = on_commit  # called on the event loop with every committed batch
         self.wants = wants  # which projects on_commit wants events of (None: all)
         self.stats = WriterStats()
@@ -134,6 +148,7 @@ class EventWriter:
         self._closing = False
         self._outbox: list[bytes] = []  # frames written once per event-loop turn, not one syscall each
         self._unwritten = True  # the writer may keep rollup, session and person changes in memory (settle)
+        self._deadline: asyncio.TimerHandle | None = None  # when the oldest waiting request times out
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -172,6 +187,8 @@ class EventWriter:
             except asyncio.TimeoutError:
                 self._process.kill()
                 await self._process.wait()
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._fail_pending(WriterClosed("server is shutting down"))
 
     @property
@@ -186,17 +203,42 @@ class EventWriter:
         return 0.0
 
     @property
+    def stalled(self) -> bool:
+        """A request has waited for its commit longer than the write deadline."""
+        return self.writer_lag_seconds > self.write_timeout_s
+
+    @property
+    def state(self) -> str:
+        """For /health: ok, stalled (see `stalled`), restarting (after a crash) or stopping."""
+        if self._closing:
+            return "stopping"
+        if not self._up:
+            return "restarting"
+        return "stalled" if self.stalled else "ok"
+
+    @property
+    def wal_bytes(self) -> int:
+        """Size of the database's write-ahead log file."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
     # -- the handler side --------------------------------------------------------------------------
 
     def enqueue(self, job: IngestJob) -> asyncio.Future:
-        """Queue a job; the future resolves to (accepted, duplicates) after its commit, or raises ProjectGone."""
+        """Queue a job; the future resolves to (accepted, duplicates) after its commit, or raises ProjectGone
+        (the project was deleted first), or fails with WriterStalled once it has waited write_timeout_s (the job
+        stays queued and may still commit)."""
         if self._closing:
             raise WriterClosed("server is shutting down")
         if not self._up or self._stream is None or self._stream.is_closing():
             raise WriterClosed("storage writer is restarting")
+        self._refuse_if_stalled()
         count = len(job.events)
         if self.stats.queued_events + count > self.max_queued_events:
             raise QueueFull(retry_after=1)
@@ -218,9 +260,38 @@ class EventWriter:
         """
         if not self._unwritten or not self._up or self._closing or self._stream is None or self._stream.is_closing():
             return
+        self._refuse_if_stalled()  # what is written is not all that was acknowledged: no exact answer now
         job_id = next(self._ids)
         with contextlib.suppress(WriteFailed, WriterClosed):  # a failed write leaves the kept changes kept
             await self._send(job_id, Flush(job_id), None, [])
+
+    def _refuse_if_stalled(self) -> None:
+        """New work waits behind a request already past its deadline: refuse it now rather than later."""
+        if self.stalled:
+            self.stats.stalled_requests += 1
+            raise WriterStalled(f"storage writer is stalled ({self.writer_lag_seconds:.0f} s behind); retry later",
+                                self._retry_after)
+
+    @property
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self.write_timeout_s))
+
+    def _expire(self) -> None:
+        """Fail every request waiting longer than the write deadline with WriterStalled; its job stays
+        queued (the writer may still commit it: the client's retry is de-duplicated by uuid)."""
+        self._deadline = None
+        now = time.monotonic()
+        for item in self._pending.values():  # oldest first
+            left = item.queued_at + self.write_timeout_s - now
+            if left > 0:
+                self._deadline = asyncio.get_running_loop().call_later(left, self._expire)
+                return
+            if not item.future.done():
+                self.stats.stalled_requests += 1
+                item.future.set_exception(WriterStalled(
+                    f"storage writer did not commit within {self.write_timeout_s:g} s; the batch may still be"
+                    " stored: retry it (events with a uuid are stored once)", self._retry_after))
+                item.future.exception()  # retrieved: the handler may be gone
 
     def _send(self, job_id: int, message: Submit | Flush, job: IngestJob | None, rows: list[tuple]) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -229,6 +300,8 @@ class EventWriter:
         self._outbox.append(frame(message))
         future = loop.create_future()
         self._pending[job_id] = _Pending(future, job, rows, time.monotonic())
+        if self._deadline is None:
+            self._deadline = loop.call_later(self.write_timeout_s, self._expire)
         return future
 
     def _flush(self) -> None:
@@ -309,7 +382,8 @@ class EventWriter:
             if item is None:
                 continue
             if item.job is None:  # a Flush
-                item.future.set_result((0, 0))
+                if not item.future.done():  # done: the read gave up at the write deadline
+                    item.future.set_result((0, 0))
                 continue
             stats.queued_events -= len(item.job.events)
             if accepted == PROJECT_GONE:

@@ -4,12 +4,14 @@ Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRON
 of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
 them and any new sessions and persons in one transaction, commits, then answers with one Committed
 frame. What they add to rollups, sessions and persons may be written by a later commit (see
-FLUSH_AFTER_S); a Flush frame asks for it now. It stops after a Shutdown frame, or when the server's end
-closes (the server died): either way it first writes and commits everything it has received and kept.
+FLUSH_AFTER_S); a Flush frame asks for it now. Between commits it keeps the WAL bounded (WalBound). It
+stops after a Shutdown frame, or when the server's end closes (the server died): either way it first
+writes and commits everything it has received and kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -23,7 +25,7 @@ import time
 import apsw
 
 from pulse.enrich import load_agent_rules
-from pulse.storage.connection import connect
+from pulse.storage.connection import BUSY_TIMEOUT_MS, connect
 from pulse.storage.rollups import BatchApplier, Submit
 from pulse.storage.schema import migrate
 from pulse.storage.wire import (
@@ -46,6 +48,15 @@ COMMIT_GAP_S = 0.0003
 FLUSH_AFTER_S = 0.5
 FLUSH_IDLE_S = 0.05
 FLUSH_EVENTS = 100_000
+# The WAL is restarted once it holds WAL_RESET_BYTES (see WalBound): the -wal file stays about that size
+# under any sustained load, and never past journal_size_limit (64 MiB) for longer than a slow reader
+# holds its snapshot. A RESTART checkpoint waits at most CHECKPOINT_WAIT_MS for readers; one that could
+# not finish is retried after CHECKPOINT_RETRY_S, then twice as long each time, up to
+# CHECKPOINT_BACKOFF_MAX_S (the passive checkpoints back off the same way on a full disk).
+WAL_RESET_BYTES = 16 * 1024 * 1024
+CHECKPOINT_WAIT_MS = 100
+CHECKPOINT_RETRY_S = 0.25
+CHECKPOINT_BACKOFF_MAX_S = 4.0
 
 
 class Channel:
@@ -116,27 +127,96 @@ class Checkpointer(threading.Thread):
     """Copies the WAL back into the database from a connection of its own, off the commit path.
 
     SQLite would otherwise do it inside a commit every 1000 pages. A passive checkpoint never blocks
-    the writer; SQLite releases the GIL while it runs, so it overlaps the writer's own work.
+    the writer; SQLite releases the GIL while it runs, so it overlaps the writer's own work. It cannot
+    reset the WAL while commits keep coming (WalBound does that). A full disk or an I/O error is logged
+    once and retried, less often the longer it lasts, until space returns.
     """
 
-    def __init__(self, path: str, pages: int = 1000, every_s: float = 0.2) -> None:
+    def __init__(self, path: str, lock: threading.Lock, every_s: float = 0.2) -> None:
         super().__init__(name="pulse-checkpoint", daemon=True)
-        self.path, self.pages, self.every_s = path, pages, every_s
+        self.path, self.lock, self.every_s = path, lock, every_s
         self.stopping = threading.Event()
 
     def run(self) -> None:
         conn = connect(self.path)
+        wait, failing = self.every_s, False
         try:
-            while not self.stopping.wait(self.every_s):
+            while not self.stopping.wait(wait):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    with self.lock:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except apsw.BusyError:
-                    pass
+                    continue
+                except apsw.Error as exc:  # a full disk, an I/O error: keep trying, it may come back
+                    if not failing:
+                        log.error("checkpoint failed: %s; retrying until it succeeds", exc)
+                    wait, failing = min(wait * 2, CHECKPOINT_BACKOFF_MAX_S), True
+                    continue
+                if failing:
+                    log.info("checkpoints succeed again")
+                wait, failing = self.every_s, False
         finally:
             conn.close()
 
 
-def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_max: int) -> None:
+class WalBound:
+    """Keeps the WAL near WAL_RESET_BYTES under any sustained load: past it, the writer itself runs a
+    RESTART checkpoint between two commits, so the next commit writes the WAL from its start again.
+
+    Passive checkpoints copy the WAL into the database while commits go on, but the WAL restarts only
+    when a transaction begins with every frame copied and no reader inside it; under steady load that
+    never happens and the file grows without end. A RESTART checkpoint holds off commits (none can come:
+    the writer is running it) and waits, at most CHECKPOINT_WAIT_MS, for readers of older frames, which
+    hold their snapshot for one query. When readers keep it from finishing (a long query, a `pulse
+    backup`) the writer tries again later, waiting longer each time, and the WAL grows until then;
+    journal_size_limit cuts the file back once it has restarted. When it fails (a full disk) it is tried
+    again once the WAL has grown by an eighth of the bound: commits succeed again only when space has
+    returned, and then the WAL must restart before it fills the disk anew.
+    """
+
+    def __init__(self, conn: apsw.Connection, lock: threading.Lock) -> None:
+        self.conn, self.lock = conn, lock
+        self.frames = 0  # in the WAL after the last commit
+        self.limit = WAL_RESET_BYTES // conn.pragma("page_size")
+        self.retry_at, self.backoff, self.failing = 0.0, CHECKPOINT_RETRY_S, False
+        self.retry_frames = sys.maxsize  # after a failure: try again at this many frames even before retry_at
+        conn.set_wal_hook(self._committed)
+
+    def _committed(self, conn: apsw.Connection, name: str, frames: int) -> int:
+        self.frames = frames
+        return apsw.SQLITE_OK
+
+    def check(self) -> None:
+        """Restart the WAL if it is past its bound; between transactions only."""
+        if self.frames < self.limit or (time.monotonic() < self.retry_at and self.frames < self.retry_frames):
+            return
+        busy, error = True, None
+        if self.lock.acquire(timeout=CHECKPOINT_WAIT_MS / 1000):  # a passive checkpoint may be running
+            self.conn.set_busy_timeout(CHECKPOINT_WAIT_MS)
+            try:
+                busy = self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()[0][0] != 0
+            except apsw.BusyError:
+                pass
+            except apsw.Error as exc:  # a full disk, an I/O error
+                error = exc
+            finally:
+                self.conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+                self.lock.release()
+        if not busy and error is None:
+            self.frames, self.backoff, self.retry_at = 0, CHECKPOINT_RETRY_S, 0.0
+            if self.failing:
+                log.info("the WAL restarts again")
+            self.failing = False
+            return
+        if error is not None and not self.failing:
+            log.error("restarting the WAL failed: %s; retrying until it succeeds", error)
+        self.failing = self.failing or error is not None
+        self.retry_at = time.monotonic() + self.backoff
+        self.retry_frames = self.frames + self.limit // 8 if error is not None else sys.maxsize
+        self.backoff = min(self.backoff * 2, CHECKPOINT_BACKOFF_MAX_S)
+
+
+def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_max: int, wal: WalBound) -> None:
     pending: list[Submit | Flush] = []
     stopping = False
     quiet_flush_at = 0.0  # after a failed write (a full disk), the next quiet flush waits a second
@@ -156,6 +236,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
             if isinstance(outcome, Failed):
                 quiet_flush_at = time.monotonic() + 1.0
             channel.send(outcome)
+            wal.check()
             continue
         if pending and not stopping:
             deadline = time.monotonic() + COMMIT_WINDOW_S
@@ -177,6 +258,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
             flush = (stopping or applier.unwritten > FLUSH_EVENTS
                      or applier.unwritten_for(time.monotonic()) >= FLUSH_AFTER_S)
             channel.send(write(conn, applier, jobs, flush))
+            wal.check()  # after the answer: the requests of this commit do not wait for it
         elif stopping:
             if applier.unwritten:
                 write(conn, applier, [], flush=True)
@@ -208,15 +290,17 @@ def main(argv: list[str]) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
     channel.send(Ready(os.getpid()))
-    checkpointer = Checkpointer(path)
+    lock = threading.Lock()  # one checkpoint at a time: a second would fail at once, not wait
+    checkpointer = Checkpointer(path, lock)
     checkpointer.start()
     try:
-        serve(channel, conn, applier, batch_max)
+        serve(channel, conn, applier, batch_max, WalBound(conn, lock))
     finally:
         checkpointer.stopping.set()
         checkpointer.join()
-        conn.pragma("optimize")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        with contextlib.suppress(apsw.Error):  # on a full disk the WAL stays; the next start reads it
+            conn.pragma("optimize")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         conn.close()
     return 0
 
