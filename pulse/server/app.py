@@ -74,12 +74,6 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await writer.start()  # creates and migrates the database
     load_agent_rules()  # the live feed parses user agents on the event loop: not in its first message
-<<<<<<< HEAD
-    reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
-                    settle=writer.settle, cache_mib=settings.cache_mib)
-=======
-    queries.DAYS.max_bytes = settings.cache_mib * 1024 * 1024
-
     async def settle() -> None:
         """A read waits for the writer at most the write deadline, then is answered 503."""
         try:
@@ -90,8 +84,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
                            headers={"Retry-After": str(exc.retry_after)}) from None
 
     reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
-                    settle=settle)
->>>>>>> hard-writer
+                    settle=settle, cache_mib=settings.cache_mib)
     keyring = KeyRing(reader, settings.operator_token)
     await keyring.reload()
     keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds
