@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import apsw
 from pyroaring import BitMap
 
+from pulse.storage.reader import checkpoint
 from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
 from pulse.storage.rows import DAY_MS, HOUR_MS, PAGE_VIEW
 
@@ -301,6 +302,7 @@ def _spans(conn: apsw.Connection, project_id: int, hours: tuple[int, int], name_
         "SELECT hour, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
         " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, *hours)))
     for span in spans:
+        checkpoint()  # cached spans run no SQL: the time limit, or a stop, ends the read here
         fingerprint = sum(fingerprints.get(hour, 0) for hour in range(*span))
         if not fingerprint:
             continue
@@ -654,6 +656,7 @@ def _session_pieces(conn: apsw.Connection, project_id: int, window: Window, kind
         "SELECT day, generation FROM session_days WHERE project_id = ? AND day >= ? AND day < ?",
         (project_id, first, last)))
     for day in range(first, last):
+        checkpoint()
         generation = generations.get(day)
         if generation is None:
             continue
