@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -15,8 +16,40 @@ from pulse.storage.model import Window
 from pulse.storage.projects import Project
 from pulse.storage.sqlite import breakdowns, lists, periods
 from pulse.storage.sqlite.breakdowns import EVENT_DIMENSIONS, SESSION_DIMENSIONS
+from pulse.storage.connection import ReadStopped
 
 routes = web.RouteTableDef()
+
+CLIENT_CHECK_S = 0.25  # how often a running read looks whether its client is still connected
+CLIENT_GONE = 499  # the status logged for a request whose client left before the answer (as nginx logs it)
+
+
+async def _read(request: web.Request, fn, *args, fresh: bool = True):
+    """fn(connection, *args) on a reader thread (`Reader.fresh`, or `Reader.run` when not fresh), stopped when
+    the client disconnects: aiohttp does not cancel a handler then, and a read nobody waits for would hold a
+    reader thread until its end."""
+    reader = request.app[READER]
+    read = reader.fresh if fresh else reader.run
+    work = asyncio.ensure_future(read(fn, *args, stoppable=True))
+    try:
+        while True:
+            done, _ = await asyncio.wait((work,), timeout=CLIENT_CHECK_S)
+            if done:
+                return work.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ApiError(CLIENT_GONE, "the client closed the connection; its query was stopped")
+    except ReadStopped:
+        raise ApiError(503, "the server is shutting down; the query was stopped",
+                       headers={"Retry-After": "5"}) from None
+    finally:
+        work.cancel()  # stops the read (Reader.run) unless it is done
+
+
+async def stop_reads(app: web.Application) -> None:
+    """At shutdown (on_shutdown, before aiohttp waits for running handlers): stop the reads in progress, which
+    answer 503, so that no read holds up the exit."""
+    app[READER].stop()
 
 
 def _project(request: web.Request) -> Project:
@@ -40,7 +73,7 @@ async def projects(request: web.Request) -> web.Response:
         today = parse_window({"from": datetime.now(ZoneInfo(project.timezone)).date().isoformat()},
                              project.timezone, now_ms=now)
         bounds = bucket_bounds(day, "hour", project.timezone)
-        summary = await request.app[READER].fresh(periods.project_summary, project.id, today, bounds)
+        summary = await _read(request, periods.project_summary, project.id, today, bounds)
         found.append({"id": project.id, "name": project.name, "domain": project.domain,
                       "timezone": project.timezone, **summary})
     return web.json_response({"projects": found})
@@ -52,7 +85,7 @@ async def overview(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     filters = parse_filters(request.query)
     now = time.time_ns() // 1_000_000
-    found = await request.app[READER].fresh(periods.overview, project.id, window, now, filters)
+    found = await _read(request, periods.overview, project.id, window, now, filters)
     return web.json_response({**_range(project, window), **found})
 
 
@@ -61,12 +94,11 @@ async def timeseries(request: web.Request) -> web.Response:
     project = _project(request)
     window = parse_window(request.query, project.timezone)
     filters = parse_filters(request.query)
-    interval = parse_interval(request.query, window)
+    interval = parse_interval(request.query, window, project.timezone)
     bounds = bucket_bounds(window, interval, project.timezone)
     shift = window.end - window.start
-    reader = request.app[READER]
-    current = await reader.fresh(periods.timeseries, project.id, bounds, filters)
-    previous = await reader.run(periods.timeseries, project.id, [b - shift for b in bounds], filters)
+    current = await _read(request, periods.timeseries, project.id, bounds, filters)
+    previous = await _read(request, periods.timeseries, project.id, [b - shift for b in bounds], filters, fresh=False)
     return web.json_response({
         **_range(project, window), "interval": interval,
         "buckets": [{"start": iso(start, project.timezone), **row} for start, row in zip(bounds, current)],
@@ -80,8 +112,8 @@ async def _rows(request: web.Request, query, *args, filtered: bool = True, defau
     project = _project(request)
     window = parse_window(request.query, project.timezone)
     extra = (parse_filters(request.query),) if filtered else ()
-    rows = await request.app[READER].fresh(query, project.id, window, *extra, *args,
-                                         parse_limit(request.query, default=default_limit))
+    rows = await _read(request, query, project.id, window, *extra, *args,
+                       parse_limit(request.query, default=default_limit))
     return web.json_response({**_range(project, window), "rows": rows})
 
 
@@ -127,8 +159,8 @@ def _cursor(request: web.Request) -> tuple[int, int] | None:
 async def _list(request: web.Request, query, *extra) -> web.Response:
     project = _project(request)
     window = parse_window(request.query, project.timezone)
-    found = await request.app[READER].fresh(query, project.id, window, parse_filters(request.query), *extra,
-                                          parse_limit(request.query, default=50), _cursor(request))
+    found = await _read(request, query, project.id, window, parse_filters(request.query), *extra,
+                        parse_limit(request.query, default=50), _cursor(request))
     return web.json_response({**_range(project, window), **found})
 
 
@@ -153,8 +185,8 @@ async def user(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     parse_filters(request.query)  # rejects unknown parameters
     distinct_id = request.match_info["distinct_id"]
-    found = await request.app[READER].fresh(lists.user_timeline, project.id, distinct_id, window,
-                                          parse_limit(request.query, default=50), _cursor(request))
+    found = await _read(request, lists.user_timeline, project.id, distinct_id, window,
+                        parse_limit(request.query, default=50), _cursor(request))
     if found is None:
         raise ApiError(404, f"no user {distinct_id!r} in project {project.id}")
     return web.json_response({**_range(project, window), **found})

@@ -121,6 +121,7 @@ def create_app(settings: Settings) -> web.Application:
     app[RATE_BY_KEY] = TokenBuckets(settings.rate_per_key, settings.burst_per_key)
     app[LIVE] = LiveHub(buffer_events=settings.live_buffer_events)
     app.on_shutdown.append(close_live_feeds)  # before aiohttp waits for running handlers
+    app.on_shutdown.append(analytics.stop_reads)
     app.cleanup_ctx.append(storage_ctx)
     app.add_routes(routes)
     app.add_routes(ingest.routes)

@@ -5,6 +5,7 @@ Windows are read in the project's time zone. Bad values are 400s naming the para
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -17,24 +18,48 @@ from pulse.storage.model import Filters, Window
 RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30), "90d": timedelta(days=90)}
 DEFAULT_RANGE = "7d"
 
+# Limits of the read API (README: Read API). They bound what one request can cost in time and memory:
+# the work of a query grows with the days and buckets of its window, whatever the data.
+MAX_WINDOW_DAYS = 400  # from/to; overview and timeseries also read the period before: 800 days in all
+MAX_HOURLY_DAYS = 31  # interval=hour: at most 745 buckets
+FIRST_YEAR = 1970  # of a date or datetime given (in the project's time zone, or its own offset)
+LAST_DAY = "9999-12-30"  # the end of this day in UTC is the latest moment: a date and time in every time zone
+LATEST_MS = int(datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp() * 1000)
+MAX_LIMIT = 1000  # rows of a breakdown or page of a list
+
 
 def parse_bound(name: str, raw: str, tz: ZoneInfo, *, end: bool) -> int:
+    """`from` or `to` in epoch ms: a date (as `to`, the end of that whole day) or a datetime."""
     try:
-        if len(raw) == 10:
-            day = date.fromisoformat(raw)
-            if end:  # a date as the end of a range includes that whole day
-                day += timedelta(days=1)
-            moment = datetime(day.year, day.month, day.day, tzinfo=tz)
-        else:
-            moment = datetime.fromisoformat(raw)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=tz)
+        given: date = date.fromisoformat(raw) if len(raw) == 10 else datetime.fromisoformat(raw)
     except ValueError:
         raise ApiError(
             400, f"{name}: expected an ISO date (2026-02-10) or datetime (2026-02-10T12:00:00Z), got {raw!r}",
             field=name,
         ) from None
-    return int(moment.timestamp() * 1000)
+    out_of_range = ApiError(400, f"{name}: {raw!r} is out of range: dates and times from {FIRST_YEAR} to"
+                                 f" {LAST_DAY} (UTC)", field=name)
+    if given.year < FIRST_YEAR:
+        raise out_of_range
+    try:
+        if isinstance(given, datetime):
+            moment = given if given.tzinfo is not None else given.replace(tzinfo=tz)
+        else:
+            day = given + timedelta(days=1) if end else given  # a date as the end of a range includes that day
+            moment = datetime(day.year, day.month, day.day, tzinfo=tz)
+        ms = int(moment.timestamp() * 1000)
+    except OverflowError:
+        raise out_of_range from None
+    if ms > LATEST_MS:
+        raise out_of_range
+    return ms
+
+
+def calendar_days(window: Window, tz: ZoneInfo) -> float:
+    """The window's length in days of the zone's calendar (a day of 23 or 25 hours counts as one)."""
+    start = datetime.fromtimestamp(window.start / 1000, tz=tz)
+    end = datetime.fromtimestamp(window.end / 1000, tz=tz)
+    return (end - start) / timedelta(days=1)  # one zone: wall-clock time, as a calendar counts
 
 
 def parse_window(query: MultiMapping[str], timezone: str, *, now_ms: int | None = None) -> Window:
@@ -50,7 +75,13 @@ def parse_window(query: MultiMapping[str], timezone: str, *, now_ms: int | None 
         end = parse_bound("to", query["to"], tz, end=True) if "to" in query else now
         if end <= start:
             raise ApiError(400, "to: must be after from", field="to")
-        return Window(start, end)
+        window = Window(start, end)
+        days = calendar_days(window, tz)
+        if days > MAX_WINDOW_DAYS:
+            name = "to" if "to" in query else "from"
+            raise ApiError(400, f"{name}: a window spans at most {MAX_WINDOW_DAYS} days, this one"
+                                f" {math.ceil(days):,}; narrow from/to", field=name)
+        return window
     name = query.get("range", DEFAULT_RANGE)
     span = RANGES.get(name)
     if span is None:
@@ -60,7 +91,6 @@ def parse_window(query: MultiMapping[str], timezone: str, *, now_ms: int | None 
 
 FILTER_PARAMS = ("event", "path", "referrer", "utm_source", "utm_medium", "utm_campaign", "browser", "os", "device")
 OTHER_PARAMS = {"from", "to", "range", "interval", "limit", "dimension", "token", "cursor"}
-MAX_LIMIT = 1000
 
 
 def parse_filters(query: MultiMapping[str]) -> Filters:
@@ -92,12 +122,13 @@ def parse_limit(query: MultiMapping[str], default: int = 10) -> int:
     return int(raw)
 
 
-def parse_interval(query: MultiMapping[str], window: Window) -> str:
+def parse_interval(query: MultiMapping[str], window: Window, timezone_name: str) -> str:
     interval = query.get("interval") or ("hour" if window.end - window.start <= 2 * 86_400_000 else "day")
     if interval not in ("hour", "day"):
         raise ApiError(400, f"interval: expected hour or day, got {interval!r}", field="interval")
-    if interval == "hour" and window.end - window.start > 31 * 86_400_000:
-        raise ApiError(400, "interval: hourly buckets for at most 31 days; use interval=day", field="interval")
+    if interval == "hour" and calendar_days(window, ZoneInfo(timezone_name)) > MAX_HOURLY_DAYS:
+        raise ApiError(400, f"interval: hourly buckets for at most {MAX_HOURLY_DAYS} days; use interval=day",
+                       field="interval")
     return interval
 
 
@@ -113,7 +144,10 @@ def bucket_bounds(window: Window, interval: str, timezone_name: str) -> list[int
         step = timedelta(days=1)
     bounds = [window.start]
     while True:
-        edge = edge + timedelta(hours=1) if step is None else _next_midnight(edge, tz)
+        try:
+            edge = edge + timedelta(hours=1) if step is None else _next_midnight(edge, tz)
+        except OverflowError:  # no day after the last one dates can hold: the window ends before it
+            break
         ms = int(edge.timestamp() * 1000)
         if ms >= window.end:
             break

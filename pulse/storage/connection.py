@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +80,22 @@ def set_deadline(conn: apsw.Connection, seconds: float | None) -> None:
         return time.monotonic() > deadline  # True aborts the statement
 
     conn.set_progress_handler(check, 10_000)
+
+
+class ReadStopped(QueryTimeout):
+    """A read was stopped before it finished because nobody waits for it any more. A QueryTimeout, so that
+    whoever copes with a read that did not finish copes with this one too."""
+
+
+_current = threading.local()  # .call: the read this thread runs (set by Reader)
+
+
+def checkpoint() -> None:
+    """Raise QueryTimeout if this thread's read is past its deadline, ReadStopped if it was stopped.
+
+    The progress handler only runs inside SQLite; long Python loops of the read path call this between
+    pieces of work. Outside a Reader's call (the CLI, tests) it does nothing.
+    """
+    call = getattr(_current, "call", None)
+    if call is not None:
+        call.check()

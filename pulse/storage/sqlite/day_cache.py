@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import apsw
 from pyroaring import BitMap
 
+from pulse.storage.connection import checkpoint
+
 
 class DayCache:
     """Unions of whole UTC days of hourly rollup rows, kept while the day's rows are unchanged.
@@ -96,6 +98,7 @@ def cached_spans(snap: Snapshot, project_id: int, hours: tuple[int, int], name_i
         "SELECT hour, total(events) FROM hourly WHERE project_id = ? AND name_id = ? AND bot = 0"
         " AND hour >= ? AND hour < ? GROUP BY 1", (project_id, name_id, *hours)))
     for span in spans:
+        checkpoint()  # cached spans run no SQL: the time limit, or a stop, ends the read here
         fingerprint = sum(fingerprints.get(hour, 0) for hour in range(*span))
         if not fingerprint:
             continue

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from pulse.storage.connection import checkpoint
 from pulse.storage.model import Filters, Window
 from pulse.storage.rows import DAY_MS
 from pulse.storage.sqlite.day_cache import Snapshot
@@ -35,6 +36,7 @@ def session_pieces(snap: Snapshot, project_id: int, window: Window, kind: tuple,
         "SELECT day, generation FROM session_days WHERE project_id = ? AND day >= ? AND day < ?",
         (project_id, first, last)))
     for day in range(first, last):
+        checkpoint()
         generation = generations.get(day)
         if generation is None:
             continue
