@@ -28,7 +28,7 @@ from pulse.server.limits import TokenBuckets
 from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
-from pulse.server.warmup import warm
+from pulse.storage.sqlite.warmup import warm
 from pulse.storage.connection import DB_MODE
 from pulse.storage.reader import Reader
 from pulse.storage.writer import EventWriter, WriterStalled

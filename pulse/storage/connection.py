@@ -15,10 +15,7 @@ BUSY_TIMEOUT_MS = 5000
 # the database holds every project's events: its owner's alone. SQLite gives the -wal and -shm files the
 # database file's mode, so a database made with this mode keeps all three private
 DB_MODE = 0o600
-
-
-class QueryTimeout(Exception):
-    """A read query ran past its time limit and was interrupted."""
+from pulse.storage.model import QueryTimeout, ReadStopped  # noqa: F401  (raised by readers)
 
 
 def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FULL") -> apsw.Connection:
@@ -80,11 +77,6 @@ def set_deadline(conn: apsw.Connection, seconds: float | None) -> None:
         return time.monotonic() > deadline  # True aborts the statement
 
     conn.set_progress_handler(check, 10_000)
-
-
-class ReadStopped(QueryTimeout):
-    """A read was stopped before it finished because nobody waits for it any more. A QueryTimeout, so that
-    whoever copes with a read that did not finish copes with this one too."""
 
 
 _current = threading.local()  # .call: the read this thread runs (set by Reader)

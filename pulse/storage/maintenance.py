@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +23,7 @@ from pulse.storage.connection import connect, create_private, immediate
 from pulse.storage.projects import PROJECT_DATA_TABLES, Project, list_projects
 from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
 from pulse.storage.rows import DAY_MS, HOUR_MS, PAGE_VIEW
+from pulse.storage.model import Difference
 
 PRUNE_CHUNK = 2000
 
@@ -34,18 +35,6 @@ def pruned_before(conn: apsw.Connection, project_id: int) -> int:
 
 
 # -- verify -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Difference:
-    project_id: int
-    what: str  # "hourly", "hourly_dims", "session", "session_days", "person", or the table of an orphan row
-    key: str
-    stored: object
-    recounted: object
-
-    def __str__(self) -> str:
-        return f"project {self.project_id} {self.what} {self.key}: stored {self.stored}, recounted {self.recounted}"
 
 
 def _page_view_id(conn: apsw.Connection) -> int:

@@ -1,11 +1,22 @@
-"""What every store's read side and the server's parameter parsing share: the time window asked about
-and the filters on events. Nothing here knows how events are stored."""
+"""What the server, the CLI and every store share, and nothing about how events are stored: the window asked
+about and the filters on events, projects and key grants, an ingest job and a committed event, what ingest
+reports, and the errors a store raises."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
 
-from pulse.storage.rows import HOUR_MS
+from pulse.protocol import IngestEvent
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+PAGE_VIEW = "page_view"
+
+INGEST = "ingest"
+READ = "read"
+
+Cursor = tuple[int, int]  # (ts ms, id) of the last row of a page: the next page starts after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +77,167 @@ class Filters:
         """Whether person traits are all that is filtered: such filters are answered over whole hours from
         per-person counts of all the events (`People`, `Tally`), cut down to the persons with the traits."""
         return bool(self.traits) and self == Filters(traits=self.traits)
+
+
+# -- the catalog --------------------------------------------------------------------------------------
+
+
+class ProjectError(Exception):
+    """A project or key operation that cannot be done, with a message for the user."""
+
+
+class ProjectNotFound(ProjectError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    id: int
+    name: str
+    domain: str | None
+    timezone: str
+    retention_days: int
+    created_at: int
+    # hosts whose pages may send events (a host also allows its subdomains); None: any origin
+    allowed_origins: str | None = None
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Whether a browser on `origin` may send events. Requests without an Origin (servers) always may."""
+        if not self.allowed_origins or origin is None:
+            return True
+        host = urlsplit(origin).hostname or ""
+        return any(host == allowed or host.endswith("." + allowed) for allowed in self.allowed_origins.split())
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """What a presented key allows: one project, one kind, until `expires_at` (ms) if set."""
+
+    project_id: int
+    kind: str
+    expires_at: int | None
+
+    def valid(self, now_ms: int) -> bool:
+        return self.expires_at is None or now_ms < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """Every project and every key's grant (by SHA-256 digest of the secret), as of `version`."""
+
+    version: int
+    grants: dict[bytes, KeyGrant]
+    projects: dict[int, Project]
+
+
+# -- ingest --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class IngestJob:
+    """One request's events with what the server knows about the request."""
+
+    project_id: int
+    events: list[IngestEvent]
+    received_ms: int
+    skew_ms: int  # add to client timestamps (server clock minus client clock at send time)
+    ip: str
+    user_agent: str
+    project_domain: str | None = None
+
+
+@dataclass(slots=True)
+class CommittedEvent:
+    """What the live feed needs of an event that was committed."""
+
+    project_id: int
+    ts: int
+    event: str
+    distinct_id: str | None
+    path: str | None
+    properties: str | None  # JSON text
+    user_agent: str
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int]  # one per bound, then one past the last
+    total: float
+
+
+@dataclass(frozen=True, slots=True)
+class IngestStats:
+    """What ingest has done since the store opened, and where it stands: for /health, /metrics, `pulse status`."""
+
+    state: str  # ok; stalled: a request waited past the write deadline; restarting; stopping
+    queued_events: int
+    lag_seconds: float  # how long the oldest request still waiting for its commit has waited
+    commits: int
+    events_written: int
+    duplicates: int
+    failures: int
+    restarts: int
+    stalled_requests: int
+    last_commit_at: float | None  # wall clock seconds
+    last_batch_events: int
+    last_commit_seconds: float
+    commit_seconds: Histogram
+    batch_events: Histogram
+    wal_bytes: int = 0
+
+
+class QueueFull(Exception):
+    """The writer's queue cannot take this batch now; the client should retry later."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"ingest queue is full, retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class WriterClosed(Exception):
+    """The writer takes no new work: shutting down, or restarting after a crash."""
+
+
+class WriteFailed(Exception):
+    """The transaction holding a batch failed; nothing of the batch was stored."""
+
+
+class WriterStalled(Exception):
+    """The writer has not committed within the write deadline. A batch refused with it was not queued; a
+    batch that waited past the deadline stays queued and is stored once the writer moves again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ProjectGone(Exception):
+    """The batch's project was deleted before its commit; nothing of the batch was stored."""
+
+
+# -- reads and maintenance ----------------------------------------------------------------------------
+
+
+class QueryTimeout(Exception):
+    """A read query ran past its time limit and was interrupted."""
+
+
+class ReadStopped(QueryTimeout):
+    """A read was stopped before it finished because nobody waits for it any more. A QueryTimeout, so that
+    whoever copes with a read that did not finish copes with this one too."""
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    project_id: int
+    what: str  # "hourly", "hourly_dims", "session", "session_days", "person", or the table of an orphan row
+    key: str
+    stored: object
+    recounted: object
+
+    def __str__(self) -> str:
+        return f"project {self.project_id} {self.what} {self.key}: stored {self.stored}, recounted {self.recounted}"

@@ -6,61 +6,16 @@ import hashlib
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
 
 from pulse.storage.connection import immediate
+from pulse.storage.model import INGEST, READ, KeyGrant, Project, ProjectError, ProjectNotFound  # noqa: F401
 
-INGEST = "ingest"
-READ = "read"
 KEY_PREFIX = {INGEST: "pk_", READ: "sk_"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(:\d{1,5})?$")
-
-
-class ProjectError(Exception):
-    """A project or key operation that cannot be done, with a message for the user."""
-
-
-class ProjectNotFound(ProjectError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Project:
-    id: int
-    name: str
-    domain: str | None
-    timezone: str
-    retention_days: int
-    created_at: int
-    # hosts whose pages may send events (a host also allows its subdomains); None: any origin
-    allowed_origins: str | None = None
-
-    def origin_allowed(self, origin: str | None) -> bool:
-        """Whether a browser on `origin` may send events. Requests without an Origin (servers) always may."""
-        if not self.allowed_origins or origin is None:
-            return True
-        host = urlsplit(origin).hostname or ""
-        return any(host == allowed or host.endswith("." + allowed) for allowed in self.allowed_origins.split())
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class KeyGrant:
-    """What a presented key allows: one project, one kind, until `expires_at` (ms) if set."""
-
-    project_id: int
-    kind: str
-    expires_at: int | None
-
-    def valid(self, now_ms: int) -> bool:
-        return self.expires_at is None or now_ms < self.expires_at
 
 
 def digest(secret: str) -> bytes:

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+
 from datetime import datetime, timezone
 
 import msgspec
 
 from pulse.enrich import referrer_host, split_url
-from pulse.protocol import IngestEvent
+from pulse.storage.model import DAY_MS, HOUR_MS, PAGE_VIEW, IngestJob  # noqa: F401
 
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
 # a timestamp, after clock-skew correction, later than receipt plus MAX_FUTURE_MS or earlier than OLDEST_MS
 # is a broken clock's (or a far `sent_at`'s): the event is kept at the time of receipt, where reads find it
 MAX_FUTURE_MS = 60_000
 OLDEST_MS = 946_684_800_000  # 2000-01-01
-PAGE_VIEW = "page_view"
 
 # positions in a prepared event tuple
 (UID, TS, NAME, DISTINCT_ID, ANON_ID, SESSION_KEY, URL, PATH, REFERRER, REFERRER_DOMAIN,
@@ -31,19 +28,6 @@ PAGE_VIEW = "page_view"
 
 _encode = msgspec.json.Encoder().encode
 _random_bits = random.Random(os.urandom(32)).getrandbits  # uniqueness, not secrecy: no syscall per event
-
-
-@dataclass(slots=True)
-class IngestJob:
-    """One request's events with what the server knows about the request."""
-
-    project_id: int
-    events: list[IngestEvent]
-    received_ms: int
-    skew_ms: int  # add to client timestamps (server clock minus client clock at send time)
-    ip: str
-    user_agent: str
-    project_domain: str | None = None
 
 
 def to_ms(value: datetime | int | None) -> int | None:

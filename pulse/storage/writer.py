@@ -26,6 +26,9 @@ from pulse.storage.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, pr
 from pulse.storage.wire import (
     Committed, Failed, Flush, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
 )
+from pulse.storage.model import (  # noqa: F401  (where the server found them before the seam)
+    CommittedEvent, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,50 +37,8 @@ BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 5000, 10000)
 RESTART_DELAY_S = 0.5
 
 
-class QueueFull(Exception):
-    """The writer's queue cannot take this batch now; the client should retry later."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"ingest queue is full, retry after {retry_after}s")
-        self.retry_after = retry_after
-
-
-class WriterClosed(Exception):
-    """The writer takes no new work: shutting down, or restarting after a crash."""
-
-
-class WriteFailed(Exception):
-    """The transaction holding a batch failed; nothing of the batch was stored."""
-
-
-class WriterStalled(Exception):
-    """The writer has not committed within the write deadline. A batch refused with it was not queued; a
-    batch that waited past the deadline stays queued and is stored once the writer moves again."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 class WriterStartFailed(Exception):
     """The writer process could not open or migrate the database."""
-
-
-class ProjectGone(Exception):
-    """The batch's project was deleted before its commit; nothing of the batch was stored."""
-
-
-@dataclass(slots=True)
-class CommittedEvent:
-    """What the live feed needs of an event that was committed."""
-
-    project_id: int
-    ts: int
-    event: str
-    distinct_id: str | None
-    path: str | None
-    properties: str | None  # JSON text
-    user_agent: str
 
 
 @dataclass(slots=True)

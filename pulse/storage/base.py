@@ -1,0 +1,178 @@
+"""The storage seam: what the server and the CLI ask of a store.
+
+A store answers questions; how it answers them (SQLite rollups and day caches, or another engine's
+materialized views) is its own business. `server/`, `cli/` and `tui/` import storage only through this module
+and `pulse.storage.model` (store-neutral types); `open_store(settings)` picks the implementation (SQLite in the
+data directory by default).
+
+    async with open_store(settings) as store:               # the server: ingest, reads, catalog, live hook
+        ...
+    async with open_store(settings, serve=False) as store:  # the CLI: catalog, maintenance, reads; no writer
+
+Every read question reads every event acknowledged before it was asked (the store settles whatever it
+writes behind first). Every method is called on the event loop and never blocks it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from pulse.storage.model import (
+    Catalog, CommittedEvent, Cursor, Difference, Filters, IngestJob, IngestStats, Project, Window,
+)
+
+if TYPE_CHECKING:
+    from pulse.config import Settings
+
+
+class Store(abc.ABC):
+    # the live feed: called on the event loop with every committed batch of the projects `wants` accepts
+    on_commit: Callable[[list[CommittedEvent]], None] | None = None
+    wants: Callable[[int], bool] | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def __aenter__(self) -> Store:
+        """Open (create and migrate the database where the store owns it; start the writer when serving)."""
+
+    @abc.abstractmethod
+    async def __aexit__(self, *exc: object) -> None:
+        """Take no new work, write and commit everything queued, stop reads, close."""
+
+    # -- ingest (serving stores only) ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def enqueue(self, job: IngestJob) -> asyncio.Future[tuple[int, int]]:
+        """Queue a batch. The future resolves to (accepted, duplicates) once its events are durable.
+
+        Raises QueueFull, WriterStalled or WriterClosed at once; the future fails with WriteFailed or
+        ProjectGone (all in pulse.storage.model)."""
+
+    @abc.abstractmethod
+    def ingest_stats(self) -> IngestStats:
+        """Queue depth, writer lag and state, commits, histograms: for /health, /metrics and `pulse status`."""
+
+    # -- the catalog ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def catalog(self) -> Catalog:
+        """Every project and every key's grant (by digest), with the catalog's version."""
+
+    @abc.abstractmethod
+    async def catalog_version(self) -> int:
+        """Changes whenever a project or key changes (cheap: polled a few times a second)."""
+
+    @abc.abstractmethod
+    async def list_projects(self) -> list[Project]: ...
+
+    @abc.abstractmethod
+    async def get_project(self, ref: str | int) -> Project:
+        """By id or name; raises ProjectNotFound."""
+
+    @abc.abstractmethod
+    async def create_project(self, name: str, *, domain: str | None = None, timezone: str = "UTC",
+                             retention_days: int = 180, allowed_origins: str | None = None
+                             ) -> tuple[Project, str, str]:
+        """The new project, its ingest key and its read token (the secrets are never readable again)."""
+
+    @abc.abstractmethod
+    async def update_project(self, project: Project, *, name: str | None = None, domain: str | None = None,
+                             timezone: str | None = None, retention_days: int | None = None,
+                             allowed_origins: str | None = None) -> Project: ...
+
+    @abc.abstractmethod
+    async def delete_project(self, project: Project) -> None:
+        """The project, its keys and all its data; batches in flight for it are refused (ProjectGone)."""
+
+    @abc.abstractmethod
+    async def rotate_key(self, project: Project, kind: str, *, grace_seconds: int = 0) -> str: ...
+
+    @abc.abstractmethod
+    async def list_keys(self, project: Project) -> list[dict[str, Any]]: ...
+
+    # -- the read questions ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def project_summary(self, project_id: int, today: Window, hour_bounds: list[int]) -> Any: ...
+
+    @abc.abstractmethod
+    async def overview(self, project_id: int, window: Window, filters: Filters, now_ms: int) -> Any: ...
+
+    @abc.abstractmethod
+    async def timeseries(self, project_id: int, bounds: list[int], filters: Filters) -> Any: ...
+
+    @abc.abstractmethod
+    async def top_events(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any: ...
+
+    @abc.abstractmethod
+    async def breakdown(self, project_id: int, window: Window, filters: Filters, dimension: str,
+                        limit: int) -> Any: ...
+
+    @abc.abstractmethod
+    async def sessions(self, project_id: int, window: Window, filters: Filters, limit: int,
+                       cursor: Cursor | None) -> Any: ...
+
+    @abc.abstractmethod
+    async def users(self, project_id: int, window: Window, filters: Filters, limit: int,
+                    cursor: Cursor | None) -> Any: ...
+
+    @abc.abstractmethod
+    async def events(self, project_id: int, window: Window, filters: Filters, limit: int,
+                     cursor: Cursor | None) -> Any: ...
+
+    @abc.abstractmethod
+    async def user_timeline(self, project_id: int, distinct_id: str, window: Window, limit: int,
+                            cursor: Cursor | None) -> Any:
+        """None when the project has no such user."""
+
+    @abc.abstractmethod
+    async def property_keys(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any: ...
+
+    @abc.abstractmethod
+    async def property_values(self, project_id: int, window: Window, filters: Filters, key: str,
+                              limit: int) -> Any: ...
+
+    @abc.abstractmethod
+    async def trait_keys(self, project_id: int, window: Window, limit: int) -> Any: ...
+
+    @abc.abstractmethod
+    async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> Any: ...
+
+    async def warm_up(self, days: int) -> None:
+        """Compute what the first dashboards opened will ask (a store without caches does nothing)."""
+
+    # -- maintenance ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def verify(self, chosen: list[Project] | None = None) -> list[Difference]:
+        """Recount every aggregate from the raw events; the differences (none: all agree)."""
+
+    @abc.abstractmethod
+    async def prune(self, now_ms: int) -> dict[str, int]:
+        """Delete raw events past each project's retention; events deleted per project name."""
+
+    @abc.abstractmethod
+    async def backup(self, destination: Path) -> int:
+        """An online, consistent copy at `destination` (a file, or a directory to put one in); its size."""
+
+    @abc.abstractmethod
+    async def export(self, project_id: int, start_ms: int, end_ms: int, fmt: str, out: TextIO) -> int:
+        """Stream the raw events of the window as csv or jsonl; how many were written."""
+
+    @abc.abstractmethod
+    async def size_bytes(self) -> int: ...
+
+    @abc.abstractmethod
+    async def events_since(self, project_id: int, start_ms: int) -> int: ...
+
+
+def open_store(settings: Settings, *, serve: bool = True) -> Store:
+    """The store the settings name: today the SQLite database in the data directory."""
+    from pulse.storage.sqlite.store import SQLiteStore
+
+    return SQLiteStore(settings, serve=serve)
