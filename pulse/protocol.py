@@ -87,6 +87,15 @@ class ErrorBody(Struct, omit_defaults=True):
     index: int | None = None
 
 
+def to_ms(value: datetime | int | None) -> int | None:
+    """A Timestamp as epoch milliseconds (a datetime without a zone is UTC)."""
+    if value is None or isinstance(value, int):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return int(value.timestamp() * 1000)
+
+
 batch_decoder = msgspec.json.Decoder(IngestBatch)
 json_encoder = msgspec.json.Encoder()
 

@@ -4,33 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from pulse.server.errors import ApiError
-from pulse.server.keys import KEYRING, READER
+from pulse.server.keys import KEYRING, STORE
 from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window
-from pulse.storage.model import Window
-from pulse.storage.projects import Project
-from pulse.storage.sqlite import breakdowns, lists, periods
-from pulse.storage.sqlite.breakdowns import EVENT_DIMENSIONS, SESSION_DIMENSIONS
-from pulse.storage.connection import ReadStopped
+from pulse.storage.model import EVENT_BREAKDOWNS, SESSION_BREAKDOWNS, ReadStopped, Window
+from pulse.storage.model import Project
 
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 CLIENT_CHECK_S = 0.25  # how often a running read looks whether its client is still connected
 CLIENT_GONE = 499  # the status logged for a request whose client left before the answer (as nginx logs it)
 
 
-async def _read(request: web.Request, fn, *args, fresh: bool = True):
-    """fn(connection, *args) on a reader thread (`Reader.fresh`, or `Reader.run` when not fresh), stopped when
-    the client disconnects: aiohttp does not cancel a handler then, and a read nobody waits for would hold a
-    reader thread until its end."""
-    reader = request.app[READER]
-    read = reader.fresh if fresh else reader.run
-    work = asyncio.ensure_future(read(fn, *args, stoppable=True))
+async def _read(request: web.Request, question: Awaitable[T]) -> T:
+    """The store's answer to `question`, stopped when the client disconnects: aiohttp does not cancel a handler
+    then, and a read nobody waits for would hold a reader until its end."""
+    work = asyncio.ensure_future(question)
     try:
         while True:
             done, _ = await asyncio.wait((work,), timeout=CLIENT_CHECK_S)
@@ -43,13 +40,13 @@ async def _read(request: web.Request, fn, *args, fresh: bool = True):
         raise ApiError(503, "the server is shutting down; the query was stopped",
                        headers={"Retry-After": "5"}) from None
     finally:
-        work.cancel()  # stops the read (Reader.run) unless it is done
+        work.cancel()  # stops the read unless it is done
 
 
 async def stop_reads(app: web.Application) -> None:
     """At shutdown (on_shutdown, before aiohttp waits for running handlers): stop the reads in progress, which
     answer 503, so that no read holds up the exit."""
-    app[READER].stop()
+    app[STORE].stop_reads()
 
 
 def _project(request: web.Request) -> Project:
@@ -73,7 +70,7 @@ async def projects(request: web.Request) -> web.Response:
         today = parse_window({"from": datetime.now(ZoneInfo(project.timezone)).date().isoformat()},
                              project.timezone, now_ms=now)
         bounds = bucket_bounds(day, "hour", project.timezone)
-        summary = await _read(request, periods.project_summary, project.id, today, bounds)
+        summary = await _read(request, request.app[STORE].project_summary(project.id, today, bounds))
         found.append({"id": project.id, "name": project.name, "domain": project.domain,
                       "timezone": project.timezone, **summary})
     return web.json_response({"projects": found})
@@ -85,7 +82,7 @@ async def overview(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     filters = parse_filters(request.query)
     now = time.time_ns() // 1_000_000
-    found = await _read(request, periods.overview, project.id, window, now, filters)
+    found = await _read(request, request.app[STORE].overview(project.id, window, filters, now))
     return web.json_response({**_range(project, window), **found})
 
 
@@ -97,8 +94,9 @@ async def timeseries(request: web.Request) -> web.Response:
     interval = parse_interval(request.query, window, project.timezone)
     bounds = bucket_bounds(window, interval, project.timezone)
     shift = window.end - window.start
-    current = await _read(request, periods.timeseries, project.id, bounds, filters)
-    previous = await _read(request, periods.timeseries, project.id, [b - shift for b in bounds], filters, fresh=False)
+    store = request.app[STORE]
+    current = await _read(request, store.timeseries(project.id, bounds, filters))
+    previous = await _read(request, store.timeseries(project.id, [b - shift for b in bounds], filters))
     return web.json_response({
         **_range(project, window), "interval": interval,
         "buckets": [{"start": iso(start, project.timezone), **row} for start, row in zip(bounds, current)],
@@ -106,24 +104,24 @@ async def timeseries(request: web.Request) -> web.Response:
     })
 
 
-async def _rows(request: web.Request, query, *args, filtered: bool = True, default_limit: int = 10
-                ) -> web.Response:
-    """`{"rows": query(conn, project, window, [filters,] *args, limit)}`: breakdowns, keys and values."""
+async def _rows(request: web.Request, question: Callable[..., Awaitable], *args, filtered: bool = True,
+                default_limit: int = 10) -> web.Response:
+    """`{"rows": question(project, window, [filters,] *args, limit)}`: breakdowns, keys and values."""
     project = _project(request)
     window = parse_window(request.query, project.timezone)
     extra = (parse_filters(request.query),) if filtered else ()
-    rows = await _read(request, query, project.id, window, *extra, *args,
-                       parse_limit(request.query, default=default_limit))
+    rows = await _read(request, question(project.id, window, *extra, *args,
+                                         parse_limit(request.query, default=default_limit)))
     return web.json_response({**_range(project, window), "rows": rows})
 
 
 @routes.get("/api/v1/projects/{project}/top-events")
 async def top_events(request: web.Request) -> web.Response:
-    return await _rows(request, breakdowns.top_events)
+    return await _rows(request, request.app[STORE].top_events)
 
 
 async def _breakdown(request: web.Request, dimension: str) -> web.Response:
-    return await _rows(request, breakdowns.breakdown, dimension)
+    return await _rows(request, request.app[STORE].breakdown, dimension)
 
 
 def _breakdown_route(path: str, dimension: str) -> None:
@@ -134,14 +132,14 @@ def _breakdown_route(path: str, dimension: str) -> None:
     routes.get(f"/api/v1/projects/{{project}}/{path}")(handler)
 
 
-for _dimension in (*EVENT_DIMENSIONS, "entry-pages", "exit-pages", "referrers"):
+for _dimension in (*EVENT_BREAKDOWNS, "entry-pages", "exit-pages", "referrers"):
     _breakdown_route(_dimension, _dimension)
 
 
 @routes.get("/api/v1/projects/{project}/utm")
 async def utm(request: web.Request) -> web.Response:
     dimension = request.query.get("dimension", "source")
-    if f"utm_{dimension}" not in SESSION_DIMENSIONS:
+    if f"utm_{dimension}" not in SESSION_BREAKDOWNS:
         raise ApiError(400, f"dimension: expected source, medium or campaign, got {dimension!r}", field="dimension")
     return await _breakdown(request, f"utm_{dimension}")
 
@@ -156,27 +154,27 @@ def _cursor(request: web.Request) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-async def _list(request: web.Request, query, *extra) -> web.Response:
+async def _list(request: web.Request, question: Callable[..., Awaitable], *extra) -> web.Response:
     project = _project(request)
     window = parse_window(request.query, project.timezone)
-    found = await _read(request, query, project.id, window, parse_filters(request.query), *extra,
-                        parse_limit(request.query, default=50), _cursor(request))
+    found = await _read(request, question(project.id, window, parse_filters(request.query), *extra,
+                                          parse_limit(request.query, default=50), _cursor(request)))
     return web.json_response({**_range(project, window), **found})
 
 
 @routes.get("/api/v1/projects/{project}/sessions")
 async def sessions(request: web.Request) -> web.Response:
-    return await _list(request, lists.sessions)
+    return await _list(request, request.app[STORE].sessions)
 
 
 @routes.get("/api/v1/projects/{project}/users")
 async def users(request: web.Request) -> web.Response:
-    return await _list(request, lists.users)
+    return await _list(request, request.app[STORE].users)
 
 
 @routes.get("/api/v1/projects/{project}/events")
 async def events(request: web.Request) -> web.Response:
-    return await _list(request, lists.events)
+    return await _list(request, request.app[STORE].events)
 
 
 @routes.get("/api/v1/projects/{project}/users/{distinct_id}")
@@ -185,8 +183,9 @@ async def user(request: web.Request) -> web.Response:
     window = parse_window(request.query, project.timezone)
     parse_filters(request.query)  # rejects unknown parameters
     distinct_id = request.match_info["distinct_id"]
-    found = await _read(request, lists.user_timeline, project.id, distinct_id, window,
-                        parse_limit(request.query, default=50), _cursor(request))
+    found = await _read(request, request.app[STORE].user_timeline(project.id, distinct_id, window,
+                                                                  parse_limit(request.query, default=50),
+                                                                  _cursor(request)))
     if found is None:
         raise ApiError(404, f"no user {distinct_id!r} in project {project.id}")
     return web.json_response({**_range(project, window), **found})
@@ -194,20 +193,20 @@ async def user(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/projects/{project}/properties")
 async def properties(request: web.Request) -> web.Response:
-    return await _rows(request, breakdowns.property_keys, default_limit=50)
+    return await _rows(request, request.app[STORE].property_keys, default_limit=50)
 
 
 @routes.get("/api/v1/projects/{project}/properties/{key}")
 async def property_values(request: web.Request) -> web.Response:
-    return await _rows(request, breakdowns.property_values, request.match_info["key"])
+    return await _rows(request, request.app[STORE].property_values, request.match_info["key"])
 
 
 @routes.get("/api/v1/projects/{project}/traits")
 async def traits(request: web.Request) -> web.Response:
     """Trait keys of the persons seen in the window (for trait.KEY filters)."""
-    return await _rows(request, breakdowns.trait_keys, filtered=False, default_limit=50)
+    return await _rows(request, request.app[STORE].trait_keys, filtered=False, default_limit=50)
 
 
 @routes.get("/api/v1/projects/{project}/traits/{key}")
 async def trait_values(request: web.Request) -> web.Response:
-    return await _rows(request, breakdowns.trait_values, request.match_info["key"], filtered=False)
+    return await _rows(request, request.app[STORE].trait_values, request.match_info["key"], filtered=False)

@@ -22,16 +22,13 @@ from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
 from pulse.enrich import load_agent_rules
 from pulse.server import analytics, ingest, live, metrics, static
 from pulse.server.auth import KeyRing
-from pulse.server.errors import ApiError
-from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, READER, SETTINGS, WARM_UP, WRITER
+from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE, WARM_UP
 from pulse.server.limits import TokenBuckets
 from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
-from pulse.storage.sqlite.warmup import warm
 from pulse.storage.connection import DB_MODE
-from pulse.storage.reader import Reader
-from pulse.storage.writer import EventWriter, WriterStalled
+from pulse.storage.base import open_store
 
 log = logging.getLogger("pulse.server")
 DATA_DIR_MODE = 0o700  # the database, the operator token in server.json: the owner's alone
@@ -43,16 +40,15 @@ routes = web.RouteTableDef()
 async def health(request: web.Request) -> web.Response:
     """200 while the server answers; a stalled or restarting writer shows in "writer", not in the status
     code, so a supervisor does not restart a server that drains its queue once the disk or writer recovers."""
-    writer = request.app[WRITER]
-    stats = writer.stats
+    stats = request.app[STORE].ingest_stats()
     return web.json_response({
         "status": "ok",
         # ok; stalled: a request waited past PULSE_WRITE_TIMEOUT_S for its commit; restarting; stopping
-        "writer": writer.state,
+        "writer": stats.state,
         "queued_events": stats.queued_events,
         "last_commit_at": stats.last_commit_at,
         "events_written": stats.events_written,
-        "writer_lag_seconds": round(writer.writer_lag_seconds, 3),
+        "writer_lag_seconds": round(stats.lag_seconds, 3),
         # the readers' cache of recent days is filled (see PULSE_WARM_DAYS)
         "warmed_up": WARM_UP not in request.app or request.app[WARM_UP].done(),
     })
@@ -62,46 +58,23 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     hub = app[LIVE]
-    writer = EventWriter(
-        settings.db_path,
-        max_queued_events=settings.queue_max_events,
-        batch_max_events=settings.write_batch_max_events,
-        synchronous=settings.synchronous,
-        max_db_mb=settings.max_db_mb,
-        write_timeout_s=settings.write_timeout_s,
-        on_commit=hub.publish,
-        wants=hub.wants,
-    )
-    await writer.start()  # creates and migrates the database
-    load_agent_rules()  # the live feed parses user agents on the event loop: not in its first message
-    async def settle() -> None:
-        """A read waits for the writer at most the write deadline, then is answered 503."""
+    async with open_store(settings, on_commit=hub.publish, wants=hub.wants) as store:
+        load_agent_rules()  # the live feed parses user agents on the event loop: not in its first message
+        keyring = KeyRing(store, settings.operator_token)
+        await keyring.reload()
+        keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds
+        app[STORE], app[KEYRING] = store, keyring
+        tasks = [asyncio.create_task(keyring.watch(settings.catalog_poll_s), name="pulse-keyring-watch")]
+        if settings.warm_days > 0:
+            app[WARM_UP] = asyncio.create_task(store.warm_up(settings.warm_days), name="pulse-warm-up")
+            tasks.append(app[WARM_UP])
         try:
-            await writer.settle()
-        except WriterStalled as exc:
-            raise ApiError(503, f"storage writer is stalled ({writer.writer_lag_seconds:.0f} s behind): the"
-                                " answer would miss acknowledged events; retry later",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
-
-    reader = Reader(settings.db_path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
-                    settle=settle, cache_mib=settings.cache_mib)
-    keyring = KeyRing(reader, settings.operator_token)
-    await keyring.reload()
-    keyring.on_reload = lambda: hub.revoke(keyring.grants_read)  # a rotated token ends its live feeds
-    app[WRITER], app[READER], app[KEYRING] = writer, reader, keyring
-    tasks = [asyncio.create_task(keyring.watch(settings.catalog_poll_s), name="pulse-keyring-watch")]
-    if settings.warm_days > 0:
-        app[WARM_UP] = asyncio.create_task(warm(reader, settings.warm_days), name="pulse-warm-up")
-        tasks.append(app[WARM_UP])
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await writer.close()
-        await reader.close()
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 async def close_live_feeds(app: web.Application) -> None:

@@ -10,25 +10,18 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from pulse.server.errors import ApiError
-from pulse.storage.projects import INGEST, READ, KeyGrant, Project, catalog_version, digest, list_projects, load_grants, now_ms
-from pulse.storage.reader import Reader
+from pulse.storage.base import Store
+from pulse.storage.model import INGEST, READ, KeyGrant, Project
+from pulse.storage.projects import digest, now_ms
 
 log = logging.getLogger(__name__)
-
-
-def _load(snap) -> tuple[int, dict[bytes, KeyGrant], dict[int, Project]]:
-    return catalog_version(snap.conn), load_grants(snap.conn), {p.id: p for p in list_projects(snap.conn)}
-
-
-def _version(snap) -> int:
-    return catalog_version(snap.conn)
 
 
 class KeyRing:
     """Every key's grant by SHA-256 digest, and every project, as of the last catalog version."""
 
-    def __init__(self, reader: Reader, operator_token: str = "") -> None:
-        self.reader = reader
+    def __init__(self, store: Store, operator_token: str = "") -> None:
+        self.store = store
         # the token of tools on this host (`pulse tui`): reads every project while this server runs
         self.operator = digest(operator_token) if operator_token else None
         self.version = -1
@@ -40,7 +33,8 @@ class KeyRing:
         self._expiry_task: asyncio.Task | None = None  # kept: the loop holds tasks weakly
 
     async def reload(self) -> None:
-        self.version, self.grants, self.projects = await self.reader.run(_load)
+        catalog = await self.store.catalog()
+        self.version, self.grants, self.projects = catalog.version, catalog.grants, catalog.projects
         self._schedule_expiry()
         if self.on_reload is not None:
             await self.on_reload()
@@ -85,7 +79,7 @@ class KeyRing:
         while True:
             await asyncio.sleep(interval)
             try:
-                if await self.reader.run(_version) != self.version:
+                if await self.store.catalog_version() != self.version:
                     await self.reload()
             except Exception:
                 log.exception("reloading keys failed")

@@ -9,12 +9,11 @@ import time
 import msgspec
 from aiohttp import web
 
-from pulse.protocol import IngestAck, batch_decoder, json_encoder
+from pulse.protocol import IngestAck, batch_decoder, json_encoder, to_ms
 from pulse.server.errors import ApiError, validation_error
-from pulse.server.keys import KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, WRITER
+from pulse.server.keys import KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE
 from pulse.server.limits import is_loopback, retry_after
-from pulse.storage.rows import IngestJob, to_ms
-from pulse.storage.writer import ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled
+from pulse.storage.model import IngestJob, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled
 
 routes = web.RouteTableDef()
 _JSON = {"Content-Type": "application/json"}
@@ -92,7 +91,7 @@ async def _ingest(request: web.Request) -> web.Response:
         project_domain=project.domain,
     )
     try:
-        future = app[WRITER].enqueue(job)
+        future = app[STORE].enqueue(job)
     except (QueueFull, WriterStalled) as exc:
         raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     except WriterClosed as exc:

@@ -13,12 +13,10 @@ if TYPE_CHECKING:
     from pulse.server.limits import TokenBuckets
     from pulse.server.live import LiveHub
     from pulse.server.metrics import Counters
-    from pulse.storage.reader import Reader
-    from pulse.storage.writer import EventWriter
+    from pulse.storage.base import Store
 
 SETTINGS = web.AppKey("settings", Settings)
-WRITER = web.AppKey("writer", "EventWriter")
-READER = web.AppKey("reader", "Reader")
+STORE = web.AppKey("store", "Store")
 KEYRING = web.AppKey("keyring", "KeyRing")
 LIVE = web.AppKey("live", "LiveHub")
 METRICS = web.AppKey("metrics", "Counters")

@@ -7,9 +7,9 @@ import collections
 from aiohttp import web
 
 from pulse.server.errors import ApiError
-from pulse.server.keys import KEYRING, LIVE, METRICS, WRITER
+from pulse.server.keys import KEYRING, LIVE, METRICS, STORE
 from pulse.server.limits import is_loopback
-from pulse.storage.writer import BATCH_BUCKETS, COMMIT_BUCKETS
+from pulse.storage.model import Histogram
 
 routes = web.RouteTableDef()
 
@@ -22,13 +22,14 @@ class Counters:
         self.ingest_rejected: collections.Counter[int] = collections.Counter()  # ingest requests, by status
 
 
-def _histogram(lines: list[str], name: str, help_text: str, bounds: tuple, counts: list[int], total: float) -> None:
+def _histogram(lines: list[str], name: str, help_text: str, histogram: Histogram) -> None:
     lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
     running = 0
-    for bound, count in zip(bounds, counts):
+    for bound, count in zip(histogram.bounds, histogram.counts):
         running += count
         lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
-    running += counts[-1]
+    running += histogram.counts[-1]
+    total = round(histogram.total, 6) if isinstance(histogram.total, float) else histogram.total
     lines += [f'{name}_bucket{{le="+Inf"}} {running}', f"{name}_sum {total}", f"{name}_count {running}"]
 
 
@@ -37,19 +38,19 @@ def _metric(lines: list[str], name: str, kind: str, help_text: str, value: float
 
 
 def render(app: web.Application) -> str:
-    stats = app[WRITER].stats
+    stats = app[STORE].ingest_stats()
     counters = app[METRICS]
     hub = app[LIVE]
     lines: list[str] = []
     _metric(lines, "pulse_queue_events", "gauge", "Events waiting for the writer.", stats.queued_events)
     _metric(lines, "pulse_writer_lag_seconds", "gauge", "Age of the oldest request waiting for its commit.",
-            round(app[WRITER].writer_lag_seconds, 6))
+            round(stats.lag_seconds, 6))
     _metric(lines, "pulse_writer_stalled", "gauge", "1 while a request has waited past the write deadline.",
-            int(app[WRITER].stalled))
+            int(stats.state == "stalled"))
     _metric(lines, "pulse_writer_stalled_requests_total", "counter",
             "Ingest and read requests answered 503 because the writer missed the write deadline.",
             stats.stalled_requests)
-    _metric(lines, "pulse_wal_bytes", "gauge", "Size of the database's write-ahead log file.", app[WRITER].wal_bytes)
+    _metric(lines, "pulse_wal_bytes", "gauge", "Size of the database's write-ahead log file.", stats.wal_bytes)
     _metric(lines, "pulse_last_commit_timestamp_seconds", "gauge", "When the writer last committed.",
             stats.last_commit_at or 0)
     _metric(lines, "pulse_events_accepted_total", "counter", "Events stored.", stats.events_written)
@@ -63,10 +64,8 @@ def render(app: web.Application) -> str:
     _metric(lines, "pulse_writer_failures_total", "counter", "Batches the writer could not store.", stats.failures)
     _metric(lines, "pulse_writer_restarts_total", "counter", "Times the writer process was restarted.",
             stats.restarts)
-    _histogram(lines, "pulse_commit_seconds", "Time to write and commit one batch.", COMMIT_BUCKETS,
-               stats.commit_latency_counts, round(stats.commit_latency_sum, 6))
-    _histogram(lines, "pulse_commit_batch_events", "Events per commit.", BATCH_BUCKETS, stats.batch_size_counts,
-               stats.batch_size_sum)
+    _histogram(lines, "pulse_commit_seconds", "Time to write and commit one batch.", stats.commit_seconds)
+    _histogram(lines, "pulse_commit_batch_events", "Events per commit.", stats.batch_events)
     _metric(lines, "pulse_live_clients", "gauge", "Open live-feed WebSockets.", hub.client_count)
     _metric(lines, "pulse_live_dropped_events_total", "counter", "Events not sent to live clients that fell behind.",
             hub.dropped_total)

@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 
 from pulse.server.errors import ApiError, json_error
 from pulse.server.keys import METRICS, SETTINGS
-from pulse.storage.connection import QueryTimeout
+from pulse.storage.model import QueryTimeout, WriterStalled
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pulse.access")
@@ -35,6 +35,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response = await handler(request)
     except ApiError as exc:
         response = exc.response()
+    except WriterStalled as exc:  # a read would miss acknowledged events the writer still keeps
+        response = json_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except QueryTimeout:
         limit = request.app[SETTINGS].query_timeout_s
         response = json_error(503, f"the query ran longer than {limit:g} s and was stopped; narrow the range or"

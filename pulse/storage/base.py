@@ -143,6 +143,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> Any: ...
 
+    @abc.abstractmethod
+    def stop_reads(self) -> None:
+        """Stop the read questions running or waiting now (at shutdown): each raises ReadStopped."""
+
     async def warm_up(self, days: int) -> None:
         """Compute what the first dashboards opened will ask (a store without caches does nothing)."""
 
@@ -171,8 +175,11 @@ class Store(abc.ABC):
     async def events_since(self, project_id: int, start_ms: int) -> int: ...
 
 
-def open_store(settings: Settings, *, serve: bool = True) -> Store:
-    """The store the settings name: today the SQLite database in the data directory."""
+def open_store(settings: Settings, *, serve: bool = True,
+               on_commit: Callable[[list[CommittedEvent]], None] | None = None,
+               wants: Callable[[int], bool] | None = None) -> Store:
+    """The store the settings name: today the SQLite database in the data directory. `on_commit` gets every
+    committed batch of the projects `wants` accepts, on the event loop (the live feed)."""
     from pulse.storage.sqlite.store import SQLiteStore
 
-    return SQLiteStore(settings, serve=serve)
+    return SQLiteStore(settings, serve=serve, on_commit=on_commit, wants=wants)

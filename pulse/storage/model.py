@@ -16,6 +16,11 @@ PAGE_VIEW = "page_view"
 INGEST = "ingest"
 READ = "read"
 
+# the breakdowns every store answers: of events (page views by path, user agents) and of sessions, by the
+# values of the page view that started them
+EVENT_BREAKDOWNS = ("pages", "browsers", "os", "devices")
+SESSION_BREAKDOWNS = ("entry-pages", "exit-pages", "referrers", "utm_source", "utm_medium", "utm_campaign")
+
 Cursor = tuple[int, int]  # (ts ms, id) of the last row of a page: the next page starts after it
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import random
 
-from datetime import datetime, timezone
 
 import msgspec
 
 from pulse.enrich import referrer_host, split_url
+from pulse.protocol import to_ms
 from pulse.storage.model import DAY_MS, HOUR_MS, PAGE_VIEW, IngestJob  # noqa: F401
 
 # a timestamp, after clock-skew correction, later than receipt plus MAX_FUTURE_MS or earlier than OLDEST_MS
@@ -28,14 +28,6 @@ OLDEST_MS = 946_684_800_000  # 2000-01-01
 
 _encode = msgspec.json.Encoder().encode
 _random_bits = random.Random(os.urandom(32)).getrandbits  # uniqueness, not secrecy: no syscall per event
-
-
-def to_ms(value: datetime | int | None) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return int(value.timestamp() * 1000)
 
 
 def time_uuid(ts_ms: int) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pulse.server.keys import WRITER
+from pulse.server.keys import STORE
 from pulse.storage.projects import get_project, rotate_key
 from tests.conftest import event
 
@@ -86,7 +86,7 @@ async def test_a_deleted_project_leaves_nothing_and_its_id_is_never_given_again(
     assert response.status == 202
     delete_project(db, get_project(db, project.id))
     # the writer's next commit writes what it kept in memory: none of it may belong to the deleted project
-    await client.server.app[WRITER].settle()
+    await client.server.app[STORE].writer.settle()
     tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     left = {table: db.execute(f"SELECT count(*) FROM {table} WHERE project_id = ?", (project.id,)).fetchone()[0]
             for table in tables if any(c[1] == "project_id" for c in db.execute(f"PRAGMA table_info({table})"))}

@@ -241,7 +241,7 @@ async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_f
     import time
 
     from pulse.server.app import create_app
-    from pulse.server.keys import READER
+    from pulse.server.keys import STORE
 
     day = (time.time_ns() // 1_000_000 // (24 * HOUR) - 2) * 24 * HOUR  # two days ago, a whole UTC day
     first = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=0)))
@@ -254,7 +254,7 @@ async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_f
 
     def cached(client, kind: str) -> list[tuple]:
         """The keys of one kind of entry in the day cache of the client's server."""
-        return [key for key in client.app[READER].days._entries if key[:3] == (str(settings.db_path), project.id, kind)]
+        return [key for key in client.app[STORE].reader.days._entries if key[:3] == (str(settings.db_path), project.id, kind)]
 
     assert day // (24 * HOUR) not in {key[-1] for key in cached(first, "sessions")}
     again = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=3)))

@@ -22,6 +22,7 @@ from pulse.storage.base import Store
 from pulse.storage.connection import connect
 from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, Histogram, IngestJob, IngestStats, Project, Window,
+    WriterStalled,
 )
 from pulse.storage.reader import Reader
 from pulse.storage.schema import migrate
@@ -71,7 +72,7 @@ class SQLiteStore(Store):
                 wants=self.wants,
             )
             await self.writer.start()  # creates and migrates the database
-            settle = self.writer.settle
+            settle = self._settle
         else:
             await asyncio.to_thread(self._migrate)
         self.reader = Reader(self.path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
@@ -83,6 +84,17 @@ class SQLiteStore(Store):
             await self.writer.close()
         if self.reader is not None:
             await self.reader.close()
+
+    async def _settle(self) -> None:
+        """A read waits for the writer to write what it keeps at most the write deadline."""
+        try:
+            await self.writer.settle()
+        except WriterStalled as exc:
+            raise WriterStalled(f"storage writer is stalled ({self.writer.writer_lag_seconds:.0f} s behind): the"
+                                " answer would miss acknowledged events; retry later", exc.retry_after) from None
+
+    def stop_reads(self) -> None:
+        self.reader.stop()
 
     def _migrate(self) -> None:
         with self._connection():
@@ -168,52 +180,57 @@ class SQLiteStore(Store):
     async def list_keys(self, project: Project) -> list[dict[str, Any]]:
         return await self._read(projects.list_keys, project)
 
+    async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read question: after the writer has written what it keeps, stopped by stop_reads() or by
+        cancelling the caller (its client went away)."""
+        return await self.reader.fresh(fn, *args, stoppable=True)
+
     # -- the read questions ----------------------------------------------------------------------------
 
     async def project_summary(self, project_id: int, today: Window, hour_bounds: list[int]) -> Any:
-        return await self.reader.fresh(periods.project_summary, project_id, today, hour_bounds)
+        return await self._ask(periods.project_summary, project_id, today, hour_bounds)
 
     async def overview(self, project_id: int, window: Window, filters: Filters, now_ms: int) -> Any:
-        return await self.reader.fresh(periods.overview, project_id, window, now_ms, filters)
+        return await self._ask(periods.overview, project_id, window, now_ms, filters)
 
     async def timeseries(self, project_id: int, bounds: list[int], filters: Filters) -> Any:
-        return await self.reader.fresh(periods.timeseries, project_id, bounds, filters)
+        return await self._ask(periods.timeseries, project_id, bounds, filters)
 
     async def top_events(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any:
-        return await self.reader.fresh(breakdowns.top_events, project_id, window, filters, limit)
+        return await self._ask(breakdowns.top_events, project_id, window, filters, limit)
 
     async def breakdown(self, project_id: int, window: Window, filters: Filters, dimension: str,
                         limit: int) -> Any:
-        return await self.reader.fresh(breakdowns.breakdown, project_id, window, filters, dimension, limit)
+        return await self._ask(breakdowns.breakdown, project_id, window, filters, dimension, limit)
 
     async def sessions(self, project_id: int, window: Window, filters: Filters, limit: int,
                        cursor: Cursor | None) -> Any:
-        return await self.reader.fresh(lists.sessions, project_id, window, filters, limit, cursor)
+        return await self._ask(lists.sessions, project_id, window, filters, limit, cursor)
 
     async def users(self, project_id: int, window: Window, filters: Filters, limit: int,
                     cursor: Cursor | None) -> Any:
-        return await self.reader.fresh(lists.users, project_id, window, filters, limit, cursor)
+        return await self._ask(lists.users, project_id, window, filters, limit, cursor)
 
     async def events(self, project_id: int, window: Window, filters: Filters, limit: int,
                      cursor: Cursor | None) -> Any:
-        return await self.reader.fresh(lists.events, project_id, window, filters, limit, cursor)
+        return await self._ask(lists.events, project_id, window, filters, limit, cursor)
 
     async def user_timeline(self, project_id: int, distinct_id: str, window: Window, limit: int,
                             cursor: Cursor | None) -> Any:
-        return await self.reader.fresh(lists.user_timeline, project_id, distinct_id, window, limit, cursor)
+        return await self._ask(lists.user_timeline, project_id, distinct_id, window, limit, cursor)
 
     async def property_keys(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any:
-        return await self.reader.fresh(breakdowns.property_keys, project_id, window, filters, limit)
+        return await self._ask(breakdowns.property_keys, project_id, window, filters, limit)
 
     async def property_values(self, project_id: int, window: Window, filters: Filters, key: str,
                               limit: int) -> Any:
-        return await self.reader.fresh(breakdowns.property_values, project_id, window, filters, key, limit)
+        return await self._ask(breakdowns.property_values, project_id, window, filters, key, limit)
 
     async def trait_keys(self, project_id: int, window: Window, limit: int) -> Any:
-        return await self.reader.fresh(breakdowns.trait_keys, project_id, window, limit)
+        return await self._ask(breakdowns.trait_keys, project_id, window, limit)
 
     async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> Any:
-        return await self.reader.fresh(breakdowns.trait_values, project_id, window, key, limit)
+        return await self._ask(breakdowns.trait_values, project_id, window, key, limit)
 
     async def warm_up(self, days: int) -> None:
         await warm(self.reader, days)
