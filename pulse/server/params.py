@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from multidict import MultiMapping
 
+from pulse import timebounds
 from pulse.server.errors import ApiError
 from pulse.storage.model import Filters, Window
 
@@ -22,37 +23,15 @@ DEFAULT_RANGE = "7d"
 # the work of a query grows with the days and buckets of its window, whatever the data.
 MAX_WINDOW_DAYS = 400  # from/to; overview and timeseries also read the period before: 800 days in all
 MAX_HOURLY_DAYS = 31  # interval=hour: at most 745 buckets
-FIRST_YEAR = 1970  # of a date or datetime given (in the project's time zone, or its own offset)
-LAST_DAY = "9999-12-30"  # the end of this day in UTC is the latest moment: a date and time in every time zone
-LATEST_MS = int(datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp() * 1000)
 MAX_LIMIT = 1000  # rows of a breakdown or page of a list
 
 
 def parse_bound(name: str, raw: str, tz: ZoneInfo, *, end: bool) -> int:
-    """`from` or `to` in epoch ms: a date (as `to`, the end of that whole day) or a datetime."""
+    """`from` or `to` in epoch ms (pulse.timebounds: dates from 1970 to 9999-12-30); a 400 naming it if bad."""
     try:
-        given: date = date.fromisoformat(raw) if len(raw) == 10 else datetime.fromisoformat(raw)
-    except ValueError:
-        raise ApiError(
-            400, f"{name}: expected an ISO date (2026-02-10) or datetime (2026-02-10T12:00:00Z), got {raw!r}",
-            field=name,
-        ) from None
-    out_of_range = ApiError(400, f"{name}: {raw!r} is out of range: dates and times from {FIRST_YEAR} to"
-                                 f" {LAST_DAY} (UTC)", field=name)
-    if given.year < FIRST_YEAR:
-        raise out_of_range
-    try:
-        if isinstance(given, datetime):
-            moment = given if given.tzinfo is not None else given.replace(tzinfo=tz)
-        else:
-            day = given + timedelta(days=1) if end else given  # a date as the end of a range includes that day
-            moment = datetime(day.year, day.month, day.day, tzinfo=tz)
-        ms = int(moment.timestamp() * 1000)
-    except OverflowError:
-        raise out_of_range from None
-    if ms > LATEST_MS:
-        raise out_of_range
-    return ms
+        return timebounds.parse_bound(name, raw, tz, end=end)
+    except timebounds.BadBound as exc:
+        raise ApiError(400, str(exc), field=exc.name) from None
 
 
 def calendar_days(window: Window, tz: ZoneInfo) -> float:
