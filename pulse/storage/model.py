@@ -84,6 +84,13 @@ class Filters:
         return bool(self.traits) and self == Filters(traits=self.traits)
 
 
+# -- opening a store ------------------------------------------------------------------------------------
+
+
+class SchemaTooNew(Exception):
+    """The stored data was written by a newer pulse than this one: refused rather than touched."""
+
+
 # -- the catalog --------------------------------------------------------------------------------------
 
 

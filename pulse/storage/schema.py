@@ -6,10 +6,7 @@ from collections.abc import Callable
 
 import apsw
 
-
-class SchemaTooNew(Exception):
-    pass
-
+from pulse.storage.model import SchemaTooNew
 
 MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [
     # 1: the first schema
