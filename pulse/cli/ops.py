@@ -7,7 +7,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,25 +14,14 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from pulse.cli import data_dir_option, emit, fail, handle_errors, iso, json_option, main, open_db
-from pulse.config import DB_FILENAME, SERVER_FILENAME
+from pulse.cli.common import ask_store, data_dir_option, emit, fail, handle_errors, iso, json_option, settings_for
+from pulse.config import SERVER_FILENAME
+from pulse.storage.base import Store
+from pulse.storage.model import Difference
+from pulse.timebounds import parse_bound
 
 EXIT_NOT_RUNNING = 3  # `pulse status`: no server on this data directory
 EXIT_DIFFERENCES = 1  # `pulse verify`: aggregates disagree with raw events
-
-
-@contextmanager
-def read_db(data_dir: Path):
-    from pulse.storage.connection import connect
-
-    path = data_dir / DB_FILENAME
-    if not path.exists():
-        fail(f"no database at {path}; is --data-dir right?")
-    conn = connect(path, readonly=True)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def _health(data_dir: Path) -> tuple[dict[str, Any] | None, str]:
@@ -51,7 +39,19 @@ def _health(data_dir: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"not answering at {server.get('url')} (pid {server.get('pid')}): {exc}"
 
 
-@main.command()
+def _midnight_ms(timezone: str) -> int:
+    """The start of today in the time zone, in epoch ms."""
+    tz = ZoneInfo(timezone)
+    return int(datetime.combine(datetime.now(tz).date(), datetime.min.time(), tzinfo=tz).timestamp() * 1000)
+
+
+async def _events_today_and_size(store: Store) -> tuple[dict[str, int], int]:
+    today = {project.name: await store.events_since(project.id, _midnight_ms(project.timezone))
+             for project in await store.list_projects()}
+    return today, await store.size_bytes()
+
+
+@click.command()
 @data_dir_option
 @json_option
 @handle_errors
@@ -60,17 +60,9 @@ def status(data_dir: Path, as_json: bool) -> None:
 
     Exits 3 when no server answers for this data directory.
     """
-    from pulse.storage.maintenance import database_size, events_since
-    from pulse.storage.projects import list_projects
-
-    health, state = _health(data_dir)
-    today: dict[str, int] = {}
-    with read_db(data_dir) as conn:
-        for project in list_projects(conn):
-            midnight = datetime.combine(datetime.now(ZoneInfo(project.timezone)).date(), datetime.min.time(),
-                                        tzinfo=ZoneInfo(project.timezone))
-            today[project.name] = events_since(conn, project.id, int(midnight.timestamp() * 1000))
-    size = database_size(data_dir / DB_FILENAME)
+    settings = settings_for(data_dir)
+    health, state = _health(settings.data_dir)
+    today, size = ask_store(settings, _events_today_and_size, existing=True)
     payload: dict[str, Any] = {"server": state, "database_bytes": size, "events_today": today}
     lines = [f"server      {state}" + (f" at {health['url']} (pid {health['pid']})" if health else "")]
     if health is not None:
@@ -82,28 +74,26 @@ def status(data_dir: Path, as_json: bool) -> None:
         lines += [f"queue       {health['queued_events']:,} events waiting",
                   f"writer lag  {health['writer_lag_seconds']:.3f} s",
                   f"last commit {ago}"]
-    lines.append(f"database    {size / 1_048_576:,.1f} MiB ({data_dir / DB_FILENAME})")
+    lines.append(f"database    {size / 1_048_576:,.1f} MiB ({settings.db_path})")
     lines.append("events today " + (", ".join(f"{name}: {n:,}" for name, n in today.items()) or "(no projects)"))
     emit(as_json, payload, "\n".join(lines))
     if health is None:
         sys.exit(EXIT_NOT_RUNNING)
 
 
-@main.command()
+@click.command()
 @click.argument("project", required=False)
 @data_dir_option
 @json_option
 @handle_errors
 def verify(project: str | None, data_dir: Path, as_json: bool) -> None:
     """Recount rollups, sessions and persons from raw events; list every difference (exit 1 if any)."""
-    from pulse.storage.maintenance import verify as recount
-    from pulse.storage.projects import get_project
-
-    with read_db(data_dir) as conn:
-        chosen = [get_project(conn, project)] if project else None
+    async def question(store: Store) -> tuple[list[Difference], float]:
+        chosen = [await store.get_project(project)] if project else None
         started = time.monotonic()
-        found = recount(conn, chosen)
-        seconds = time.monotonic() - started
+        return await store.verify(chosen), time.monotonic() - started
+
+    found, seconds = ask_store(settings_for(data_dir), question, existing=True)
     payload = {"differences": len(found), "seconds": round(seconds, 2),
                "details": [str(d) for d in found[:1000]]}
     shown = [str(d) for d in found[:50]] + ([f"… and {len(found) - 50} more"] if len(found) > 50 else [])
@@ -114,53 +104,34 @@ def verify(project: str | None, data_dir: Path, as_json: bool) -> None:
         sys.exit(EXIT_DIFFERENCES)
 
 
-@main.command()
+@click.command()
 @data_dir_option
 @json_option
 @handle_errors
 def prune(data_dir: Path, as_json: bool) -> None:
     """Delete raw events older than each project's retention; aggregates stay. Safe while serving."""
-    from pulse.storage.maintenance import prune as delete_old
-
-    with open_db(data_dir) as conn:
-        deleted = delete_old(conn, time.time_ns() // 1_000_000)
+    deleted = ask_store(settings_for(data_dir), lambda store: store.prune(time.time_ns() // 1_000_000))
     emit(as_json, {"deleted": deleted},
          "\n".join(f"{name}: {n:,} raw events deleted" for name, n in deleted.items()) or "no projects")
 
 
-@main.command()
+@click.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @data_dir_option
 @json_option
 @handle_errors
 def backup(path: Path, data_dir: Path, as_json: bool) -> None:
     """An online, consistent copy of the live database at PATH (a file, or a directory to put one in)."""
-    from pulse.storage.maintenance import backup as copy
+    async def question(store: Store) -> tuple[int, float]:
+        started = time.monotonic()
+        return await store.backup(path), time.monotonic() - started
 
-    source = data_dir / DB_FILENAME
-    if not source.exists():
-        fail(f"no database at {source}; is --data-dir right?")
-    started = time.monotonic()
-    size = copy(source, path)
-    emit(as_json, {"path": str(path), "bytes": size, "seconds": round(time.monotonic() - started, 2)},
+    size, seconds = ask_store(settings_for(data_dir), question, existing=True)
+    emit(as_json, {"path": str(path), "bytes": size, "seconds": round(seconds, 2)},
          f"backed up {size / 1_048_576:,.1f} MiB to {path}")
 
 
-def _bound(name: str, raw: str | None, timezone: str, *, end: bool) -> int | None:
-    """A --from/--to value read as the read API reads from/to (dates are whole days in the zone)."""
-    from pulse.server.errors import ApiError
-    from pulse.server.params import parse_bound
-
-    if raw is None:
-        return None
-    try:
-        return parse_bound(name, raw, ZoneInfo(timezone), end=end)
-    except ApiError as exc:
-        fail(f"--{exc.message}")
-    return None
-
-
-@main.command()
+@click.command()
 @click.argument("project")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="jsonl", show_default=True)
 @click.option("--from", "start", default=None, help="First day or time (project's time zone); default: all.")
@@ -170,19 +141,16 @@ def _bound(name: str, raw: str | None, timezone: str, *, end: bool) -> int | Non
 @handle_errors
 def export(project: str, fmt: str, start: str | None, end: str | None, output: Path, data_dir: Path) -> None:
     """Stream a project's raw events, oldest first, as CSV or JSON lines (never all in memory)."""
-    from pulse.storage.maintenance import export as write_events
-    from pulse.storage.projects import get_project
-
-    with read_db(data_dir) as conn:
-        found = get_project(conn, project)
-        start_ms = _bound("from", start, found.timezone, end=False) or 0
-        end_ms = _bound("to", end, found.timezone, end=True) or time.time_ns() // 1_000_000 + 1
-        if end_ms <= start_ms:
-            fail("--to: must be after --from")
-        if str(output) == "-":
-            count = write_events(conn, found.id, start_ms, end_ms, fmt, sys.stdout)
-        else:
-            with open(output, "w", encoding="utf-8", newline="") as out:
-                count = write_events(conn, found.id, start_ms, end_ms, fmt, out)
-    click.echo(f"exported {count:,} events of {found.name} ({iso(start_ms) or 'start'} – {iso(end_ms)})", err=True)
-
+    settings = settings_for(data_dir)
+    found = ask_store(settings, lambda store: store.get_project(project), existing=True)
+    tz = ZoneInfo(found.timezone)  # --from/--to are read as the read API reads from/to
+    start_ms = 0 if start is None else parse_bound("from", start, tz, end=False)
+    end_ms = time.time_ns() // 1_000_000 + 1 if end is None else parse_bound("to", end, tz, end=True)
+    if end_ms <= start_ms:
+        fail("--to: must be after --from")
+    if str(output) == "-":
+        count = ask_store(settings, lambda store: store.export(found.id, start_ms, end_ms, fmt, sys.stdout))
+    else:
+        with open(output, "w", encoding="utf-8", newline="") as out:
+            count = ask_store(settings, lambda store: store.export(found.id, start_ms, end_ms, fmt, out))
+    click.echo(f"exported {count:,} events of {found.name} ({iso(start_ms)} – {iso(end_ms)})", err=True)
