@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import msgspec
 
-from pulse.storage.rollups import Submit
+from pulse.storage.sqlite.rollups import Submit
 
 
 class Flush(msgspec.Struct, array_like=True, tag="flush"):

@@ -1,6 +1,6 @@
 """The single writer's process: owns the only write connection; one transaction per group commit.
 
-Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRONOUS BATCH_MAX`, with one end
+Started by EventWriter as `python -m pulse.storage.sqlite.writer_process FD DB SYNCHRONOUS BATCH_MAX`, with one end
 of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
 them and any new sessions and persons in one transaction, commits, then answers with one Committed
 frame. What they add to rollups, sessions and persons may be written by a later commit (see
@@ -26,9 +26,9 @@ import apsw
 
 from pulse.enrich import load_agent_rules
 from pulse.storage.connection import BUSY_TIMEOUT_MS, connect
-from pulse.storage.rollups import BatchApplier, Submit
 from pulse.storage.schema import migrate
-from pulse.storage.wire import (
+from pulse.storage.sqlite.rollups import BatchApplier, Submit
+from pulse.storage.sqlite.wire import (
     Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, decode_to_writer, frame, read_frames,
 )
 

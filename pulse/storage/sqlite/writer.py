@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pulse.storage.rollups import PROJECT_GONE, Submit
-from pulse.storage.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
-from pulse.storage.wire import (
-    Committed, Failed, Flush, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
-)
 from pulse.storage.model import (  # noqa: F401  (where the server found them before the seam)
     CommittedEvent, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
+)
+from pulse.storage.sqlite.rollups import PROJECT_GONE, Submit
+from pulse.storage.sqlite.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
+from pulse.storage.sqlite.wire import (
+    Committed, Failed, Flush, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class EventWriter:
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pulse.storage.writer_process", str(theirs.fileno()), str(self.path),
+                sys.executable, "-m", "pulse.storage.sqlite.writer_process", str(theirs.fileno()), str(self.path),
                 self.synchronous, str(self.batch_max_events), str(self.max_db_mb), pass_fds=(theirs.fileno(),),
             )
         finally:
