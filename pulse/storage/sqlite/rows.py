@@ -15,7 +15,7 @@ import msgspec
 
 from pulse.enrich import referrer_host, split_url
 from pulse.protocol import to_ms
-from pulse.storage.model import DAY_MS, HOUR_MS, PAGE_VIEW, IngestJob  # noqa: F401
+from pulse.storage.model import IngestJob
 
 # a timestamp, after clock-skew correction, later than receipt plus MAX_FUTURE_MS or earlier than OLDEST_MS
 # is a broken clock's (or a far `sent_at`'s): the event is kept at the time of receipt, where reads find it

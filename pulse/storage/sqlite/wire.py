@@ -7,7 +7,20 @@ from typing import ClassVar
 
 import msgspec
 
-from pulse.storage.sqlite.rollups import Submit
+# the `accepted` of a job's result when its project was deleted before the job's commit: nothing of it
+# is written, and the request is answered like one with a revoked key
+PROJECT_GONE = -1
+
+
+class Submit(msgspec.Struct, array_like=True, tag="submit"):
+    """One request's prepared events, as the server process sends them to the writer."""
+
+    job_id: int
+    project_id: int
+    received: int
+    ip: str
+    user_agent: str
+    events: list[tuple]
 
 
 class Flush(msgspec.Struct, array_like=True, tag="flush"):

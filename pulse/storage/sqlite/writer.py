@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pulse.storage.model import (  # noqa: F401  (where the server found them before the seam)
-    CommittedEvent, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
+from pulse.storage.model import (
+    CommittedEvent, IngestJob, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
 )
-from pulse.storage.sqlite.rollups import PROJECT_GONE, Submit
-from pulse.storage.sqlite.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
+from pulse.storage.sqlite.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, prepare
 from pulse.storage.sqlite.wire import (
-    Committed, Failed, Flush, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
+    PROJECT_GONE, Committed, Failed, Flush, Ready, Shutdown, StartFailed, Submit, decode_from_writer, frame,
+    read_frames,
 )
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ import apsw
 from pulse.enrich import load_agent_rules
 from pulse.storage.connection import BUSY_TIMEOUT_MS, connect
 from pulse.storage.schema import migrate
-from pulse.storage.sqlite.rollups import BatchApplier, Submit
+from pulse.storage.sqlite.applier import BatchApplier
 from pulse.storage.sqlite.wire import (
-    Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, decode_to_writer, frame, read_frames,
+    Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, Submit, decode_to_writer, frame, read_frames,
 )
 
 log = logging.getLogger("pulse.writer")
