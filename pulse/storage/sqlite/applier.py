@@ -18,10 +18,7 @@ from pulse.storage.projects import catalog_version
 from pulse.storage.sqlite.identities import Identities
 from pulse.storage.sqlite.interning import Interner, json_chunks
 from pulse.storage.sqlite.rollup_sets import RollupSets
-from pulse.storage.sqlite.rows import (
-    ANON_ID, DISTINCT_ID, NAME, PATH, PROPS, REFERRER, REFERRER_DOMAIN, SESSION_KEY, TRAITS, TS, UID, URL,
-    UTM_SOURCE, time_uuid,
-)
+from pulse.storage.sqlite.rows import ANON_ID, DISTINCT_ID, SESSION_KEY, UID, time_uuid
 from pulse.storage.sqlite.wire import PROJECT_GONE, Submit
 from pulse.storage.sqlite.write_behind import Kept
 
@@ -217,7 +214,7 @@ class BatchApplier:
         whose persons' traits change."""
         rows: list[tuple] = []
         results: list[Result] = []
-        traits: list[tuple[str, int]] = []
+        merged: list[tuple[str, int]] = []  # (traits, person id)
         traited: set[int] = set()
         interner, identities = self.interner, self.identities
         strings = interner.strings
@@ -235,8 +232,8 @@ class BatchApplier:
             sessions = identities.sessions[project_id]
             duplicates: list[int] = []
             for position, ev in enumerate(job.events):
-                ts = ev[TS]
-                uid = ev[UID]
+                (uid, ts, name, distinct_id, anon_id, session_key, url, path, referrer, referrer_domain,
+                 utm_source, utm_medium, utm_campaign, props, traits) = ev
                 if uid is None:
                     uid = time_uuid(ts)
                 else:
@@ -245,39 +242,37 @@ class BatchApplier:
                         duplicates.append(position)
                         continue
                     seen.add(key)
-                distinct_id = ev[DISTINCT_ID] or anonymous_id
-                if ev[ANON_ID] is not None:
-                    person_id = identify(project_id, distinct_id, ev[ANON_ID], ts)
+                distinct_id = distinct_id or anonymous_id
+                if anon_id is not None:
+                    person_id = identify(project_id, distinct_id, anon_id, ts)
                 else:
                     person_id = persons.get(distinct_id) or new_person(project_id, distinct_id, ts)
                 session_id = None
-                session_key = ev[SESSION_KEY]
                 if session_key is not None:
                     session_id = sessions.get(session_key) or new_session(project_id, session_key, person_id)
-                name, url, path, referrer, referrer_domain = ev[NAME], ev[URL], ev[PATH], ev[REFERRER], ev[REFERRER_DOMAIN]
                 name_id = strings.get(name) or string_id(name)
                 path_id = None if path is None else (strings.get(path) or string_id(path))
                 referrer_domain_id = None if referrer_domain is None else (
                     strings.get(referrer_domain) or string_id(referrer_domain))
-                rows.append((
+                rows.append((  # in the order of _INSERT_EVENT's columns
                     event_id, project_id, uid, ts, received, name_id, person_id, session_id,
                     None if url is None else (strings.get(url) or string_id(url)), path_id,
                     None if referrer is None else (strings.get(referrer) or string_id(referrer)),
-                    referrer_domain_id, agent_id, ip_hash, ev[PROPS],
+                    referrer_domain_id, agent_id, ip_hash, props,
                 ))
                 event_id += 1
 
                 page_view = name == PAGE_VIEW
                 count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if page_view else None)
-                if ev[TRAITS] is not None:
-                    traits.append((ev[TRAITS], person_id))
+                if traits is not None:
+                    merged.append((traits, person_id))
                     traited.add(project_id)
                 if session_id is not None:
-                    count_in_session(session_id, ts, page_view, path_id, referrer_domain_id, ev[UTM_SOURCE:PROPS],
-                                     agent_id)
+                    count_in_session(session_id, ts, page_view, path_id, referrer_domain_id,
+                                     (utm_source, utm_medium, utm_campaign), agent_id)
             results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
         self.next_event_id = event_id
-        return rows, results, traits, traited
+        return rows, results, merged, traited
 
     def _insert_events(self, rows: list[tuple]) -> None:
         conn = self.conn

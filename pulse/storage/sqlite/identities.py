@@ -9,11 +9,13 @@ from the changes kept in write_behind.Kept.
 
 from __future__ import annotations
 
+import re
+
 import apsw
 
 from pulse.storage.model import DAY_MS
 from pulse.storage.sqlite.interning import CACHE_LIMIT, json_chunks
-from pulse.storage.sqlite.write_behind import ENTRY_TS, EVENTS, FIRST, LAST, Kept
+from pulse.storage.sqlite.write_behind import ENTRY_TS, EVENTS, FIRST, LAST, SESSION_FIELDS, Kept
 
 _LOOKUP_PEOPLE = (
     "SELECT distinct_id, person_id FROM person_ids"
@@ -46,25 +48,29 @@ _INSERT_SESSION = (
 )
 # SQLite evaluates every SET expression against the row as it was, so the CASEs all see the old entry_ts.
 # first_ts is only named when it moves: SQLite rewrites the entry of sessions_project_first for every
-# UPDATE that assigns the column, even to its own value (a page of WAL per session per commit)
-_SESSION_CHANGES = """
-    last_ts = max(last_ts, ?2),
-    events = events + ?3,
-    pageviews = pageviews + ?4,
-    entry_path_id = CASE WHEN ?5 IS NOT NULL AND (entry_ts IS NULL OR ?5 < entry_ts) THEN ?6 ELSE entry_path_id END,
-    referrer_id = CASE WHEN ?5 IS NOT NULL AND (entry_ts IS NULL OR ?5 < entry_ts) THEN ?7 ELSE referrer_id END,
-    utm_source_id = CASE WHEN ?5 IS NOT NULL AND (entry_ts IS NULL OR ?5 < entry_ts) THEN ?8 ELSE utm_source_id END,
-    utm_medium_id = CASE WHEN ?5 IS NOT NULL AND (entry_ts IS NULL OR ?5 < entry_ts) THEN ?9 ELSE utm_medium_id END,
-    utm_campaign_id = CASE WHEN ?5 IS NOT NULL AND (entry_ts IS NULL OR ?5 < entry_ts)
-        THEN ?10 ELSE utm_campaign_id END,
-    entry_ts = CASE WHEN ?5 IS NOT NULL AND (entry_ts IS NULL OR ?5 < entry_ts) THEN ?5 ELSE entry_ts END,
-    exit_path_id = CASE WHEN ?11 IS NOT NULL AND (exit_ts IS NULL OR ?11 >= exit_ts) THEN ?12 ELSE exit_path_id END,
-    exit_ts = CASE WHEN ?11 IS NOT NULL AND (exit_ts IS NULL OR ?11 >= exit_ts) THEN ?11 ELSE exit_ts END,
-    agent_id = coalesce(agent_id, ?13)
-WHERE id = ?14
+# UPDATE that assigns the column, even to its own value (a page of WAL per session per commit).
+# Both take a kept session change by position, then the session's id: SQLite numbers named parameters
+# in order of first appearance, which is the order of SESSION_FIELDS (checked below).
+_EARLIER_ENTRY = ":entry_ts IS NOT NULL AND (entry_ts IS NULL OR :entry_ts < entry_ts)"
+_LATER_EXIT = ":exit_ts IS NOT NULL AND (exit_ts IS NULL OR :exit_ts >= exit_ts)"
+_SESSION_CHANGES = f"""
+    last_ts = max(last_ts, :last_ts),
+    events = events + :events,
+    pageviews = pageviews + :pageviews,
+    entry_path_id = CASE WHEN {_EARLIER_ENTRY} THEN :entry_path_id ELSE entry_path_id END,
+    referrer_id = CASE WHEN {_EARLIER_ENTRY} THEN :referrer_id ELSE referrer_id END,
+    utm_source_id = CASE WHEN {_EARLIER_ENTRY} THEN :utm_source_id ELSE utm_source_id END,
+    utm_medium_id = CASE WHEN {_EARLIER_ENTRY} THEN :utm_medium_id ELSE utm_medium_id END,
+    utm_campaign_id = CASE WHEN {_EARLIER_ENTRY} THEN :utm_campaign_id ELSE utm_campaign_id END,
+    entry_ts = CASE WHEN {_EARLIER_ENTRY} THEN :entry_ts ELSE entry_ts END,
+    exit_path_id = CASE WHEN {_LATER_EXIT} THEN :exit_path_id ELSE exit_path_id END,
+    exit_ts = CASE WHEN {_LATER_EXIT} THEN :exit_ts ELSE exit_ts END,
+    agent_id = coalesce(agent_id, :agent_id)
+WHERE id = :id
 """
-_UPDATE_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?1)," + _SESSION_CHANGES
-_UPDATE_LATER_SESSION = "UPDATE sessions SET" + _SESSION_CHANGES  # ?1 is bound and unused
+_UPDATE_SESSION = "UPDATE sessions SET first_ts = min(first_ts, :first_ts)," + _SESSION_CHANGES  # the whole change
+_UPDATE_LATER_SESSION = "UPDATE sessions SET" + _SESSION_CHANGES  # the change from LAST on
+assert list(dict.fromkeys(re.findall(r":(\w+)", _UPDATE_SESSION))) == [*SESSION_FIELDS, "id"]
 # the common case: the batch has no page view of the session, so only its times and event count change
 _EXTEND_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
 _EXTEND_LATER_SESSION = "UPDATE sessions SET last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
@@ -227,7 +233,10 @@ class Identities:
                 first_seen[session_id] = (project_id, delta[FIRST])
                 days.add((project_id, delta[FIRST] // DAY_MS))
             if delta[ENTRY_TS] is not None:
-                (full if earlier else full_later).append((*delta, session_id))
+                if earlier:
+                    full.append((*delta, session_id))
+                else:
+                    full_later.append((*delta[LAST:], session_id))
             elif earlier:  # no page view: entry, exit and page views stay as they are
                 extend.append((delta[FIRST], delta[LAST], delta[EVENTS], session_id))
             else:

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from pulse.storage.model import HOUR_MS
 from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
 
-# A session's kept changes, as a list (one per changed session, so kept cheap), in the order of the
-# parameters of identities._UPDATE_SESSION: [first_ts, last_ts, events, pageviews, entry_ts, entry_path,
-# entry_referrer, entry_source, entry_medium, entry_campaign, exit_ts, exit_path, agent_id]
-FIRST, LAST, EVENTS, PAGEVIEWS, ENTRY_TS, ENTRY_PATH, ENTRY_REF, ENTRY_SRC, ENTRY_MED, ENTRY_CAMP, EXIT_TS, EXIT_PATH = range(12)
+# A session's kept changes, as a list of these fields (one list per changed session, so kept cheap): the
+# columns of `sessions` they change, with the parameters of identities' UPDATEs named alike
+SESSION_FIELDS = ("first_ts", "last_ts", "events", "pageviews", "entry_ts", "entry_path_id", "referrer_id",
+                  "utm_source_id", "utm_medium_id", "utm_campaign_id", "exit_ts", "exit_path_id", "agent_id")
+(FIRST, LAST, EVENTS, PAGEVIEWS, ENTRY_TS, ENTRY_PATH, ENTRY_REF, ENTRY_SRC, ENTRY_MED, ENTRY_CAMP, EXIT_TS,
+ EXIT_PATH, AGENT) = range(len(SESSION_FIELDS))
 
 
 class Kept:
@@ -28,7 +30,7 @@ class Kept:
         self.dims: dict[tuple[int, int, int, int, int], list] = {}
         # person id -> [first ts, last ts, events]
         self.persons: dict[int, list[int]] = {}
-        # session id -> [FIRST, LAST, … EXIT_PATH, agent id] as above
+        # session id -> [first_ts, … agent_id] as SESSION_FIELDS
         self.sessions: dict[int, list] = {}
         self.since: float | None = None  # when the oldest change kept was made (monotonic)
         self.derived_through = derived_through  # the last event whose changes are all written
