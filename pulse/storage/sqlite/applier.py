@@ -20,7 +20,7 @@ from pulse.storage.sqlite.interning import Interner, json_chunks
 from pulse.storage.sqlite.rollup_sets import RollupSets
 from pulse.storage.sqlite.rows import ANON_ID, DISTINCT_ID, SESSION_KEY, UID, time_uuid
 from pulse.storage.sqlite.wire import PROJECT_GONE, Submit
-from pulse.storage.sqlite.write_behind import Kept
+from pulse.storage.sqlite.write_behind import READ_DERIVED_THROUGH, WRITE_DERIVED_THROUGH, Kept
 
 _encode = msgspec.json.Encoder().encode
 
@@ -40,7 +40,6 @@ _UNWRITTEN = (
     " WHERE e.id > ? ORDER BY e.id"
 )
 _EXISTING_PROJECTS = "SELECT id FROM projects WHERE id IN (SELECT value FROM json_each(?))"
-_WRITTEN_THROUGH = "UPDATE meta SET value = ? WHERE key = 'derived_through'"
 
 # per job: (job id, events accepted or PROJECT_GONE, positions of duplicates)
 Result = tuple[int, int, list[int]]
@@ -71,7 +70,7 @@ class BatchApplier:
         """Merge the rows of every key of both rollup tables kept in several rows; returns how many keys."""
         return self.rollups.compact()
 
-    # -- rollup, session and person changes written behind the events ---------------------------
+    # -- rollup, session and person changes written behind the events (see write_behind) --------
 
     @property
     def unwritten(self) -> int:
@@ -89,7 +88,7 @@ class BatchApplier:
         on disk, and every session and person row holds nothing of them but idempotent times.
         """
         conn = self.conn
-        row = conn.execute("SELECT value FROM meta WHERE key = 'derived_through'").fetchone()
+        row = conn.execute(READ_DERIVED_THROUGH).fetchone()
         self.kept = kept = Kept(self.interner.opt_string_id, row[0] if row is not None else self.next_event_id - 1)
         if kept.derived_through >= self.next_event_id - 1:
             return
@@ -110,11 +109,9 @@ class BatchApplier:
     def apply(self, jobs: list[Submit], *, flush: bool = True) -> list[Result]:
         """Write the jobs in the current transaction; returns (job id, accepted, duplicate positions) per job.
 
-        Events and new sessions and persons are always written. What they add to the hourly rollups and
-        to sessions and persons (counts, times, entry and exit pages) is kept in memory unless `flush`,
-        merged with what later commits add, so each rollup key and changed row is written once per flush
-        rather than once per commit. A job whose project no longer exists writes nothing; its accepted
-        count is PROJECT_GONE.
+        Events and new sessions and persons are always written; what they add to rollups, sessions and
+        persons is kept in memory unless `flush` (see write_behind). A job whose project no longer exists
+        writes nothing; its accepted count is PROJECT_GONE.
         """
         now = time.monotonic()
         self._follow_catalog()
@@ -289,5 +286,5 @@ class BatchApplier:
         kept.groups, kept.dims = {}, {}
         self.rollups.write(groups, dims, seq=self.next_event_id)  # unique per commit
         kept.derived_through = self.next_event_id - 1
-        self.conn.execute(_WRITTEN_THROUGH, (kept.derived_through,))
+        self.conn.execute(WRITE_DERIVED_THROUGH, (kept.derived_through,))
         kept.since = None

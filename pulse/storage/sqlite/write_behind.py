@@ -1,7 +1,36 @@
-"""What stored events add to rollups, sessions and persons, kept in the writer's memory until a flush.
+"""Write-behind: what the writer writes before a request is acknowledged, and what it keeps for later.
 
-Runs in the writer process only. Each commit's events join what earlier commits kept, so a rollup
-key or a changed session or person row is written once per flush rather than once per commit.
+Written before the 202. A group commit writes its events and the sessions and persons they create (new
+rows, inserted once, with ids the writer hands out), commits, then answers Committed; the server
+answers the requests in it only then. Nothing acknowledged is only in memory.
+
+Kept in memory and merged. What those events add to the hourly rollups (`hourly`, `hourly_dims`) and
+to sessions and persons already stored (counts, first and last times, entry and exit pages; also the
+counts of the sessions and persons the commit created) joins what earlier commits kept (`Kept`), so a
+rollup key or a changed row is written once per flush rather than once per commit: under load most
+commits touch the same hours, sessions and persons.
+
+When it is written. A flush writes everything kept, in the transaction of a commit:
+  - the first commit after the oldest kept change is FLUSH_AFTER_S old, or once FLUSH_EVENTS events
+    wait for it (`due`);
+  - a commit of nothing after FLUSH_IDLE_S without a request (an idle writer leaves nothing kept);
+  - the next commit after a Flush frame (a read asks), and the last before the writer exits.
+
+How a read is settled, and why. A client reads every event it was acknowledged: a question asked after
+a 202 counts that request's events, in the rollups, sessions and persons alike. So before every read
+question the store calls EventWriter.settle. When the last Committed said something is kept
+(`Committed.unwritten`), settle sends a Flush frame; the writer takes it with its next batch, flushes,
+and answers it like a job, in that commit's Committed. When nothing is kept no frame is sent and the read
+goes on at once. The wait is bounded by the write deadline (`write_timeout_s`): a writer already past it
+is not asked, and a Flush not answered by then is waited for no longer; both are WriterStalled (a 503),
+never an answer that misses acknowledged events. A flush that fails (a full disk) leaves the changes
+kept, and the read answers from what is written.
+
+Crash recovery. meta `derived_through` is the last event whose changes are all written; a flush moves
+it in the same transaction. Sessions and persons hold nothing of the later events but their times (safe
+to apply twice), so after a crash or a rolled-back transaction BatchApplier.reset rebuilds `Kept` by
+replaying the events stored after derived_through (BatchApplier._replay). `pulse verify` leaves those
+events out until they are written.
 """
 
 from __future__ import annotations
@@ -10,6 +39,21 @@ from collections.abc import Callable
 
 from pulse.storage.model import HOUR_MS
 from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
+
+# when a flush is due (above)
+FLUSH_AFTER_S = 0.5
+FLUSH_IDLE_S = 0.05
+FLUSH_EVENTS = 100_000
+
+READ_DERIVED_THROUGH = "SELECT value FROM meta WHERE key = 'derived_through'"
+WRITE_DERIVED_THROUGH = "UPDATE meta SET value = ? WHERE key = 'derived_through'"
+
+
+def due(unwritten: int, kept_for_s: float) -> bool:
+    """Whether a commit that takes requests flushes too: `unwritten` events wait for their changes, the
+    oldest kept for `kept_for_s`."""
+    return unwritten > FLUSH_EVENTS or kept_for_s >= FLUSH_AFTER_S
+
 
 # A session's kept changes, as a list of these fields (one list per changed session, so kept cheap): the
 # columns of `sessions` they change, with the parameters of identities' UPDATEs named alike

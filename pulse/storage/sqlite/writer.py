@@ -108,7 +108,7 @@ class EventWriter:
         self._up = False
         self._closing = False
         self._outbox: list[bytes] = []  # frames written once per event-loop turn, not one syscall each
-        self._unwritten = True  # the writer may keep rollup, session and person changes in memory (settle)
+        self._unwritten = True  # the writer may keep changes in memory (Committed.unwritten; see write_behind)
         self._deadline: asyncio.TimerHandle | None = None  # when the oldest waiting request times out
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -214,11 +214,9 @@ class EventWriter:
         return await self.enqueue(job)
 
     async def settle(self) -> None:
-        """Wait until every event acknowledged so far counts in the rollups, sessions and persons tables.
-
-        The writer keeps them in memory for up to half a second under load; readers call this first, so a
-        client reads what it was told was stored. Returns at once when nothing is kept.
-        """
+        """Wait until every event acknowledged so far counts in the rollups, sessions and persons tables: a
+        Flush when the writer keeps changes, none when it keeps nothing; WriterStalled past the write
+        deadline (see write_behind)."""
         if not self._unwritten or not self._up or self._closing or self._stream is None or self._stream.is_closing():
             return
         self._refuse_if_stalled()  # what is written is not all that was acknowledged: no exact answer now
