@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from bench.ingest import free_port, wait_http  # noqa: E402
 from pulse.protocol import IngestEvent  # noqa: E402
 from pulse.storage.connection import connect  # noqa: E402
-from pulse.storage.rows import DAY_MS, IngestJob  # noqa: E402
-from pulse.storage.writer import EventWriter  # noqa: E402
+from pulse.storage.model import DAY_MS, IngestJob  # noqa: E402
+from pulse.storage.sqlite.writer import EventWriter  # noqa: E402
 
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36",

@@ -13,7 +13,7 @@ from pulse.config import Settings
 from pulse.server.app import create_app
 from pulse.storage.connection import connect
 from pulse.storage.projects import create_project
-from pulse.storage.rows import HOUR_MS
+from pulse.storage.model import HOUR_MS
 from pulse.storage.schema import migrate
 
 

@@ -14,7 +14,7 @@ def imported_after(module: str) -> set[str]:
     return set(output.split())
 
 
-@pytest.mark.parametrize("module", ["pulse.server.app", "pulse.storage.writer", "pulse.storage.sqlite.periods",
+@pytest.mark.parametrize("module", ["pulse.server.app", "pulse.storage.sqlite.writer", "pulse.storage.sqlite.periods",
                                     "pulse.storage.sqlite.breakdowns", "pulse.storage.sqlite.lists", "pulse.cli"])
 def test_server_storage_and_cli_do_not_import_textual(module):
     assert not any(name == "textual" or name.startswith("textual.") for name in imported_after(module))

@@ -11,7 +11,7 @@ import pytest
 from pulse.storage.connection import connect
 from pulse.storage.maintenance import backup, export, prune, pruned_before, verify
 from pulse.storage.projects import get_project
-from pulse.storage.rows import DAY_MS, HOUR_MS
+from pulse.storage.model import DAY_MS, HOUR_MS
 from tests.server.test_analytics import BASE, generate
 
 

@@ -31,8 +31,10 @@ def test_migration_2_rolls_up_events_stored_before_it(tmp_path):
     from pyroaring import BitMap
 
     from pulse.protocol import IngestEvent
-    from pulse.storage.rollups import BatchApplier, Submit
-    from pulse.storage.rows import IngestJob, prepare
+    from pulse.storage.sqlite.applier import BatchApplier
+    from pulse.storage.model import IngestJob
+    from pulse.storage.sqlite.rows import prepare
+    from pulse.storage.sqlite.wire import Submit
 
     conn = connect(tmp_path / "p.db")
     migrate(conn)

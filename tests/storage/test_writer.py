@@ -9,11 +9,11 @@ import threading
 import uuid
 
 from pulse.protocol import IngestEvent
-from pulse.storage.rollups import Submit
-from pulse.storage.rows import HOUR_MS, IngestJob, prepare
-from pulse.storage.wire import Flush, frame
-from pulse.storage.writer import EventWriter
-from pulse.storage.writer_process import Channel
+from pulse.storage.model import HOUR_MS, IngestJob
+from pulse.storage.sqlite.rows import prepare
+from pulse.storage.sqlite.wire import Flush, Submit, frame
+from pulse.storage.sqlite.writer import EventWriter
+from pulse.storage.sqlite.writer_process import Channel
 from tests.conftest import recount_hourly, rollups
 
 BASE = 1_790_000_000_000 - 1_790_000_000_000 % HOUR_MS  # an hour boundary
@@ -169,7 +169,7 @@ async def test_sessions_agree_with_recount_when_batches_arrive_out_of_order(db, 
 
 
 def test_compaction_keeps_totals_and_leaves_one_row_per_key(db, project):
-    from pulse.storage.rollups import BatchApplier
+    from pulse.storage.sqlite.applier import BatchApplier
 
     applier = BatchApplier(db)
     rng = random.Random(11)
@@ -246,7 +246,7 @@ async def test_after_settle_rollups_sessions_and_persons_count_every_acknowledge
 
 
 def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_rollback(db, project):
-    from pulse.storage.rollups import BatchApplier
+    from pulse.storage.sqlite.applier import BatchApplier
 
     rng = random.Random(3)
 

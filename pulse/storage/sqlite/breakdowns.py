@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters, Window
-from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
-from pulse.storage.rows import HOUR_MS, PAGE_VIEW
+from pulse.storage.model import HOUR_MS, PAGE_VIEW
+from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
 from pulse.storage.sqlite.aggregates import Totals, merge
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans
 from pulse.storage.sqlite.digests import digests, totals_and_names

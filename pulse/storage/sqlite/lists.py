@@ -11,7 +11,7 @@ from itertools import islice
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters, Window
-from pulse.storage.rows import HOUR_MS
+from pulse.storage.model import HOUR_MS
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.scans import event_conditions, json_path
 from pulse.storage.sqlite.sessions import matched_sessions, session_stats, session_sums

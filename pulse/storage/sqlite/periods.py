@@ -9,7 +9,7 @@ from bisect import bisect_right
 
 
 from pulse.storage.model import Filters, Window
-from pulse.storage.rows import DAY_MS, HOUR_MS
+from pulse.storage.model import DAY_MS, HOUR_MS
 from pulse.storage.sqlite.aggregates import Totals, hourly, name_id
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import cached_digests, totals, totals_and_names

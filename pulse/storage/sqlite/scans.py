@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters
-from pulse.storage.rows import HOUR_MS, PAGE_VIEW
+from pulse.storage.model import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite.aggregates import Totals, from_rollups, name_id
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
 

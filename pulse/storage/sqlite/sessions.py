@@ -13,7 +13,7 @@ from pyroaring import BitMap
 
 from pulse.storage.connection import checkpoint
 from pulse.storage.model import Filters, Window
-from pulse.storage.rows import DAY_MS
+from pulse.storage.model import DAY_MS
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import totals
 

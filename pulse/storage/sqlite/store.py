@@ -28,7 +28,7 @@ from pulse.storage.reader import Reader
 from pulse.storage.schema import migrate
 from pulse.storage.sqlite import breakdowns, lists, periods
 from pulse.storage.sqlite.warmup import warm
-from pulse.storage.writer import BATCH_BUCKETS, COMMIT_BUCKETS, EventWriter
+from pulse.storage.sqlite.writer import BATCH_BUCKETS, COMMIT_BUCKETS, EventWriter
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ from pulse.storage.connection import QueryTimeout
 from pulse.storage.model import Filters, Window
 from pulse.storage.projects import list_projects
 from pulse.storage.reader import Reader
-from pulse.storage.rows import DAY_MS
+from pulse.storage.model import DAY_MS
 from pulse.storage.sqlite import breakdowns, periods
 from pulse.storage.sqlite.breakdowns import SESSION_DIMENSIONS
 

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pulse.storage.rollups import PROJECT_GONE, Submit
-from pulse.storage.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, IngestJob, prepare
-from pulse.storage.wire import (
-    Committed, Failed, Flush, Ready, Shutdown, StartFailed, decode_from_writer, frame, read_frames,
+from pulse.storage.model import (
+    CommittedEvent, IngestJob, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
 )
-from pulse.storage.model import (  # noqa: F401  (where the server found them before the seam)
-    CommittedEvent, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
+from pulse.storage.sqlite.rows import DISTINCT_ID, NAME, PATH, PROPS, TS, prepare
+from pulse.storage.sqlite.wire import (
+    PROJECT_GONE, Committed, Failed, Flush, Ready, Shutdown, StartFailed, Submit, decode_from_writer, frame,
+    read_frames,
 )
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class EventWriter:
         self._up = False
         self._closing = False
         self._outbox: list[bytes] = []  # frames written once per event-loop turn, not one syscall each
-        self._unwritten = True  # the writer may keep rollup, session and person changes in memory (settle)
+        self._unwritten = True  # the writer may keep changes in memory (Committed.unwritten; see write_behind)
         self._deadline: asyncio.TimerHandle | None = None  # when the oldest waiting request times out
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class EventWriter:
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pulse.storage.writer_process", str(theirs.fileno()), str(self.path),
+                sys.executable, "-m", "pulse.storage.sqlite.writer_process", str(theirs.fileno()), str(self.path),
                 self.synchronous, str(self.batch_max_events), str(self.max_db_mb), pass_fds=(theirs.fileno(),),
             )
         finally:
@@ -214,11 +214,9 @@ class EventWriter:
         return await self.enqueue(job)
 
     async def settle(self) -> None:
-        """Wait until every event acknowledged so far counts in the rollups, sessions and persons tables.
-
-        The writer keeps them in memory for up to half a second under load; readers call this first, so a
-        client reads what it was told was stored. Returns at once when nothing is kept.
-        """
+        """Wait until every event acknowledged so far counts in the rollups, sessions and persons tables: a
+        Flush when the writer keeps changes, none when it keeps nothing; WriterStalled past the write
+        deadline (see write_behind)."""
         if not self._unwritten or not self._up or self._closing or self._stream is None or self._stream.is_closing():
             return
         self._refuse_if_stalled()  # what is written is not all that was acknowledged: no exact answer now

@@ -1,10 +1,10 @@
 """The single writer's process: owns the only write connection; one transaction per group commit.
 
-Started by EventWriter as `python -m pulse.storage.writer_process FD DB SYNCHRONOUS BATCH_MAX`, with one end
+Started by EventWriter as `python -m pulse.storage.sqlite.writer_process FD DB SYNCHRONOUS BATCH_MAX`, with one end
 of a socketpair as FD. It reads Submit frames, takes every one waiting (up to BATCH_MAX events), writes
 them and any new sessions and persons in one transaction, commits, then answers with one Committed
-frame. What they add to rollups, sessions and persons may be written by a later commit (see
-FLUSH_AFTER_S); a Flush frame asks for it now. Between commits it keeps the WAL bounded (WalBound). It
+frame. What they add to rollups, sessions and persons may be written by a later commit; a Flush frame
+asks for it now (see write_behind). Between commits it keeps the WAL bounded (WalBound). It
 stops after a Shutdown frame, or when the server's end closes (the server died): either way it first
 writes and commits everything it has received and kept.
 """
@@ -26,11 +26,12 @@ import apsw
 
 from pulse.enrich import load_agent_rules
 from pulse.storage.connection import BUSY_TIMEOUT_MS, connect
-from pulse.storage.rollups import BatchApplier, Submit
 from pulse.storage.schema import migrate
-from pulse.storage.wire import (
-    Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, decode_to_writer, frame, read_frames,
+from pulse.storage.sqlite.applier import BatchApplier
+from pulse.storage.sqlite.wire import (
+    Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, Submit, decode_to_writer, frame, read_frames,
 )
+from pulse.storage.sqlite.write_behind import FLUSH_IDLE_S, due
 
 log = logging.getLogger("pulse.writer")
 
@@ -42,12 +43,6 @@ READ_SIZE = 1 << 20
 COMMIT_WINDOW_EVENTS = 256
 COMMIT_WINDOW_S = 0.002
 COMMIT_GAP_S = 0.0003
-# Rollups and session and person changes are written behind the events (see BatchApplier.apply): by the
-# first commit after the oldest kept change is FLUSH_AFTER_S old, after FLUSH_IDLE_S without a request,
-# once FLUSH_EVENTS events wait for them, when a reader asks (Flush) and before the writer exits.
-FLUSH_AFTER_S = 0.5
-FLUSH_IDLE_S = 0.05
-FLUSH_EVENTS = 100_000
 # The WAL is restarted once it holds WAL_RESET_BYTES (see WalBound): the -wal file stays about that size
 # under any sustained load, and never past journal_size_limit (64 MiB) for longer than a slow reader
 # holds its snapshot. A RESTART checkpoint waits at most CHECKPOINT_WAIT_MS for readers; one that could
@@ -231,7 +226,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
                 pending.append(message)
         if channel.closed:
             stopping = True
-        if idle and not arrived and may_flush and not channel.closed:  # quiet: write what is kept
+        if idle and not arrived and may_flush and not channel.closed:  # idle: write what is kept
             outcome = write(conn, applier, [], flush=True)
             if isinstance(outcome, Failed):
                 quiet_flush_at = time.monotonic() + 1.0
@@ -255,8 +250,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
                 events += len(pending[taken].events)
                 taken += 1
             jobs, pending = pending[:taken], pending[taken:]
-            flush = (stopping or applier.unwritten > FLUSH_EVENTS
-                     or applier.unwritten_for(time.monotonic()) >= FLUSH_AFTER_S)
+            flush = stopping or due(applier.unwritten, applier.unwritten_for(time.monotonic()))
             channel.send(write(conn, applier, jobs, flush))
             wal.check()  # after the answer: the requests of this commit do not wait for it
         elif stopping:

@@ -7,11 +7,24 @@ from typing import ClassVar
 
 import msgspec
 
-from pulse.storage.rollups import Submit
+# the `accepted` of a job's result when its project was deleted before the job's commit: nothing of it
+# is written, and the request is answered like one with a revoked key
+PROJECT_GONE = -1
+
+
+class Submit(msgspec.Struct, array_like=True, tag="submit"):
+    """One request's prepared events, as the server process sends them to the writer."""
+
+    job_id: int
+    project_id: int
+    received: int
+    ip: str
+    user_agent: str
+    events: list[tuple]
 
 
 class Flush(msgspec.Struct, array_like=True, tag="flush"):
-    """Write every rollup, session and person change kept in memory in the next commit; answered like a job."""
+    """A read asks for everything kept in memory to be written (see write_behind); answered like a job."""
 
     job_id: int
     events: ClassVar[tuple] = ()
@@ -33,7 +46,7 @@ class Committed(msgspec.Struct, array_like=True, tag="committed"):
     results: list[tuple[int, int, list[int]]]  # job id, events accepted (PROJECT_GONE: none), positions of duplicates
     seconds: float
     events: int
-    unwritten: bool = False  # rollup, session and person changes are kept in the writer's memory after it
+    unwritten: bool = False  # changes are kept in the writer's memory after it (see write_behind)
 
 
 class Failed(msgspec.Struct, array_like=True, tag="failed"):

@@ -1,0 +1,290 @@
+"""How one group commit becomes rows: events, interned strings, persons, sessions and hourly rollups.
+
+Runs in the writer process only, inside the writer's transaction. The caches here mirror committed
+rows; any failed transaction clears them (BatchApplier.reset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import apsw
+import msgspec
+
+from pulse.enrich import split_url
+from pulse.storage.model import DAY_MS, PAGE_VIEW
+from pulse.storage.projects import catalog_version
+from pulse.storage.sqlite.identities import Identities
+from pulse.storage.sqlite.interning import Interner, json_chunks
+from pulse.storage.sqlite.rollup_sets import RollupSets
+from pulse.storage.sqlite.rows import ANON_ID, DISTINCT_ID, SESSION_KEY, UID, time_uuid
+from pulse.storage.sqlite.wire import PROJECT_GONE, Submit
+from pulse.storage.sqlite.write_behind import READ_DERIVED_THROUGH, WRITE_DERIVED_THROUGH, Kept
+
+_encode = msgspec.json.Encoder().encode
+
+_INSERT_EVENT = (
+    "INSERT INTO events(id, project_id, uuid, ts, received, name_id, person_id, session_id, url_id, path_id,"
+    " referrer_id, referrer_domain_id, agent_id, ip_hash, props)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT(project_id, uuid) DO NOTHING"  # never skips: repeats were found first; checked after
+)
+_STORED_UUIDS = (
+    "SELECT uuid FROM events WHERE project_id = ? AND uuid IN (SELECT unhex(value) FROM json_each(?))"
+)
+_UNWRITTEN = (
+    "SELECT e.project_id, e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.referrer_domain_id, e.agent_id,"
+    " coalesce(a.is_bot, 0), u.value FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
+    " LEFT JOIN strings u ON u.id = e.url_id"
+    " WHERE e.id > ? ORDER BY e.id"
+)
+_EXISTING_PROJECTS = "SELECT id FROM projects WHERE id IN (SELECT value FROM json_each(?))"
+
+# per job: (job id, events accepted or PROJECT_GONE, positions of duplicates)
+Result = tuple[int, int, list[int]]
+
+
+class BatchApplier:
+    """Applies batches of ingest jobs inside the writer's transaction, keeping caches of interned ids.
+
+    The writer is the only connection that inserts events, persons and sessions, so it hands out
+    their ids itself, and new rows are inserted once with their final values. Events whose uuid the
+    project already has are found before any row is built (only client-made uuids can repeat).
+    """
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.conn = conn
+        self.catalog = -1
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every cache; they are rebuilt from committed rows on demand."""
+        self.interner = Interner(self.conn)
+        self.identities = Identities(self.conn)
+        self.rollups = RollupSets(self.conn)
+        self.next_event_id = (self.conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
+        self._replay()
+
+    def compact(self) -> int:
+        """Merge the rows of every key of both rollup tables kept in several rows; returns how many keys."""
+        return self.rollups.compact()
+
+    # -- rollup, session and person changes written behind the events (see write_behind) --------
+
+    @property
+    def unwritten(self) -> int:
+        """How many stored events have rollup, session and person changes kept in memory, not yet written."""
+        return self.next_event_id - 1 - self.kept.derived_through
+
+    def unwritten_for(self, now: float) -> float:
+        """Seconds since the oldest change kept in memory was made (0 when there is none)."""
+        return 0.0 if self.kept.since is None else now - self.kept.since
+
+    def _replay(self) -> None:
+        """Rebuild the changes kept in memory from the events stored after derived_through.
+
+        They were lost with a crashed writer or a rolled-back transaction; the events that make them are
+        on disk, and every session and person row holds nothing of them but idempotent times.
+        """
+        conn = self.conn
+        row = conn.execute(READ_DERIVED_THROUGH).fetchone()
+        self.kept = kept = Kept(self.interner.opt_string_id, row[0] if row is not None else self.next_event_id - 1)
+        if kept.derived_through >= self.next_event_id - 1:
+            return
+        found = conn.execute("SELECT id FROM strings WHERE value = ?", (PAGE_VIEW,)).fetchone()
+        page_view = found[0] if found is not None else None
+        for row in conn.execute(_UNWRITTEN, (kept.derived_through,)):
+            project_id, ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, bot, url = row
+            is_page = name_id == page_view
+            kept.count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if is_page else None)
+            if session_id is not None:
+                parts = split_url(url) if url is not None and is_page else None
+                utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
+                kept.count_in_session(session_id, ts, is_page, path_id, referrer_id, utm, agent_id)
+        kept.since = time.monotonic()
+
+    # -- the batch --------------------------------------------------------------------------------
+
+    def apply(self, jobs: list[Submit], *, flush: bool = True) -> list[Result]:
+        """Write the jobs in the current transaction; returns (job id, accepted, duplicate positions) per job.
+
+        Events and new sessions and persons are always written; what they add to rollups, sessions and
+        persons is kept in memory unless `flush` (see write_behind). A job whose project no longer exists
+        writes nothing; its accepted count is PROJECT_GONE.
+        """
+        now = time.monotonic()
+        self._follow_catalog()
+        jobs, gone = self._drop_gone_projects(jobs)
+        self._trim_caches()
+        anonymous = self._look_up(jobs)
+        seen = self._stored_uuids(jobs)
+        self.identities.begin()
+        rows, results, traits, traited = self._resolve_and_count(jobs, anonymous, seen)
+        self._insert_events(rows)
+        generation = self.next_event_id  # above every earlier commit's
+        self.identities.write_people(self.kept, traits, traited, flush, generation)
+        self.identities.write_sessions(self.kept, flush, generation)
+        if flush:
+            self._flush()
+        elif self.kept.since is None and self.unwritten:
+            self.kept.since = now
+        if self.rollups.compact_due(now):
+            self.compact()
+        return results + gone
+
+    def _follow_catalog(self) -> None:
+        """A project deleted since the last commit: forget its ids and drop what was kept of its events
+        (gone with them), so no rollup, session or person row of it is written again."""
+        version = catalog_version(self.conn)
+        if version != self.catalog:
+            self.reset()
+            self.catalog = version
+
+    def _drop_gone_projects(self, jobs: list[Submit]) -> tuple[list[Submit], list[Result]]:
+        """The jobs whose project exists, and PROJECT_GONE results for the others.
+
+        This write transaction waits for one deleting a project (SQLite's write lock), so jobs queued
+        for a project before the server noticed its delete find it gone here."""
+        if not jobs:
+            return jobs, []
+        named = _encode(list({job.project_id for job in jobs})).decode()
+        existing = {project_id for (project_id,) in self.conn.execute(_EXISTING_PROJECTS, (named,))}
+        gone = [(job.job_id, PROJECT_GONE, []) for job in jobs if job.project_id not in existing]
+        if gone:
+            jobs = [job for job in jobs if job.project_id in existing]
+        return jobs, gone
+
+    def _trim_caches(self) -> None:
+        self.identities.trim()
+        self.interner.trim()
+        self.rollups.trim()
+
+    def _look_up(self, jobs: list[Submit]) -> list[tuple[bytes, str]]:
+        """Load every distinct id and session key the batch names at once; returns each job's ip hash and
+        the distinct id of its events that have none."""
+        identities = self.identities
+        anonymous = []
+        people: dict[int, set[str]] = {}
+        session_keys: dict[int, set[str]] = {}
+        for job in jobs:
+            ip_hash = hashlib.sha256(
+                b"%s%d\x00%s\x00%s" % (self.interner.salt(job.received // DAY_MS), job.project_id, job.ip.encode(),
+                                       job.user_agent.encode())
+            ).digest()[:8]
+            anonymous_id = "$ip:" + ip_hash.hex()
+            anonymous.append((ip_hash, anonymous_id))
+            known_people = identities.persons.setdefault(job.project_id, {})
+            known_sessions = identities.sessions.setdefault(job.project_id, {})
+            wanted = people.setdefault(job.project_id, set())
+            keys = session_keys.setdefault(job.project_id, set())
+            for ev in job.events:
+                distinct_id = ev[DISTINCT_ID] or anonymous_id
+                if distinct_id not in known_people:
+                    wanted.add(distinct_id)
+                if ev[ANON_ID] is not None and ev[ANON_ID] not in known_people:
+                    wanted.add(ev[ANON_ID])
+                if ev[SESSION_KEY] is not None and ev[SESSION_KEY] not in known_sessions:
+                    keys.add(ev[SESSION_KEY])
+        identities.load(people, session_keys)
+        return anonymous
+
+    def _stored_uuids(self, jobs: list[Submit]) -> set[tuple[int, bytes]]:
+        """Which of the client-made uuids in the batch the project already has."""
+        wanted: dict[int, list[str]] = {}
+        for job in jobs:
+            uuids = [ev[UID].hex() for ev in job.events if ev[UID] is not None]
+            if uuids:
+                wanted.setdefault(job.project_id, []).extend(uuids)
+        found = set()
+        for project_id, uuids in wanted.items():
+            for chunk in json_chunks(uuids):
+                found.update((project_id, uid) for (uid,) in self.conn.execute(_STORED_UUIDS, (project_id, chunk)))
+        return found
+
+    def _resolve_and_count(self, jobs: list[Submit], anonymous: list[tuple[bytes, str]],
+                           seen: set[tuple[int, bytes]]) -> tuple[list[tuple], list[Result], list, set[int]]:
+        """One row per new event, with its person, session and string ids, and what it adds to rollups,
+        persons and sessions counted into the changes kept from earlier commits.
+
+        Returns the rows, each job's result, the traits to merge as (traits, person id), and the projects
+        whose persons' traits change."""
+        rows: list[tuple] = []
+        results: list[Result] = []
+        merged: list[tuple[str, int]] = []  # (traits, person id)
+        traited: set[int] = set()
+        interner, identities = self.interner, self.identities
+        strings = interner.strings
+        string_id = interner.string_id
+        new_person, identify, new_session = identities.new_person, identities.identify, identities.new_session
+        count, count_in_session = self.kept.count, self.kept.count_in_session
+        event_id = self.next_event_id
+        for index, job in enumerate(jobs):
+            project_id = job.project_id
+            received = job.received
+            agent_id, is_bot = interner.agent(job.user_agent)
+            bot = int(is_bot)
+            ip_hash, anonymous_id = anonymous[index]
+            persons = identities.persons[project_id]
+            sessions = identities.sessions[project_id]
+            duplicates: list[int] = []
+            for position, ev in enumerate(job.events):
+                (uid, ts, name, distinct_id, anon_id, session_key, url, path, referrer, referrer_domain,
+                 utm_source, utm_medium, utm_campaign, props, traits) = ev
+                if uid is None:
+                    uid = time_uuid(ts)
+                else:
+                    key = (project_id, uid)
+                    if key in seen:
+                        duplicates.append(position)
+                        continue
+                    seen.add(key)
+                distinct_id = distinct_id or anonymous_id
+                if anon_id is not None:
+                    person_id = identify(project_id, distinct_id, anon_id, ts)
+                else:
+                    person_id = persons.get(distinct_id) or new_person(project_id, distinct_id, ts)
+                session_id = None
+                if session_key is not None:
+                    session_id = sessions.get(session_key) or new_session(project_id, session_key, person_id)
+                name_id = strings.get(name) or string_id(name)
+                path_id = None if path is None else (strings.get(path) or string_id(path))
+                referrer_domain_id = None if referrer_domain is None else (
+                    strings.get(referrer_domain) or string_id(referrer_domain))
+                rows.append((  # in the order of _INSERT_EVENT's columns
+                    event_id, project_id, uid, ts, received, name_id, person_id, session_id,
+                    None if url is None else (strings.get(url) or string_id(url)), path_id,
+                    None if referrer is None else (strings.get(referrer) or string_id(referrer)),
+                    referrer_domain_id, agent_id, ip_hash, props,
+                ))
+                event_id += 1
+
+                page_view = name == PAGE_VIEW
+                count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if page_view else None)
+                if traits is not None:
+                    merged.append((traits, person_id))
+                    traited.add(project_id)
+                if session_id is not None:
+                    count_in_session(session_id, ts, page_view, path_id, referrer_domain_id,
+                                     (utm_source, utm_medium, utm_campaign), agent_id)
+            results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
+        self.next_event_id = event_id
+        return rows, results, merged, traited
+
+    def _insert_events(self, rows: list[tuple]) -> None:
+        conn = self.conn
+        before = conn.total_changes()
+        conn.executemany(_INSERT_EVENT, rows)
+        if conn.total_changes() - before != len(rows):
+            raise RuntimeError("an event uuid was stored twice in one batch; the batch is rolled back")
+
+    def _flush(self) -> None:
+        """Write every kept rollup change (sessions and persons were written with the batch) and move
+        derived_through to the last event stored."""
+        kept = self.kept
+        groups, dims = kept.groups, kept.dims
+        kept.groups, kept.dims = {}, {}
+        self.rollups.write(groups, dims, seq=self.next_event_id)  # unique per commit
+        kept.derived_through = self.next_event_id - 1
+        self.conn.execute(WRITE_DERIVED_THROUGH, (kept.derived_through,))
+        kept.since = None

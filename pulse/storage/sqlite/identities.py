@@ -1,0 +1,247 @@
+"""Persons and sessions: whose event it is and which visit, with ids the writer hands out itself.
+
+Runs in the writer process only. The writer is the only connection that inserts persons and sessions,
+so a new one gets its id at once and is inserted once per commit; the caches (per project: distinct id
+-> person id, session key -> session id) mirror committed rows and are filled by one batched lookup per
+commit. What events add to existing rows (counts, times, entry and exit pages) is written behind them,
+from the changes kept in write_behind.Kept.
+"""
+
+from __future__ import annotations
+
+import re
+
+import apsw
+
+from pulse.storage.model import DAY_MS
+from pulse.storage.sqlite.interning import CACHE_LIMIT, json_chunks
+from pulse.storage.sqlite.write_behind import ENTRY_TS, EVENTS, FIRST, LAST, SESSION_FIELDS, Kept
+
+_LOOKUP_PEOPLE = (
+    "SELECT distinct_id, person_id FROM person_ids"
+    " WHERE project_id = ? AND distinct_id IN (SELECT value FROM json_each(?))"
+)
+_LOOKUP_SESSIONS = (
+    "SELECT session_key, id, first_ts FROM sessions"
+    " WHERE project_id = ? AND session_key IN (SELECT value FROM json_each(?))"
+)
+_SESSION_FIRST = "SELECT id, project_id, first_ts FROM sessions WHERE id IN (SELECT value FROM json_each(?))"
+_TOUCH_SESSION_DAY = (
+    "INSERT INTO session_days(project_id, day, generation) VALUES (?, ?, ?)"
+    " ON CONFLICT(project_id, day) DO UPDATE SET generation = excluded.generation"
+)
+_INSERT_PERSON = (
+    "INSERT INTO persons(id, project_id, distinct_id, first_seen, last_seen, event_count) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_PERSON_ID = "INSERT INTO person_ids(project_id, distinct_id, person_id) VALUES (?, ?, ?)"
+_RENAME_PERSON = "UPDATE persons SET distinct_id = ? WHERE id = ?"
+_UPDATE_PERSON = (
+    "UPDATE persons SET first_seen = min(first_seen, ?), last_seen = max(last_seen, ?),"
+    " event_count = event_count + ? WHERE id = ?"
+)
+_MERGE_TRAITS = "UPDATE persons SET traits = json_patch(coalesce(traits, '{}'), ?) WHERE id = ?"
+_TOUCH_TRAITS = "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+_INSERT_SESSION = (
+    "INSERT INTO sessions(id, project_id, session_key, person_id, first_ts, last_ts, events, pageviews,"
+    " entry_ts, entry_path_id, referrer_id, utm_source_id, utm_medium_id, utm_campaign_id, exit_ts, exit_path_id,"
+    " agent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# SQLite evaluates every SET expression against the row as it was, so the CASEs all see the old entry_ts.
+# first_ts is only named when it moves: SQLite rewrites the entry of sessions_project_first for every
+# UPDATE that assigns the column, even to its own value (a page of WAL per session per commit).
+# Both take a kept session change by position, then the session's id: SQLite numbers named parameters
+# in order of first appearance, which is the order of SESSION_FIELDS (checked below).
+_EARLIER_ENTRY = ":entry_ts IS NOT NULL AND (entry_ts IS NULL OR :entry_ts < entry_ts)"
+_LATER_EXIT = ":exit_ts IS NOT NULL AND (exit_ts IS NULL OR :exit_ts >= exit_ts)"
+_SESSION_CHANGES = f"""
+    last_ts = max(last_ts, :last_ts),
+    events = events + :events,
+    pageviews = pageviews + :pageviews,
+    entry_path_id = CASE WHEN {_EARLIER_ENTRY} THEN :entry_path_id ELSE entry_path_id END,
+    referrer_id = CASE WHEN {_EARLIER_ENTRY} THEN :referrer_id ELSE referrer_id END,
+    utm_source_id = CASE WHEN {_EARLIER_ENTRY} THEN :utm_source_id ELSE utm_source_id END,
+    utm_medium_id = CASE WHEN {_EARLIER_ENTRY} THEN :utm_medium_id ELSE utm_medium_id END,
+    utm_campaign_id = CASE WHEN {_EARLIER_ENTRY} THEN :utm_campaign_id ELSE utm_campaign_id END,
+    entry_ts = CASE WHEN {_EARLIER_ENTRY} THEN :entry_ts ELSE entry_ts END,
+    exit_path_id = CASE WHEN {_LATER_EXIT} THEN :exit_path_id ELSE exit_path_id END,
+    exit_ts = CASE WHEN {_LATER_EXIT} THEN :exit_ts ELSE exit_ts END,
+    agent_id = coalesce(agent_id, :agent_id)
+WHERE id = :id
+"""
+_UPDATE_SESSION = "UPDATE sessions SET first_ts = min(first_ts, :first_ts)," + _SESSION_CHANGES  # the whole change
+_UPDATE_LATER_SESSION = "UPDATE sessions SET" + _SESSION_CHANGES  # the change from LAST on
+assert list(dict.fromkeys(re.findall(r":(\w+)", _UPDATE_SESSION))) == [*SESSION_FIELDS, "id"]
+# the common case: the batch has no page view of the session, so only its times and event count change
+_EXTEND_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
+_EXTEND_LATER_SESSION = "UPDATE sessions SET last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
+
+
+def _max_id(conn: apsw.Connection, table: str) -> int:
+    return conn.execute(f"SELECT max(id) FROM {table}").fetchone()[0] or 0
+
+
+class Identities:
+    """The person and session ids of a project's distinct ids and session keys, and the rows of both."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.conn = conn
+        # per project: distinct id -> person id, session key -> session id
+        self.persons: dict[int, dict[str, int]] = {}
+        self.sessions: dict[int, dict[str, int]] = {}
+        # session id -> (project, first_ts), for every session in self.sessions
+        self.session_first: dict[int, tuple[int, int]] = {}
+        self.next_person_id = _max_id(conn, "persons") + 1
+        self.next_session_id = _max_id(conn, "sessions") + 1
+        self.begin()
+
+    def trim(self) -> None:
+        """Empty the person or session caches once they hold more than CACHE_LIMIT ids."""
+        for caches in (self.persons, self.sessions):
+            if sum(len(c) for c in caches.values()) > CACHE_LIMIT:
+                caches.clear()
+                if caches is self.sessions:
+                    self.session_first.clear()
+
+    def begin(self) -> None:
+        """Start a batch: no person, link or session is new yet."""
+        self.new_persons: dict[int, list] = {}  # id -> [project, distinct_id, first ts]
+        self.new_links: list[tuple[int, str, int]] = []
+        self.renames: list[tuple[str, int]] = []
+        self.new_sessions: dict[int, tuple[int, str, int]] = {}  # id -> (project, key, person)
+
+    # -- finding and handing out ids -------------------------------------------------------------
+
+    def load(self, people: dict[int, set[str]], session_keys: dict[int, set[str]]) -> None:
+        """Bring every wanted distinct id and session key of each project that exists into the caches, one
+        query per 5000 keys; sessions keep their first time too."""
+        for project_id, keys in people.items():
+            cache = self.persons.setdefault(project_id, {})
+            for chunk in json_chunks(list(keys)):
+                cache.update(self.conn.execute(_LOOKUP_PEOPLE, (project_id, chunk)))
+        for project_id, keys in session_keys.items():
+            cache = self.sessions.setdefault(project_id, {})
+            for chunk in json_chunks(list(keys)):
+                for key, session_id, first_ts in self.conn.execute(_LOOKUP_SESSIONS, (project_id, chunk)):
+                    cache[key] = session_id
+                    self.session_first[session_id] = (project_id, first_ts)
+
+    def new_person(self, project_id: int, distinct_id: str, ts: int) -> int:
+        person_id = self.next_person_id
+        self.next_person_id += 1
+        self.persons[project_id][distinct_id] = person_id
+        self.new_persons[person_id] = [project_id, distinct_id, ts]
+        self.new_links.append((project_id, distinct_id, person_id))
+        return person_id
+
+    def _link(self, project_id: int, distinct_id: str, person_id: int) -> None:
+        self.persons[project_id][distinct_id] = person_id
+        self.new_links.append((project_id, distinct_id, person_id))
+
+    def identify(self, project_id: int, distinct_id: str, anon_id: str, ts: int) -> int:
+        """Link an anonymous id to a known id: both resolve to one person from now on."""
+        persons = self.persons[project_id]
+        known = persons.get(distinct_id)
+        anon = persons.get(anon_id)
+        if known is None and anon is not None:
+            self._link(project_id, distinct_id, anon)
+            if anon in self.new_persons:
+                self.new_persons[anon][1] = distinct_id
+            else:
+                self.renames.append((distinct_id, anon))
+            return anon
+        if known is None:
+            known = self.new_person(project_id, distinct_id, ts)
+        if anon is None and anon_id != distinct_id:
+            self._link(project_id, anon_id, known)
+        return known
+
+    def new_session(self, project_id: int, session_key: str, person_id: int) -> int:
+        session_id = self.next_session_id
+        self.next_session_id += 1
+        self.sessions[project_id][session_key] = session_id
+        self.new_sessions[session_id] = (project_id, session_key, person_id)
+        return session_id
+
+    # -- the rows --------------------------------------------------------------------------------
+
+    def write_people(self, kept: Kept, traits: list[tuple[str, int]], traited: set[int], flush: bool,
+                     generation: int) -> None:
+        """Insert new persons and links, and if `flush` write every kept person change.
+
+        A person made by a commit that does not flush is inserted with no events (its times are safe to
+        apply twice); its count stays with the changes kept in memory."""
+        conn = self.conn
+        pending = kept.persons
+        fresh = []
+        for person_id, (project_id, distinct_id, ts) in self.new_persons.items():
+            first, last, count = (pending.pop(person_id, None) if flush else pending.get(person_id)) or (ts, ts, 0)
+            fresh.append((person_id, project_id, distinct_id, first, last, count if flush else 0))
+        conn.executemany(_INSERT_PERSON, fresh)
+        conn.executemany(_INSERT_PERSON_ID, self.new_links)
+        if self.renames:
+            conn.executemany(_RENAME_PERSON, self.renames)
+        if flush:
+            conn.executemany(_UPDATE_PERSON, [(p[0], p[1], p[2], person_id) for person_id, p in pending.items()])
+            pending.clear()
+        if traits:
+            conn.executemany(_MERGE_TRAITS, traits)
+            # readers keep who has which trait while this is unchanged
+            conn.executemany(_TOUCH_TRAITS, [(f"traits:{project_id}", generation) for project_id in traited])
+
+    def write_sessions(self, kept: Kept, flush: bool, generation: int) -> None:
+        """Insert new sessions and if `flush` update every session with kept changes; marks the start days
+        of the sessions written as changed (generation: above every earlier commit's).
+
+        A session made by a commit that does not flush is inserted with no events or page views (its
+        times and entry and exit pages are safe to apply twice); those stay with the changes kept."""
+        pending = kept.sessions
+        first_seen = self.session_first
+        days: set[tuple[int, int]] = set()
+        fresh = []
+        for session_id, (project_id, key, person_id) in self.new_sessions.items():
+            delta = pending.pop(session_id, None) if flush else pending.get(session_id)
+            if delta is None:  # only duplicate events named it
+                continue
+            (first, last, events, pageviews, entry_ts, entry_path, referrer, source, medium, campaign,
+             exit_ts, exit_path, agent_id) = delta
+            if not flush:
+                events = pageviews = 0
+            fresh.append((session_id, project_id, key, person_id, first, last, events, pageviews, entry_ts,
+                          entry_path, referrer, source, medium, campaign, exit_ts, exit_path, agent_id))
+            first_seen[session_id] = (project_id, first)
+            days.add((project_id, first // DAY_MS))
+        self.conn.executemany(_INSERT_SESSION, fresh)
+        if flush:
+            self._update_sessions(kept, days)
+        self.conn.executemany(_TOUCH_SESSION_DAY, [(*day, generation) for day in days])
+
+    def _update_sessions(self, kept: Kept, days: set[tuple[int, int]]) -> None:
+        """Write every kept session change; adds the start days of the sessions changed to `days`."""
+        first_seen = self.session_first
+        sessions, kept.sessions = kept.sessions, {}
+        for chunk in json_chunks([session_id for session_id in sessions if session_id not in first_seen]):
+            for session_id, project_id, first_ts in self.conn.execute(_SESSION_FIRST, (chunk,)):
+                first_seen[session_id] = (project_id, first_ts)
+        extend, extend_later, full, full_later = [], [], [], []
+        for session_id, delta in sessions.items():
+            if session_id not in first_seen:  # deleted with its project since
+                continue
+            project_id, first = first_seen[session_id]
+            days.add((project_id, first // DAY_MS))
+            earlier = delta[FIRST] < first
+            if earlier:  # an earlier event: the session now starts then
+                first_seen[session_id] = (project_id, delta[FIRST])
+                days.add((project_id, delta[FIRST] // DAY_MS))
+            if delta[ENTRY_TS] is not None:
+                if earlier:
+                    full.append((*delta, session_id))
+                else:
+                    full_later.append((*delta[LAST:], session_id))
+            elif earlier:  # no page view: entry, exit and page views stay as they are
+                extend.append((delta[FIRST], delta[LAST], delta[EVENTS], session_id))
+            else:
+                extend_later.append((delta[LAST], delta[EVENTS], session_id))
+        self.conn.executemany(_EXTEND_SESSION, extend)
+        self.conn.executemany(_EXTEND_LATER_SESSION, extend_later)
+        self.conn.executemany(_UPDATE_SESSION, full)
+        self.conn.executemany(_UPDATE_LATER_SESSION, full_later)

@@ -1,0 +1,132 @@
+"""Write-behind: what the writer writes before a request is acknowledged, and what it keeps for later.
+
+Written before the 202. A group commit writes its events and the sessions and persons they create (new
+rows, inserted once, with ids the writer hands out), commits, then answers Committed; the server
+answers the requests in it only then. Nothing acknowledged is only in memory.
+
+Kept in memory and merged. What those events add to the hourly rollups (`hourly`, `hourly_dims`) and
+to sessions and persons already stored (counts, first and last times, entry and exit pages; also the
+counts of the sessions and persons the commit created) joins what earlier commits kept (`Kept`), so a
+rollup key or a changed row is written once per flush rather than once per commit: under load most
+commits touch the same hours, sessions and persons.
+
+When it is written. A flush writes everything kept, in the transaction of a commit:
+  - the first commit after the oldest kept change is FLUSH_AFTER_S old, or once FLUSH_EVENTS events
+    wait for it (`due`);
+  - a commit of nothing after FLUSH_IDLE_S without a request (an idle writer leaves nothing kept);
+  - the next commit after a Flush frame (a read asks), and the last before the writer exits.
+
+How a read is settled, and why. A client reads every event it was acknowledged: a question asked after
+a 202 counts that request's events, in the rollups, sessions and persons alike. So before every read
+question the store calls EventWriter.settle. When the last Committed said something is kept
+(`Committed.unwritten`), settle sends a Flush frame; the writer takes it with its next batch, flushes,
+and answers it like a job, in that commit's Committed. When nothing is kept no frame is sent and the read
+goes on at once. The wait is bounded by the write deadline (`write_timeout_s`): a writer already past it
+is not asked, and a Flush not answered by then is waited for no longer; both are WriterStalled (a 503),
+never an answer that misses acknowledged events. A flush that fails (a full disk) leaves the changes
+kept, and the read answers from what is written.
+
+Crash recovery. meta `derived_through` is the last event whose changes are all written; a flush moves
+it in the same transaction. Sessions and persons hold nothing of the later events but their times (safe
+to apply twice), so after a crash or a rolled-back transaction BatchApplier.reset rebuilds `Kept` by
+replaying the events stored after derived_through (BatchApplier._replay). `pulse verify` leaves those
+events out until they are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pulse.storage.model import HOUR_MS
+from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
+
+# when a flush is due (above)
+FLUSH_AFTER_S = 0.5
+FLUSH_IDLE_S = 0.05
+FLUSH_EVENTS = 100_000
+
+READ_DERIVED_THROUGH = "SELECT value FROM meta WHERE key = 'derived_through'"
+WRITE_DERIVED_THROUGH = "UPDATE meta SET value = ? WHERE key = 'derived_through'"
+
+
+def due(unwritten: int, kept_for_s: float) -> bool:
+    """Whether a commit that takes requests flushes too: `unwritten` events wait for their changes, the
+    oldest kept for `kept_for_s`."""
+    return unwritten > FLUSH_EVENTS or kept_for_s >= FLUSH_AFTER_S
+
+
+# A session's kept changes, as a list of these fields (one list per changed session, so kept cheap): the
+# columns of `sessions` they change, with the parameters of identities' UPDATEs named alike
+SESSION_FIELDS = ("first_ts", "last_ts", "events", "pageviews", "entry_ts", "entry_path_id", "referrer_id",
+                  "utm_source_id", "utm_medium_id", "utm_campaign_id", "exit_ts", "exit_path_id", "agent_id")
+(FIRST, LAST, EVENTS, PAGEVIEWS, ENTRY_TS, ENTRY_PATH, ENTRY_REF, ENTRY_SRC, ENTRY_MED, ENTRY_CAMP, EXIT_TS,
+ EXIT_PATH, AGENT) = range(len(SESSION_FIELDS))
+
+
+class Kept:
+    """The changes of events stored after `derived_through`, not yet written."""
+
+    def __init__(self, opt_string_id: Callable[[str | None], int | None], derived_through: int) -> None:
+        self.opt_string_id = opt_string_id  # interns an entry page's UTM values when the entry changes
+        # (project, hour, name, bot) -> [events, person ids, session ids]
+        self.groups: dict[tuple[int, int, int, int], list] = {}
+        # (project, dim, hour, value, bot) -> [events, person ids]
+        self.dims: dict[tuple[int, int, int, int, int], list] = {}
+        # person id -> [first ts, last ts, events]
+        self.persons: dict[int, list[int]] = {}
+        # session id -> [first_ts, … agent_id] as SESSION_FIELDS
+        self.sessions: dict[int, list] = {}
+        self.since: float | None = None  # when the oldest change kept was made (monotonic)
+        self.derived_through = derived_through  # the last event whose changes are all written
+
+    def count(self, project_id: int, ts: int, name_id: int, bot: int, person_id: int, session_id: int | None,
+              agent_id: int, page_path_id: int | None) -> None:
+        """Add one event to the kept rollup and person changes; page_path_id: its path if a page view."""
+        hour = ts // HOUR_MS
+        key = (project_id, hour, name_id, bot)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = [0, [], []]
+        group[0] += 1
+        group[1].append(person_id)
+        if session_id is not None:
+            group[2].append(session_id)
+        dims = self.dims
+        by_agent = (project_id, DIM_AGENT, hour, agent_id, bot)
+        for key in (by_agent,) if page_path_id is None else (by_agent, (project_id, DIM_PAGE, hour, page_path_id, bot)):
+            dim = dims.get(key)
+            if dim is None:
+                dim = dims[key] = [0, []]
+            dim[0] += 1
+            dim[1].append(person_id)
+        person = self.persons.get(person_id)
+        if person is None:
+            self.persons[person_id] = [ts, ts, 1]
+        else:
+            if ts < person[0]:
+                person[0] = ts
+            elif ts > person[1]:
+                person[1] = ts
+            person[2] += 1
+
+    def count_in_session(self, session_id: int, ts: int, page_view: bool, path_id: int | None,
+                         referrer_id: int | None, utm: tuple, agent_id: int) -> None:
+        """Add one event to its session's kept changes; utm is (source, medium, campaign) of its page."""
+        changes = self.sessions
+        delta = changes.get(session_id)
+        if delta is None:
+            delta = changes[session_id] = [ts, ts, 0, 0, None, None, None, None, None, None, None, None, agent_id]
+        elif ts < delta[FIRST]:
+            delta[FIRST] = ts
+        elif ts > delta[LAST]:
+            delta[LAST] = ts
+        delta[EVENTS] += 1
+        if page_view:
+            delta[PAGEVIEWS] += 1
+            if delta[ENTRY_TS] is None or ts < delta[ENTRY_TS]:
+                source, medium, campaign = utm
+                delta[ENTRY_TS:EXIT_TS] = (ts, path_id, referrer_id, self.opt_string_id(source),
+                                           self.opt_string_id(medium), self.opt_string_id(campaign))
+            if delta[EXIT_TS] is None or ts >= delta[EXIT_TS]:
+                delta[EXIT_TS] = ts
+                delta[EXIT_PATH] = path_id
