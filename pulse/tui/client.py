@@ -19,9 +19,7 @@ import aiohttp
 import msgspec
 
 from pulse.config import SERVER_FILENAME
-from pulse.protocol import LiveDropped, LiveEvent, LiveEvents, live_decoder
-
-CLOSE_TOKEN_REVOKED = 4001
+from pulse.protocol import CLOSE_TOKEN_REVOKED, LiveDropped, LiveEvent, LiveEvents, live_decoder
 
 
 class ApiFailure(Exception):
