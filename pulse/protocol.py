@@ -1,4 +1,5 @@
-"""Wire types shared by the server, the SDK's server side and the TUI (msgspec Structs)."""
+"""Wire types shared by the server, the SDK's server side, the stores (the read API's parts) and the TUI (msgspec
+Structs): what ingest takes, what the read API and the live feed answer."""
 
 from __future__ import annotations
 

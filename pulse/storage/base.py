@@ -21,9 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pulse.protocol import (
-    Counts, EventRow, OverviewStats, ProjectSummary, Ranked, SessionRow, SessionStats, UserRow,
-)
+from pulse.protocol import Counts, EventRow, OverviewStats, ProjectSummary, Ranked, SessionRow, SessionStats, UserRow
 from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, IngestJob, IngestStats, Project, Window,
 )
