@@ -1,9 +1,10 @@
-"""Wire types shared by the server, the SDK's server side and the TUI (msgspec Structs)."""
+"""Wire types shared by the server, the SDK's server side, the stores (the read API's parts) and the TUI (msgspec
+Structs): what ingest takes, what the read API and the live feed answer."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 from uuid import UUID
 
 import msgspec
@@ -133,3 +134,169 @@ class LiveHello(Struct, tag="hello"):
 
 LiveMessage = Union[LiveHello, LiveEvents, LiveDropped]
 live_decoder = msgspec.json.Decoder(LiveMessage)
+
+# A feed is closed with this code once its read token no longer grants the project (rotated or revoked): the
+# client stops instead of reconnecting.
+CLOSE_TOKEN_REVOKED = 4001
+
+
+# -- the read API (GET /api/v1/projects[/{project}/…]) --------------------------------------------------
+# The store answers with the parts (PeriodStats, Counts, Ranked, the rows of a page); the server adds the
+# project, the window in the project's time zone and the bucket start times, and gives a page's cursor out as
+# text ("ts.id" of its last row, passed back as ?cursor= for the next page; null on the last page).
+
+
+class ProjectSummary(Struct):
+    events_today: int  # since local midnight
+    hourly: list[int]  # events per hour, the last 24 hours, oldest first
+
+
+class ProjectRow(Struct, kw_only=True):
+    id: int
+    name: str
+    domain: str | None
+    timezone: str
+    events_today: int
+    hourly: list[int]
+
+
+class ProjectList(Struct):
+    projects: list[ProjectRow]
+
+
+class TopEvent(Struct):
+    event: str
+    count: int
+
+
+class SessionStats(Struct):
+    """Of the sessions that started in a window (with a matching event in it, when filtered)."""
+
+    sessions: int
+    bounce_rate: float  # a fraction, 0..1
+    avg_session_seconds: float
+    pages_per_session: float
+
+
+class PeriodStats(Struct, kw_only=True):
+    events: int
+    unique_users: int
+    sessions: int
+    bounce_rate: float
+    avg_session_seconds: float
+    pages_per_session: float
+    top_event: TopEvent | None
+    daily_average: float
+    distinct_events: int
+
+
+class OverviewStats(PeriodStats, kw_only=True):
+    live_visitors: int  # users with an event in the last five minutes, whatever the window
+    previous: PeriodStats  # the window of the same length just before
+
+
+class Overview(OverviewStats, kw_only=True):
+    # the fields of Ranged: the overview's numbers are at the top level of its body
+    project: int
+    from_: str = msgspec.field(name="from")
+    to: str
+
+
+class Counts(Struct):
+    events: int
+    unique_users: int
+    sessions: int
+
+
+class Bucket(Struct, kw_only=True):
+    start: str  # RFC 3339 in the project's time zone
+    events: int
+    unique_users: int
+    sessions: int
+
+
+class Ranged(Struct, kw_only=True):
+    """What every per-project answer but the overview starts with: the project and the window, [from, to)."""
+
+    project: int
+    from_: str = msgspec.field(name="from")
+    to: str
+
+
+class Timeseries(Ranged, kw_only=True):
+    interval: str  # "hour" | "day"
+    buckets: list[Bucket]
+    previous: list[Bucket]  # the previous period's buckets, at their own start times
+
+
+class Ranked(Struct):
+    """One row of a ranking: an event name, a breakdown's value, a property or trait key or value."""
+
+    value: str | None
+    count: int  # events (sessions for session breakdowns, persons for traits)
+    unique_users: int
+
+
+class RankedRows(Ranged, kw_only=True):
+    rows: list[Ranked]
+
+
+class SessionRow(Struct, kw_only=True):
+    session_id: str
+    distinct_id: str
+    first_ts: int
+    last_ts: int
+    duration_seconds: float
+    events: int
+    pageviews: int
+    entry_page: str | None
+    exit_page: str | None
+    referrer: str | None
+    utm_source: str | None
+    browser: str | None
+    os: str | None
+    device: str | None
+
+
+class SessionsPage(Ranged, kw_only=True):
+    aggregates: SessionStats
+    rows: list[SessionRow]
+    next_cursor: str | None
+
+
+class UserRow(Struct, kw_only=True):
+    distinct_id: str
+    traits: dict[str, Any] | None
+    first_seen: int
+    last_seen: int
+    events: int
+
+
+class UsersPage(Ranged, kw_only=True):
+    rows: list[UserRow]
+    next_cursor: str | None
+
+
+class EventRow(Struct, kw_only=True):
+    uuid: str
+    event: str
+    ts: int
+    distinct_id: str
+    path: str | None
+    page_url: str | None
+    referrer: str | None
+    properties: dict[str, Any] | None
+    browser: str | None
+    os: str | None
+    device: str | None
+
+
+class EventsPage(Ranged, kw_only=True):
+    rows: list[EventRow]
+    next_cursor: str | None
+
+
+class UserTimeline(Ranged, kw_only=True):
+    user: UserRow
+    rows: list[EventRow]  # the user's events, newest first
+    next_cursor: str | None

@@ -6,16 +6,20 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
+from msgspec import Struct, structs
 
+from pulse.protocol import (
+    Bucket, Counts, EventsPage, Overview, ProjectList, ProjectRow, Ranked, RankedRows, SessionsPage, Timeseries,
+    UsersPage, UserTimeline, json_encoder,
+)
 from pulse.server.errors import ApiError
 from pulse.server.keys import KEYRING, STORE
 from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window
-from pulse.storage.model import EVENT_BREAKDOWNS, SESSION_BREAKDOWNS, ReadStopped, Window
-from pulse.storage.model import Project
+from pulse.storage.model import EVENT_BREAKDOWNS, SESSION_BREAKDOWNS, Cursor, Project, ReadStopped, Window
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
@@ -56,8 +60,19 @@ def _project(request: web.Request) -> Project:
     return request.app[KEYRING].read(request, int(raw))
 
 
-def _range(project: Project, window: Window) -> dict:
-    return {"project": project.id, "from": iso(window.start, project.timezone), "to": iso(window.end, project.timezone)}
+def _range(project: Project, window: Window) -> dict[str, Any]:
+    """The fields every answer but the projects list starts with (Ranged's): the project and the window."""
+    return {"project": project.id, "from_": iso(window.start, project.timezone),
+            "to": iso(window.end, project.timezone)}
+
+
+def _json(body: Struct) -> web.Response:
+    return web.Response(body=json_encoder.encode(body), content_type="application/json", charset="utf-8")
+
+
+def _cursor_text(cursor: Cursor | None) -> str | None:
+    """A page's cursor as the API gives it out (and _cursor reads it back)."""
+    return None if cursor is None else f"{cursor[0]}.{cursor[1]}"
 
 
 @routes.get("/api/v1/projects")
@@ -71,9 +86,9 @@ async def projects(request: web.Request) -> web.Response:
                              project.timezone, now_ms=now)
         bounds = bucket_bounds(day, "hour", project.timezone)
         summary = await _read(request, request.app[STORE].project_summary(project.id, today, bounds))
-        found.append({"id": project.id, "name": project.name, "domain": project.domain,
-                      "timezone": project.timezone, **summary})
-    return web.json_response({"projects": found})
+        found.append(ProjectRow(id=project.id, name=project.name, domain=project.domain, timezone=project.timezone,
+                                events_today=summary.events_today, hourly=summary.hourly))
+    return _json(ProjectList(found))
 
 
 @routes.get("/api/v1/projects/{project}/overview")
@@ -83,7 +98,7 @@ async def overview(request: web.Request) -> web.Response:
     filters = parse_filters(request.query)
     now = time.time_ns() // 1_000_000
     found = await _read(request, request.app[STORE].overview(project.id, window, filters, now))
-    return web.json_response({**_range(project, window), **found})
+    return _json(Overview(**_range(project, window), **structs.asdict(found)))
 
 
 @routes.get("/api/v1/projects/{project}/timeseries")
@@ -96,23 +111,27 @@ async def timeseries(request: web.Request) -> web.Response:
     shift = window.end - window.start
     store = request.app[STORE]
     current = await _read(request, store.timeseries(project.id, bounds, filters))
-    previous = await _read(request, store.timeseries(project.id, [b - shift for b in bounds], filters))
-    return web.json_response({
-        **_range(project, window), "interval": interval,
-        "buckets": [{"start": iso(start, project.timezone), **row} for start, row in zip(bounds, current)],
-        "previous": [{"start": iso(start - shift, project.timezone), **row} for start, row in zip(bounds, previous)],
-    })
+    before = [b - shift for b in bounds]
+    previous = await _read(request, store.timeseries(project.id, before, filters))
+    return _json(Timeseries(**_range(project, window), interval=interval,
+                            buckets=_buckets(bounds, current, project.timezone),
+                            previous=_buckets(before, previous, project.timezone)))
 
 
-async def _rows(request: web.Request, question: Callable[..., Awaitable], *args, filtered: bool = True,
+def _buckets(starts: list[int], counts: list[Counts], timezone: str) -> list[Bucket]:
+    return [Bucket(start=iso(start, timezone), events=c.events, unique_users=c.unique_users, sessions=c.sessions)
+            for start, c in zip(starts, counts)]
+
+
+async def _rows(request: web.Request, question: Callable[..., Awaitable[list[Ranked]]], *args, filtered: bool = True,
                 default_limit: int = 10) -> web.Response:
-    """`{"rows": question(project, window, [filters,] *args, limit)}`: breakdowns, keys and values."""
+    """RankedRows of `question(project, window, [filters,] *args, limit)`: breakdowns, keys and values."""
     project = _project(request)
     window = parse_window(request.query, project.timezone)
     extra = (parse_filters(request.query),) if filtered else ()
     rows = await _read(request, question(project.id, window, *extra, *args,
                                          parse_limit(request.query, default=default_limit)))
-    return web.json_response({**_range(project, window), "rows": rows})
+    return _json(RankedRows(**_range(project, window), rows=rows))
 
 
 @routes.get("/api/v1/projects/{project}/top-events")
@@ -144,7 +163,7 @@ async def utm(request: web.Request) -> web.Response:
     return await _breakdown(request, f"utm_{dimension}")
 
 
-def _cursor(request: web.Request) -> tuple[int, int] | None:
+def _cursor(request: web.Request) -> Cursor | None:
     raw = request.query.get("cursor")
     if raw is None:
         return None
@@ -154,27 +173,32 @@ def _cursor(request: web.Request) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-async def _list(request: web.Request, question: Callable[..., Awaitable], *extra) -> web.Response:
+async def _page(request: web.Request, question: Callable[..., Awaitable[T]]) -> tuple[Project, Window, T]:
+    """The project, the window and `question(project, window, filters, limit, cursor)`: a page of a list."""
     project = _project(request)
     window = parse_window(request.query, project.timezone)
-    found = await _read(request, question(project.id, window, parse_filters(request.query), *extra,
+    found = await _read(request, question(project.id, window, parse_filters(request.query),
                                           parse_limit(request.query, default=50), _cursor(request)))
-    return web.json_response({**_range(project, window), **found})
+    return project, window, found
 
 
 @routes.get("/api/v1/projects/{project}/sessions")
 async def sessions(request: web.Request) -> web.Response:
-    return await _list(request, request.app[STORE].sessions)
+    project, window, (aggregates, rows, after) = await _page(request, request.app[STORE].sessions)
+    return _json(SessionsPage(**_range(project, window), aggregates=aggregates, rows=rows,
+                              next_cursor=_cursor_text(after)))
 
 
 @routes.get("/api/v1/projects/{project}/users")
 async def users(request: web.Request) -> web.Response:
-    return await _list(request, request.app[STORE].users)
+    project, window, (rows, after) = await _page(request, request.app[STORE].users)
+    return _json(UsersPage(**_range(project, window), rows=rows, next_cursor=_cursor_text(after)))
 
 
 @routes.get("/api/v1/projects/{project}/events")
 async def events(request: web.Request) -> web.Response:
-    return await _list(request, request.app[STORE].events)
+    project, window, (rows, after) = await _page(request, request.app[STORE].events)
+    return _json(EventsPage(**_range(project, window), rows=rows, next_cursor=_cursor_text(after)))
 
 
 @routes.get("/api/v1/projects/{project}/users/{distinct_id}")
@@ -188,7 +212,8 @@ async def user(request: web.Request) -> web.Response:
                                                                   _cursor(request)))
     if found is None:
         raise ApiError(404, f"no user {distinct_id!r} in project {project.id}")
-    return web.json_response({**_range(project, window), **found})
+    person, rows, after = found
+    return _json(UserTimeline(**_range(project, window), user=person, rows=rows, next_cursor=_cursor_text(after)))
 
 
 @routes.get("/api/v1/projects/{project}/properties")

@@ -18,13 +18,12 @@ import msgspec
 from aiohttp import WSCloseCode, web
 
 from pulse.enrich import parse_agent
-from pulse.protocol import LiveDropped, LiveEvent, LiveEvents, LiveHello, json_encoder
+from pulse.protocol import CLOSE_TOKEN_REVOKED, LiveDropped, LiveEvent, LiveEvents, LiveHello, json_encoder
 from pulse.server.errors import ApiError
 from pulse.storage.model import CommittedEvent
 
 log = logging.getLogger(__name__)
 
-CLOSE_TOKEN_REVOKED = 4001
 MAX_EVENTS_PER_MESSAGE = 500
 
 # whether a token (by digest) still grants a project: KeyRing.grants_read

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pulse.protocol import Counts, EventRow, OverviewStats, ProjectSummary, Ranked, SessionRow, SessionStats, UserRow
 from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, IngestJob, IngestStats, Project, Window,
 )
@@ -98,50 +99,53 @@ class Store(abc.ABC):
     # -- the read questions ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def project_summary(self, project_id: int, today: Window, hour_bounds: list[int]) -> Any: ...
+    async def project_summary(self, project_id: int, today: Window, hour_bounds: list[int]) -> ProjectSummary: ...
 
     @abc.abstractmethod
-    async def overview(self, project_id: int, window: Window, filters: Filters, now_ms: int) -> Any: ...
+    async def overview(self, project_id: int, window: Window, filters: Filters, now_ms: int) -> OverviewStats: ...
 
     @abc.abstractmethod
-    async def timeseries(self, project_id: int, bounds: list[int], filters: Filters) -> Any: ...
+    async def timeseries(self, project_id: int, bounds: list[int], filters: Filters) -> list[Counts]:
+        """Per bucket [bounds[i], bounds[i + 1])."""
 
     @abc.abstractmethod
-    async def top_events(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any: ...
+    async def top_events(self, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]: ...
 
     @abc.abstractmethod
     async def breakdown(self, project_id: int, window: Window, filters: Filters, dimension: str,
-                        limit: int) -> Any: ...
+                        limit: int) -> list[Ranked]: ...
 
     @abc.abstractmethod
     async def sessions(self, project_id: int, window: Window, filters: Filters, limit: int,
-                       cursor: Cursor | None) -> Any: ...
+                       cursor: Cursor | None) -> tuple[SessionStats, list[SessionRow], Cursor | None]:
+        """The aggregates of the sessions that started in the window, a page of them (newest first) and the
+        cursor of the next page (None on the last page); users, events and user_timeline page the same way."""
 
     @abc.abstractmethod
     async def users(self, project_id: int, window: Window, filters: Filters, limit: int,
-                    cursor: Cursor | None) -> Any: ...
+                    cursor: Cursor | None) -> tuple[list[UserRow], Cursor | None]: ...
 
     @abc.abstractmethod
     async def events(self, project_id: int, window: Window, filters: Filters, limit: int,
-                     cursor: Cursor | None) -> Any: ...
+                     cursor: Cursor | None) -> tuple[list[EventRow], Cursor | None]: ...
 
     @abc.abstractmethod
     async def user_timeline(self, project_id: int, distinct_id: str, window: Window, limit: int,
-                            cursor: Cursor | None) -> Any:
+                            cursor: Cursor | None) -> tuple[UserRow, list[EventRow], Cursor | None] | None:
         """None when the project has no such user."""
 
     @abc.abstractmethod
-    async def property_keys(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any: ...
+    async def property_keys(self, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]: ...
 
     @abc.abstractmethod
     async def property_values(self, project_id: int, window: Window, filters: Filters, key: str,
-                              limit: int) -> Any: ...
+                              limit: int) -> list[Ranked]: ...
 
     @abc.abstractmethod
-    async def trait_keys(self, project_id: int, window: Window, limit: int) -> Any: ...
+    async def trait_keys(self, project_id: int, window: Window, limit: int) -> list[Ranked]: ...
 
     @abc.abstractmethod
-    async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> Any: ...
+    async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> list[Ranked]: ...
 
     @abc.abstractmethod
     def stop_reads(self) -> None:

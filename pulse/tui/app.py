@@ -8,6 +8,7 @@ from collections.abc import Callable
 from textual.app import App
 from textual.binding import Binding
 
+from pulse.protocol import ProjectRow
 from pulse.tui.client import PulseClient, SelfTracker
 from pulse.tui.screens.dashboard import DashboardScreen
 from pulse.tui.screens.help import HelpScreen
@@ -43,7 +44,7 @@ class PulseApp(App[None]):
         if self.tracker is not None:
             self.set_interval(TRACK_FLUSH_S, self.flush_tracking)
 
-    def open_project(self, project: dict) -> None:
+    def open_project(self, project: ProjectRow) -> None:
         extra = {} if self.refresh_s is None else {"refresh_s": self.refresh_s}
         self.push_screen(DashboardScreen(self.client, project, self.memory, **extra))
 

@@ -14,14 +14,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import msgspec
 
 from pulse.config import SERVER_FILENAME
-from pulse.protocol import LiveDropped, LiveEvent, LiveEvents, live_decoder
+from pulse.protocol import (
+    CLOSE_TOKEN_REVOKED, ErrorBody, LiveDropped, LiveEvent, LiveEvents, Overview, ProjectList, ProjectRow, RankedRows,
+    Timeseries, UsersPage, live_decoder,
+)
 
-CLOSE_TOKEN_REVOKED = 4001
+T = TypeVar("T")
+
+# the bodies of the read API's answers the dashboard reads
+PROJECTS = msgspec.json.Decoder(ProjectList)
+OVERVIEW = msgspec.json.Decoder(Overview)
+TIMESERIES = msgspec.json.Decoder(Timeseries)
+RANKED_ROWS = msgspec.json.Decoder(RankedRows)  # top events, breakdowns, property and trait keys and values
+USERS_PAGE = msgspec.json.Decoder(UsersPage)
+ERROR = msgspec.json.Decoder(ErrorBody)
 
 
 class ApiFailure(Exception):
@@ -127,30 +139,37 @@ class PulseClient:
         if self._session is not None:
             await self._session.close()
 
-    async def get(self, path: str, params: dict[str, str] | None = None) -> dict:
+    async def get(self, path: str, decoder: msgspec.json.Decoder[T], params: dict[str, str] | None = None) -> T:
         try:
-            return await self._get(path, params)
+            return await self._get(path, decoder, params)
         except ApiFailure as failure:
             if failure.status == 401 and self.renew():
-                return await self._get(path, params)
+                return await self._get(path, decoder, params)
             raise
 
-    async def _get(self, path: str, params: dict[str, str] | None) -> dict:
+    async def _get(self, path: str, decoder: msgspec.json.Decoder[T], params: dict[str, str] | None) -> T:
         try:
             async with self.session.get(f"{self.url}{path}", params=params, headers=self.auth) as response:
                 if response.status >= 400:
                     raise ApiFailure(response.status, await _error_text(response))
-                return await response.json()
+                body = await response.read()
+            try:
+                return decoder.decode(body)
+            except msgspec.DecodeError as exc:
+                raise ApiFailure(response.status, f"{path}: not an answer this dashboard understands ({exc});"
+                                                  " is the server another version?") from None
         except aiohttp.ClientError as exc:
             raise ApiFailure(0, f"cannot reach {self.url}: {_reason(exc)}") from None
         except asyncio.TimeoutError:
             raise ApiFailure(0, f"{self.url} did not answer in {self.timeout.total:.0f} s") from None
 
-    async def projects(self) -> list[dict]:
-        return (await self.get("/api/v1/projects"))["projects"]
+    async def projects(self) -> list[ProjectRow]:
+        return (await self.get("/api/v1/projects", PROJECTS)).projects
 
-    async def project_get(self, project_id: int, endpoint: str, params: dict[str, str]) -> dict:
-        return await self.get(f"/api/v1/projects/{project_id}/{endpoint}", params)
+    async def project_get(self, project_id: int, endpoint: str, params: dict[str, str],
+                          decoder: msgspec.json.Decoder[T] = RANKED_ROWS) -> T:
+        """One project's answer, decoded by `decoder` (RankedRows, what most endpoints answer, unless told)."""
+        return await self.get(f"/api/v1/projects/{project_id}/{endpoint}", decoder, params)
 
     async def live(self, project_id: int, on_events: Callable[[list[LiveEvent]], None],
                    on_state: Callable[[LiveState], None], *, on_dropped: Callable[[int], None] | None = None,
@@ -238,9 +257,8 @@ class SelfTracker:
 
 async def _error_text(response: aiohttp.ClientResponse) -> str:
     try:
-        body = await response.json(content_type=None)
-        return f"{response.status}: {body['error']}"
-    except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
+        return f"{response.status}: {ERROR.decode(await response.read()).error}"
+    except msgspec.DecodeError:  # not pulse's error body: a proxy's page, say
         return f"{response.status} {response.reason}"
 
 

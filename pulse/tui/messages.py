@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from pulse.protocol import Overview, Ranked, RankedRows, Timeseries, UserRow
 from pulse.tui.client import LiveState
 from pulse.tui.state import DashboardQuery
 
@@ -11,7 +12,7 @@ from pulse.tui.state import DashboardQuery
 class StatsLoaded(Message):
     """Overview, time series and top events for `query` arrived."""
 
-    def __init__(self, query: DashboardQuery, overview: dict, series: dict, top: dict) -> None:
+    def __init__(self, query: DashboardQuery, overview: Overview, series: Timeseries, top: RankedRows) -> None:
         super().__init__()
         self.query = query
         self.overview = overview
@@ -20,7 +21,7 @@ class StatsLoaded(Message):
 
 
 class BreakdownLoaded(Message):
-    def __init__(self, query: DashboardQuery, tab: str, rows: list[dict]) -> None:
+    def __init__(self, query: DashboardQuery, tab: str, rows: list[Ranked] | list[UserRow]) -> None:
         super().__init__()
         self.query = query
         self.tab = tab

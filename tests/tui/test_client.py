@@ -101,7 +101,7 @@ async def test_a_restarted_local_server_is_found_again(server, memory):
     states: list[LiveState] = []
     client = PulseClient(server.url, "sk_local_from_before_the_restart",
                          rediscover=lambda: Connection(server.url, OPERATOR))
-    assert [p["name"] for p in await client.projects()] == ["shop"] and client.token == OPERATOR
+    assert [p.name for p in await client.projects()] == ["shop"] and client.token == OPERATOR
     stale = PulseClient(server.url, "sk_local_stale", rediscover=lambda: Connection(server.url, OPERATOR))
     task = asyncio.create_task(stale.live(server.project.id, lambda events: None, states.append))
     for _ in range(100):

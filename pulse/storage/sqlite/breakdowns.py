@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from pyroaring import BitMap
 
+from pulse.protocol import Ranked
 from pulse.storage.model import Filters, Window
 from pulse.storage.model import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
@@ -26,7 +27,7 @@ from pulse.storage.sqlite.sessions import (
 from pulse.storage.sqlite.tallies import Tally
 
 
-def top_events(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+def top_events(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]:
     return _ranked(totals_and_names(snap, project_id, window, filters)[1], limit)
 
 
@@ -58,9 +59,9 @@ _DIM_ROLLUPS = {
 }
 
 
-def _ranked(found: dict[str, Totals], limit: int) -> list[dict]:
-    rows = [{"value": value, "count": t.events, "unique_users": len(t.users)} for value, t in found.items()]
-    rows.sort(key=lambda r: (-r["count"], r["value"]))
+def _ranked(found: dict[str, Totals], limit: int) -> list[Ranked]:
+    rows = [Ranked(value, t.events, len(t.users)) for value, t in found.items()]
+    rows.sort(key=lambda r: (-r.count, r.value))
     return rows[:limit]
 
 
@@ -83,7 +84,7 @@ def _by_value(snap: Snapshot, project_id: int, window: Window, filters: Filters,
 
 
 def _event_breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
-                     limit: int) -> list[dict]:
+                     limit: int) -> list[Ranked]:
     """Unfiltered: whole hours from hourly_dims, the minutes at the edges from raw events. Filtered: digests."""
     if filters != Filters():
         found = list(digests(snap, project_id, window, filters))
@@ -125,14 +126,14 @@ def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]
 
 
 def breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
-              limit: int) -> list[dict]:
+              limit: int) -> list[Ranked]:
     if dimension in EVENT_DIMENSIONS:
         return _event_breakdown(snap, project_id, window, filters, dimension, limit)
     return _session_breakdown(snap, project_id, window, filters, SESSION_DIMENSIONS[dimension], limit)
 
 
 def _session_breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, column: str,
-                       limit: int) -> list[dict]:
+                       limit: int) -> list[Ranked]:
     """Sessions and their users per value of a session column, over the sessions that started in the window
     (with a matching event in it, when filtered)."""
     def compute(start: int, end: int) -> dict[str, Totals]:
@@ -170,7 +171,7 @@ _PROPERTY_VALUES = ("SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, e.perso
 
 
 def _property_rows(snap: Snapshot, project_id: int, window: Window, filters: Filters, sql: str,
-                   extra: list, kind: tuple, limit: int) -> list[dict]:
+                   extra: list, kind: tuple, limit: int) -> list[Ranked]:
     """Events and users per value of `sql` (a key or a key's value). Whole hours come from the day cache:
     unfiltered and under trait filters, from per-person counts of every event; under other filters, from
     that filter's own scans."""
@@ -199,12 +200,12 @@ def _property_rows(snap: Snapshot, project_id: int, window: Window, filters: Fil
     return _ranked(merge((counted(start, end) for start, end in raw), found), limit)
 
 
-def property_keys(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[dict]:
+def property_keys(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]:
     return _property_rows(snap, project_id, window, filters, _PROPERTY_KEYS, [], ("property keys",), limit)
 
 
 def property_values(snap: Snapshot, project_id: int, window: Window, filters: Filters, key: str,
-                    limit: int) -> list[dict]:
+                    limit: int) -> list[Ranked]:
     return _property_rows(snap, project_id, window, filters, _PROPERTY_VALUES, [json_path(key)],
                           ("property values", key), limit)
 
@@ -212,18 +213,18 @@ def property_values(snap: Snapshot, project_id: int, window: Window, filters: Fi
 _ACTIVE_PERSONS = "p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ?"
 
 
-def trait_keys(snap: Snapshot, project_id: int, window: Window, limit: int) -> list[dict]:
+def trait_keys(snap: Snapshot, project_id: int, window: Window, limit: int) -> list[Ranked]:
     """Trait keys of the persons seen in the window, by how many of them have it."""
     rows = snap.conn.execute(
         f"SELECT j.key, count(*) FROM persons p, json_each(p.traits) j WHERE {_ACTIVE_PERSONS} AND p.traits IS NOT NULL"
         " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [project_id, window.start, window.end, limit])
-    return [{"value": key, "count": count, "unique_users": count} for key, count in rows]
+    return [Ranked(key, count, count) for key, count in rows]
 
 
-def trait_values(snap: Snapshot, project_id: int, window: Window, key: str, limit: int) -> list[dict]:
+def trait_values(snap: Snapshot, project_id: int, window: Window, key: str, limit: int) -> list[Ranked]:
     """Values of one trait over the persons seen in the window, by how many of them have it."""
     rows = snap.conn.execute(
         f"SELECT CAST(json_extract(p.traits, ?) AS TEXT) AS v, count(*) FROM persons p WHERE {_ACTIVE_PERSONS}"
         " AND v IS NOT NULL"
         " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [json_path(key), project_id, window.start, window.end, limit])
-    return [{"value": value, "count": count, "unique_users": count} for value, count in rows]
+    return [Ranked(value, count, count) for value, count in rows]

@@ -10,21 +10,22 @@ from itertools import islice
 
 from pyroaring import BitMap
 
-from pulse.storage.model import Filters, Window
-from pulse.storage.model import HOUR_MS
+from pulse.protocol import EventRow, SessionRow, SessionStats, UserRow
+from pulse.storage.model import HOUR_MS, Cursor, Filters, Window
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.scans import event_conditions, json_path
 from pulse.storage.sqlite.sessions import matched_sessions, session_stats, session_sums
 
 
-def _cursor(cursor: tuple[int, int] | None) -> tuple[str, list]:
+def _cursor(cursor: Cursor | None) -> tuple[str, list]:
     return ("", []) if cursor is None else (" AND (ts_col < ? OR (ts_col = ? AND id_col < ?))",
                                             [cursor[0], cursor[0], cursor[1]])
 
 
 def sessions(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int,
-             cursor: tuple[int, int] | None) -> dict:
-    """Aggregates of the sessions that started in the window, and a page of them, newest first."""
+             cursor: Cursor | None) -> tuple[SessionStats, list[SessionRow], Cursor | None]:
+    """Aggregates of the sessions that started in the window, a page of them, newest first, and the cursor of
+    the next page (None on the last)."""
     sql = (
         "SELECT s.id, s.session_key, p.distinct_id, s.first_ts, s.last_ts, s.events, s.pageviews, en.value, ex.value,"
         " rf.value, us.value, a.browser, a.os, a.device FROM sessions s"
@@ -42,20 +43,15 @@ def sessions(snap: Snapshot, project_id: int, window: Window, filters: Filters, 
     rows = list(islice(newest, limit + 1))
     cursor.close()
     found = [
-        {"session_id": key, "distinct_id": distinct_id, "first_ts": first, "last_ts": last,
-         "duration_seconds": round((last - first) / 1000, 1), "events": events, "pageviews": pageviews,
-         "entry_page": entry, "exit_page": exit_page, "referrer": referrer, "utm_source": source,
-         "browser": browser, "os": os_name, "device": device}
+        SessionRow(session_id=key, distinct_id=distinct_id, first_ts=first, last_ts=last,
+                   duration_seconds=round((last - first) / 1000, 1), events=events, pageviews=pageviews,
+                   entry_page=entry, exit_page=exit_page, referrer=referrer, utm_source=source,
+                   browser=browser, os=os_name, device=device)
         for _, key, distinct_id, first, last, events, pageviews, entry, exit_page, referrer, source, browser, os_name,
         device in rows[:limit]
     ]
-    more = len(rows) > limit
-    sums = session_sums(snap, project_id, window, filters, matched)
-    return {
-        "aggregates": {"sessions": sums[0], **session_stats(sums)},
-        "rows": found,
-        "next_cursor": f"{rows[limit - 1][3]}.{rows[limit - 1][0]}" if more else None,
-    }
+    after = (rows[limit - 1][3], rows[limit - 1][0]) if len(rows) > limit else None
+    return session_stats(session_sums(snap, project_id, window, filters, matched)), found, after
 
 
 def _identified(alias: str) -> str:
@@ -64,8 +60,9 @@ def _identified(alias: str) -> str:
 
 
 def users(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int,
-          cursor: tuple[int, int] | None) -> dict:
-    """Identified users (with traits, or linked from an anonymous id) active in the window, last seen first."""
+          cursor: Cursor | None) -> tuple[list[UserRow], Cursor | None]:
+    """Identified users (with traits, or linked from an anonymous id) active in the window, last seen first, and
+    the cursor of the next page."""
     sql = (f"SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM persons p"
            f" WHERE p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ? AND {_identified('p')}")
     params: list = [project_id, window.start, window.end]
@@ -76,11 +73,14 @@ def users(snap: Snapshot, project_id: int, window: Window, filters: Filters, lim
     rows = list(snap.conn.execute(
         sql + page.replace("ts_col", "p.last_seen").replace("id_col", "p.id") + " ORDER BY p.last_seen DESC, p.id DESC"
         " LIMIT ?", [*params, *page_params, limit + 1]))
-    return {
-        "rows": [{"distinct_id": distinct_id, "traits": _json(traits), "first_seen": first, "last_seen": last,
-                  "events": count} for _, distinct_id, traits, first, last, count in rows[:limit]],
-        "next_cursor": f"{rows[limit - 1][4]}.{rows[limit - 1][0]}" if len(rows) > limit else None,
-    }
+    after = (rows[limit - 1][4], rows[limit - 1][0]) if len(rows) > limit else None
+    return [_user(row) for row in rows[:limit]], after
+
+
+def _user(row: tuple) -> UserRow:
+    """From (id, distinct_id, traits, first_seen, last_seen, event_count) of persons."""
+    _, distinct_id, traits, first, last, count = row
+    return UserRow(distinct_id=distinct_id, traits=_json(traits), first_seen=first, last_seen=last, events=count)
 
 
 _EVENT_COLUMNS = (
@@ -91,18 +91,16 @@ _EVENT_COLUMNS = (
 )
 
 
-def _event_rows(rows: list[tuple], limit: int) -> dict:
-    return {
-        "rows": [{"uuid": str(_uuid(uid)), "event": name, "ts": ts, "distinct_id": distinct_id, "path": path,
-                  "page_url": url, "referrer": referrer, "properties": _json(props), "browser": browser, "os": os_name,
-                  "device": device}
-                 for _, uid, name, ts, distinct_id, path, url, referrer, props, browser, os_name, device in rows[:limit]],
-        "next_cursor": f"{rows[limit - 1][3]}.{rows[limit - 1][0]}" if len(rows) > limit else None,
-    }
+def _event_rows(rows: list[tuple], limit: int) -> tuple[list[EventRow], Cursor | None]:
+    """A page of _EVENT_COLUMNS rows (one more than `limit` if there are more), and the next page's cursor."""
+    found = [EventRow(uuid=str(_uuid(uid)), event=name, ts=ts, distinct_id=distinct_id, path=path, page_url=url,
+                      referrer=referrer, properties=_json(props), browser=browser, os=os_name, device=device)
+             for _, uid, name, ts, distinct_id, path, url, referrer, props, browser, os_name, device in rows[:limit]]
+    return found, ((rows[limit - 1][3], rows[limit - 1][0]) if len(rows) > limit else None)
 
 
 def events(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int,
-           cursor: tuple[int, int] | None) -> dict:
+           cursor: Cursor | None) -> tuple[list[EventRow], Cursor | None]:
     """Raw events in the window that match the filters, newest first."""
     where, params = event_conditions(snap, project_id, window.start, window.end, filters)
     page, page_params = _cursor(cursor)
@@ -113,8 +111,9 @@ def events(snap: Snapshot, project_id: int, window: Window, filters: Filters, li
 
 
 def user_timeline(snap: Snapshot, project_id: int, distinct_id: str, window: Window, limit: int,
-                  cursor: tuple[int, int] | None) -> dict | None:
-    """One user (by any of their distinct ids) and their events in the window, newest first."""
+                  cursor: Cursor | None) -> tuple[UserRow, list[EventRow], Cursor | None] | None:
+    """One user (by any of their distinct ids), their events in the window, newest first, and the cursor of the
+    next page; None without such a user."""
     person = snap.conn.execute(
         "SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM person_ids i"
         " JOIN persons p ON p.id = i.person_id WHERE i.project_id = ? AND i.distinct_id = ?",
@@ -122,7 +121,7 @@ def user_timeline(snap: Snapshot, project_id: int, distinct_id: str, window: Win
     ).fetchone()
     if person is None:
         return None
-    person_id, shown, traits, first, last, count = person
+    person_id, _, _, first, last, _ = person
     page, page_params = _cursor(cursor)
     end = window.end if cursor is None else min(window.end, cursor[0] + 1)
     rows: list[tuple] = []
@@ -133,8 +132,7 @@ def user_timeline(snap: Snapshot, project_id: int, distinct_id: str, window: Win
             [project_id, start, stop, person_id, *page_params, limit + 1 - len(rows)])
         if len(rows) > limit:
             break
-    return {"user": {"distinct_id": shown, "traits": _json(traits), "first_seen": first, "last_seen": last,
-                     "events": count}, **_event_rows(rows, limit)}
+    return (_user(person), *_event_rows(rows, limit))
 
 
 def _person_ranges(snap: Snapshot, project_id: int, person_id: int, window: Window
@@ -158,7 +156,7 @@ def _person_ranges(snap: Snapshot, project_id: int, person_id: int, window: Wind
     yield from raw
 
 
-def _json(text: str | None):
+def _json(text: str | None) -> dict | None:
     return None if text is None else json.loads(text)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
+from msgspec import structs
 
+from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, TopEvent
 from pulse.storage.model import Filters, Window
 from pulse.storage.model import DAY_MS, HOUR_MS
 from pulse.storage.sqlite.aggregates import Totals, hourly, name_id
@@ -20,26 +22,30 @@ from pulse.storage.sqlite.tallies import cached_people
 LIVE_WINDOW_MS = 5 * 60_000
 
 
-def _period(snap: Snapshot, project_id: int, window: Window, filters: Filters) -> dict:
+def _period(snap: Snapshot, project_id: int, window: Window, filters: Filters) -> PeriodStats:
     found, names = totals_and_names(snap, project_id, window, filters)
     top = max(names.items(), key=lambda item: (item[1].events, item[0]), default=None)
     days = max((window.end - window.start) / DAY_MS, 1 / 24)
-    return {
-        "events": found.events,
-        "unique_users": len(found.users),
-        "sessions": len(found.sessions),
-        **session_stats(session_sums(snap, project_id, window, filters, found.sessions)),
-        "top_event": None if top is None else {"event": top[0], "count": top[1].events},
-        "daily_average": round(found.events / days, 1),
-        "distinct_events": len(names),
-    }
+    stats = session_stats(session_sums(snap, project_id, window, filters, found.sessions))
+    return PeriodStats(
+        events=found.events,
+        unique_users=len(found.users),
+        sessions=len(found.sessions),  # with an event in the window (stats counts those that started in it)
+        bounce_rate=stats.bounce_rate,
+        avg_session_seconds=stats.avg_session_seconds,
+        pages_per_session=stats.pages_per_session,
+        top_event=None if top is None else TopEvent(top[0], top[1].events),
+        daily_average=round(found.events / days, 1),
+        distinct_events=len(names),
+    )
 
 
 def overview(snap: Snapshot, project_id: int, window: Window, now_ms: int,
-             filters: Filters = Filters()) -> dict:
+             filters: Filters = Filters()) -> OverviewStats:
     current = _period(snap, project_id, window, filters)
     live = scan_totals(snap, project_id, now_ms - LIVE_WINDOW_MS, now_ms + 1, filters)
-    return {**current, "live_visitors": len(live.users), "previous": _period(snap, project_id, window.previous, filters)}
+    return OverviewStats(**structs.asdict(current), live_visitors=len(live.users),
+                         previous=_period(snap, project_id, window.previous, filters))
 
 
 def cache_for_filters(snap: Snapshot, project_id: int, window: Window) -> None:
@@ -53,7 +59,7 @@ def cache_for_filters(snap: Snapshot, project_id: int, window: Window) -> None:
         pass
 
 
-def timeseries(snap: Snapshot, project_id: int, bounds: list[int], filters: Filters) -> list[dict]:
+def timeseries(snap: Snapshot, project_id: int, bounds: list[int], filters: Filters) -> list[Counts]:
     """Events, users and sessions per bucket; bounds are the bucket edges [b0, b1, …, bn] in ms."""
     buckets = [Totals() for _ in range(len(bounds) - 1)]
     window = Window(bounds[0], bounds[-1])
@@ -63,7 +69,7 @@ def timeseries(snap: Snapshot, project_id: int, bounds: list[int], filters: Filt
         if filters.rollup_ready:
             event_id = name_id(snap, filters.event)
             if event_id < 0:
-                return [_bucket_row(b) for b in buckets]
+                return [_counts(b) for b in buckets]
             per_hour = hourly(snap, project_id, hours, event_id)
         else:
             per_hour = {}
@@ -85,13 +91,13 @@ def timeseries(snap: Snapshot, project_id: int, bounds: list[int], filters: Filt
             bucket.users.add(person_id)
             if session_id is not None:
                 bucket.sessions.add(session_id)
-    return [_bucket_row(b) for b in buckets]
+    return [_counts(b) for b in buckets]
 
 
-def project_summary(snap: Snapshot, project_id: int, today: Window, hours: list[int]) -> dict:
+def project_summary(snap: Snapshot, project_id: int, today: Window, hours: list[int]) -> ProjectSummary:
     """Events since local midnight, and events per hour for the bounds given (the projects list)."""
-    return {"events_today": totals(snap, project_id, today).events,
-            "hourly": [row["events"] for row in timeseries(snap, project_id, hours, Filters())]}
+    return ProjectSummary(totals(snap, project_id, today).events,
+                          [bucket.events for bucket in timeseries(snap, project_id, hours, Filters())])
 
 
 def _uncovered(window: Window, covered: set[int]) -> list[tuple[int, int]]:
@@ -107,5 +113,5 @@ def _uncovered(window: Window, covered: set[int]) -> list[tuple[int, int]]:
     return pieces
 
 
-def _bucket_row(total: Totals) -> dict:
-    return {"events": total.events, "unique_users": len(total.users), "sessions": len(total.sessions)}
+def _counts(total: Totals) -> Counts:
+    return Counts(total.events, len(total.users), len(total.sessions))

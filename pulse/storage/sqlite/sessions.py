@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from pulse.protocol import SessionStats
 from pulse.storage.connection import checkpoint
 from pulse.storage.model import Filters, Window
 from pulse.storage.model import DAY_MS
@@ -122,11 +123,12 @@ def session_sums(snap: Snapshot, project_id: int, window: Window, filters: Filte
     return tuple(found)
 
 
-def session_stats(sums: tuple[int, int, int, int]) -> dict:
-    """Bounce rate, average duration and pages per session from session_sums."""
+def session_stats(sums: tuple[int, int, int, int]) -> SessionStats:
+    """Sessions, bounce rate, average duration and pages per session from session_sums."""
     count, bounces, duration, pages = sums
-    return {
-        "bounce_rate": round(bounces / count, 4) if count else 0.0,
-        "avg_session_seconds": round(duration / count / 1000, 1) if count else 0.0,
-        "pages_per_session": round(pages / count, 2) if count else 0.0,
-    }
+    return SessionStats(
+        sessions=count,
+        bounce_rate=round(bounces / count, 4) if count else 0.0,
+        avg_session_seconds=round(duration / count / 1000, 1) if count else 0.0,
+        pages_per_session=round(pages / count, 2) if count else 0.0,
+    )

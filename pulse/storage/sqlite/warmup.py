@@ -30,7 +30,7 @@ def _day(snap, project_id: int, window: Window, now: int) -> None:
     for dimension in BREAKDOWNS:
         breakdowns.breakdown(snap, project_id, window, Filters(), dimension, 10)
     for row in breakdowns.property_keys(snap, project_id, window, Filters(), PROPERTY_KEYS):
-        breakdowns.property_values(snap, project_id, window, Filters(), row["value"], 10)
+        breakdowns.property_values(snap, project_id, window, Filters(), row.value, 10)
 
 
 async def warm(reader: Reader, days: int) -> None:

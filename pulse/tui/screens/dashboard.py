@@ -15,7 +15,8 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Label, TabbedContent
 
-from pulse.tui.client import ApiFailure, LiveState, PulseClient
+from pulse.protocol import Overview, ProjectRow, Ranked
+from pulse.tui.client import OVERVIEW, RANKED_ROWS, TIMESERIES, USERS_PAGE, ApiFailure, LiveState, PulseClient
 from pulse.tui.messages import (BreakdownLoaded, ConnectionChanged, FilterRemoved, LoadFailed, RangeChosen,
                                 StatsLoaded, TopEventSelected)
 from pulse.tui.screens.dialogs import DateRangeScreen, EventDetailScreen, FilterPickerScreen
@@ -58,7 +59,7 @@ class DashboardScreen(Screen):
 
     query_state: reactive[DashboardQuery] = reactive(DashboardQuery, init=False)
 
-    def __init__(self, client: PulseClient, project: dict, memory: FilterMemory, *,
+    def __init__(self, client: PulseClient, project: ProjectRow, memory: FilterMemory, *,
                  refresh_s: float = REFRESH_S) -> None:
         super().__init__(id="dashboard")
         self.client = client
@@ -66,19 +67,19 @@ class DashboardScreen(Screen):
         self.memory = memory
         self.refresh_s = refresh_s
         self.loading = False
-        self.overview: dict = {}
-        self.top_rows: list[dict] = []
+        self.overview: Overview | None = None
+        self.top_rows: list[Ranked] = []
         self.connection = LiveState("connecting")
         self.connection_was_lost = False  # reload the numbers when the feed comes back
-        self.set_reactive(DashboardScreen.query_state, memory.get(client.url, project["id"]))
+        self.set_reactive(DashboardScreen.query_state, memory.get(client.url, project.id))
 
     @property
     def project_id(self) -> int:
-        return self.project["id"]
+        return self.project.id
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="title-bar"):
-            yield Label(plain(f"pulse › {self.project['name']}"), id="project-name")
+            yield Label(plain(f"pulse › {self.project.name}"), id="project-name")
             yield Label("", id="range-text")
             yield Label("", id="load-state")
             yield Label("○ connecting", id="connection")
@@ -129,9 +130,9 @@ class DashboardScreen(Screen):
     async def load_stats(self, query: DashboardQuery) -> None:
         try:
             overview, series, top = await asyncio.gather(
-                self.client.project_get(self.project_id, "overview", query.params()),
-                self.client.project_get(self.project_id, "timeseries", query.timeseries_params()),
-                self.client.project_get(self.project_id, "top-events", {**query.params(), "limit": "10"}),
+                self.client.project_get(self.project_id, "overview", query.params(), OVERVIEW),
+                self.client.project_get(self.project_id, "timeseries", query.timeseries_params(), TIMESERIES),
+                self.client.project_get(self.project_id, "top-events", {**query.params(), "limit": "10"}, RANKED_ROWS),
             )
         except ApiFailure as exc:
             self.post_message(LoadFailed("numbers", exc.status, exc.message))
@@ -142,12 +143,12 @@ class DashboardScreen(Screen):
     async def load_breakdown(self, query: DashboardQuery, tab: str) -> None:
         _, endpoint, extra = TABS[tab]
         try:
-            found = await self.client.project_get(self.project_id, endpoint, {**query.params(), "limit": "20",
-                                                                              **extra})
+            found = await self.client.project_get(self.project_id, endpoint, {**query.params(), "limit": "20", **extra},
+                                                  USERS_PAGE if tab == "users" else RANKED_ROWS)
         except ApiFailure as exc:
             self.post_message(LoadFailed(tab, exc.status, exc.message))
             return
-        self.post_message(BreakdownLoaded(query, tab, found["rows"]))
+        self.post_message(BreakdownLoaded(query, tab, found.rows))
 
     @work(exclusive=True, group="live")
     async def follow_live(self) -> None:
@@ -164,7 +165,7 @@ class DashboardScreen(Screen):
         self.overview = message.overview
         self.show_cards(message.overview)
         self.query_one(TimeseriesChart).show(message.series)
-        self.top_rows = message.top["rows"]
+        self.top_rows = message.top.rows
         self.query_one(TopEventsChart).show(self.top_rows, self.query_state.chart_event)
 
     def on_breakdown_loaded(self, message: BreakdownLoaded) -> None:
@@ -201,26 +202,28 @@ class DashboardScreen(Screen):
 
     # -- showing ------------------------------------------------------------------------------------
 
-    def show_cards(self, found: dict) -> None:
-        before = found.get("previous", {})
+    def show_cards(self, found: Overview) -> None:
+        before = found.previous
 
         def card(card_id: str) -> MetricCard:
             return self.query_one(f"#card-{card_id}", MetricCard)
 
-        for card_id, key in (("events", "events"), ("users", "unique_users"), ("sessions", "sessions"),
-                             ("daily", "daily_average")):
-            card(card_id).show(count(found[key]), *change(found[key], before.get(key, 0)))
-        card("bounce").show(percent(found["bounce_rate"]), *change(found["bounce_rate"], before.get("bounce_rate", 0)))
-        card("duration").show(duration(found["avg_session_seconds"]),
-                              *change(found["avg_session_seconds"], before.get("avg_session_seconds", 0)))
-        top, top_before = found.get("top_event"), before.get("top_event")
+        for card_id, now, then in (("events", found.events, before.events),
+                                   ("users", found.unique_users, before.unique_users),
+                                   ("sessions", found.sessions, before.sessions),
+                                   ("daily", found.daily_average, before.daily_average)):
+            card(card_id).show(count(now), *change(now, then))
+        card("bounce").show(percent(found.bounce_rate), *change(found.bounce_rate, before.bounce_rate))
+        card("duration").show(duration(found.avg_session_seconds),
+                              *change(found.avg_session_seconds, before.avg_session_seconds))
+        top, top_before = found.top_event, before.top_event
         if top is None:
             card("top").show("–")
-        elif top_before is not None and top_before["event"] == top["event"]:
-            card("top").show(plain(top["event"]), *change(top["count"], top_before["count"]))
+        elif top_before is not None and top_before.event == top.event:
+            card("top").show(plain(top.event), *change(top.count, top_before.count))
         else:
-            card("top").show(plain(top["event"]), count(top["count"]))
-        card("live").show(count(found["live_visitors"]), "last 5 min")
+            card("top").show(plain(top.event), count(top.count))
+        card("live").show(count(found.live_visitors), "last 5 min")
 
     def show_query(self) -> None:
         query = self.query_state

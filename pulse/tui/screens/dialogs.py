@@ -63,7 +63,7 @@ class FilterPickerScreen(ModalScreen[tuple[str, str] | None]):
         trait_keys: list[str] = []
         prop_keys: list[str] = []
         try:
-            trait_keys = [r["value"] for r in (await self.client.project_get(self.project_id, "traits", params))["rows"]]
+            trait_keys = [r.value for r in (await self.client.project_get(self.project_id, "traits", params)).rows]
         except ApiFailure as exc:
             self._status(f"traits: {exc.message}")
         keys.add_options([Option(plain(f"trait.{k}"), id=f"trait.{k}") for k in trait_keys])
@@ -71,8 +71,7 @@ class FilterPickerScreen(ModalScreen[tuple[str, str] | None]):
         keys.highlighted = 0
         keys.focus()
         try:
-            prop_keys = [r["value"] for r in
-                         (await self.client.project_get(self.project_id, "properties", params))["rows"]]
+            prop_keys = [r.value for r in (await self.client.project_get(self.project_id, "properties", params)).rows]
         except ApiFailure as exc:
             self._status(f"properties: {exc.message}")
         keys.add_options([Option(plain(f"prop.{k}"), id=f"prop.{k}") for k in prop_keys])
@@ -107,13 +106,13 @@ class FilterPickerScreen(ModalScreen[tuple[str, str] | None]):
             endpoint, extra = VALUE_SOURCES[key]
             params.update(extra)
         try:
-            rows = (await self.client.project_get(self.project_id, endpoint, params))["rows"]
+            rows = (await self.client.project_get(self.project_id, endpoint, params)).rows
         except ApiFailure as exc:
             self._status(exc.message)
             return
-        width = max((len(clean(r["value"])) for r in rows if r["value"] is not None), default=4)
-        values.add_options([Option(plain(f"{clean(r['value']).ljust(width)}  {count(r['count']):>8}"), id=str(r["value"]))
-                            for r in rows if r["value"] is not None])
+        width = max((len(clean(r.value)) for r in rows if r.value is not None), default=4)
+        values.add_options([Option(plain(f"{clean(r.value).ljust(width)}  {count(r.count):>8}"), id=r.value)
+                            for r in rows if r.value is not None])
         self._status(f"{len(rows)} values of {clean(key)}" if rows else f"no values of {clean(key)} in this range")
 
     @on(OptionList.OptionSelected, "#picker-values")

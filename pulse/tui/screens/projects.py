@@ -8,6 +8,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Static
 
+from pulse.protocol import ProjectRow
 from pulse.tui.client import ApiFailure, PulseClient
 from pulse.tui.state import number, plain
 from pulse.tui.widgets.breakdown import update_rows
@@ -34,7 +35,7 @@ class ProjectsScreen(Screen):
     def __init__(self, client: PulseClient) -> None:
         super().__init__(id="projects")
         self.client = client
-        self.projects: list[dict] = []
+        self.projects: list[ProjectRow] = []
 
     def compose(self) -> ComposeResult:
         yield Label("pulse · projects", id="title-bar")
@@ -69,12 +70,12 @@ class ProjectsScreen(Screen):
             return
         error.remove_class("-shown")
         table = self.query_one("#projects-table", DataTable)
-        update_rows(table, {str(p["id"]): (plain(p["name"]), plain(p.get("domain") or ""), number(p["events_today"]),
-                                           sparkline(p["hourly"][-24:])) for p in self.projects})
+        update_rows(table, {str(p.id): (plain(p.name), plain(p.domain or ""), number(p.events_today),
+                                        sparkline(p.hourly[-24:])) for p in self.projects})
         wanted = getattr(self.app, "open_first", None)
         if wanted is not None:
             self.app.open_first = None
-            found = [p for p in self.projects if p["id"] == wanted]
+            found = [p for p in self.projects if p.id == wanted]
             if found:
                 self.app.open_project(found[0])
             else:
@@ -89,7 +90,7 @@ class ProjectsScreen(Screen):
         if not self.projects or table.cursor_row < 0:
             return
         key = table.ordered_rows[table.cursor_row].key.value
-        project = next(p for p in self.projects if str(p["id"]) == key)
+        project = next(p for p in self.projects if str(p.id) == key)
         self.app.open_project(project)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:

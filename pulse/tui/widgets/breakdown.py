@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.widget import Widget
 from textual.widgets import DataTable, TabbedContent, TabPane
 
+from pulse.protocol import Ranked, UserRow
 from pulse.tui.state import number, plain
 
 # tab id -> (title, endpoint, extra parameters)
@@ -54,14 +55,17 @@ class BreakdownTabs(Widget):
     def activate(self, tab: str) -> None:
         self.query_one(TabbedContent).active = f"tab-{tab}"
 
-    def show(self, tab: str, rows: list[dict]) -> None:
+    def show(self, tab: str, rows: list[Ranked] | list[UserRow]) -> None:
+        """UserRows on the users tab, Ranked rows on the others."""
         table = self.query_one(f"#table-{tab}", DataTable)
-        if tab == "users":
-            cells = {r["distinct_id"]: (plain(r["distinct_id"]), number(r["events"]), _traits(r.get("traits")),
-                                        _when(r["last_seen"])) for r in rows}
-        else:
-            cells = {str(r["value"]): (plain(r["value"] if r["value"] is not None else "(none)"), number(r["count"]),
-                                       number(r["unique_users"])) for r in rows}
+        cells = {}
+        for row in rows:
+            if isinstance(row, UserRow):
+                cells[row.distinct_id] = (plain(row.distinct_id), number(row.events), _traits(row.traits),
+                                          _when(row.last_seen))
+            else:
+                cells[str(row.value)] = (plain(row.value if row.value is not None else "(none)"), number(row.count),
+                                         number(row.unique_users))
         update_rows(table, cells)
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from textual.color import Color
 from textual_plotext import PlotextPlot
 
+from pulse.protocol import Timeseries
 from pulse.tui.state import count
 
 
@@ -17,11 +18,10 @@ class TimeseriesChart(PlotextPlot):
         self.previous: list[int] = []
         self.labels: list[str] = []
 
-    def show(self, series: dict) -> None:
-        buckets = series.get("buckets", [])
-        self.current = [b["events"] for b in buckets]
-        self.previous = [b["events"] for b in series.get("previous", [])][:len(self.current)]
-        self.labels = [_label(b["start"], series.get("interval", "day")) for b in buckets]
+    def show(self, series: Timeseries) -> None:
+        self.current = [b.events for b in series.buckets]
+        self.previous = [b.events for b in series.previous][:len(self.current)]
+        self.labels = [_label(b.start, series.interval) for b in series.buckets]
         self.replot()
 
     def on_resize(self) -> None:

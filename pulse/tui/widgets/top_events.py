@@ -6,6 +6,7 @@ from textual.content import Content
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
+from pulse.protocol import Ranked
 from pulse.tui.messages import TopEventSelected
 from pulse.tui.state import clean, count
 
@@ -13,10 +14,10 @@ from pulse.tui.state import clean, count
 class TopEventsChart(OptionList):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.rows: list[dict] = []
+        self.rows: list[Ranked] = []
         self.selected_event: str | None = None
 
-    def show(self, rows: list[dict], selected: str | None) -> None:
+    def show(self, rows: list[Ranked], selected: str | None) -> None:
         self.rows, self.selected_event = rows, selected
         self.redraw()
 
@@ -26,25 +27,25 @@ class TopEventsChart(OptionList):
     def redraw(self) -> None:
         highlighted = self.highlighted_option.id if self.highlighted_option is not None else None
         width = max(self.scrollable_content_region.width, 20)
-        top = max((r["count"] for r in self.rows), default=1) or 1
-        name_width = min(max((len(r["value"]) for r in self.rows), default=8), max(8, width * 2 // 5))
-        value_width = max((len(count(r["count"])) for r in self.rows), default=1)
+        top = max((r.count for r in self.rows), default=1) or 1
+        name_width = min(max((len(r.value) for r in self.rows), default=8), max(8, width * 2 // 5))
+        value_width = max((len(count(r.count)) for r in self.rows), default=1)
         options = []
         for row in self.rows:
-            value = count(row["count"]).rjust(value_width)
+            value = count(row.count).rjust(value_width)
             bar_width = max(width - name_width - value_width - 3, 1)
-            filled = row["count"] / top * bar_width
+            filled = row.count / top * bar_width
             bar = "█" * int(filled) + ("▌" if filled - int(filled) >= 0.5 else "")
-            name = clean(row["value"])
+            name = clean(row.value)
             text = Content.assemble(
-                (name[:name_width].ljust(name_width), "bold" if row["value"] == self.selected_event else ""),
-                " ", value, " ", (bar, "$primary" if row["value"] != self.selected_event else "$accent"),
+                (name[:name_width].ljust(name_width), "bold" if row.value == self.selected_event else ""),
+                " ", value, " ", (bar, "$primary" if row.value != self.selected_event else "$accent"),
             )
-            options.append(Option(text, id=row["value"]))
+            options.append(Option(text, id=row.value))
         with self.app.batch_update():
             self.clear_options()
             self.add_options(options)
-            if highlighted is not None and any(r["value"] == highlighted for r in self.rows):
+            if highlighted is not None and any(r.value == highlighted for r in self.rows):
                 self.highlighted = self.get_option_index(highlighted)
             elif self.rows:
                 self.highlighted = 0
