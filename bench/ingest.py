@@ -31,9 +31,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from pulse.protocol import IngestEvent  # noqa: E402
-from pulse.storage.connection import connect  # noqa: E402
 from pulse.storage.rows import HOUR_MS, IngestJob, time_uuid  # noqa: E402
-from pulse.storage.schema import migrate  # noqa: E402
+from pulse.storage.sqlite.connection import connect  # noqa: E402
+from pulse.storage.sqlite.schema import migrate  # noqa: E402
 from pulse.storage.writer import EventWriter  # noqa: E402
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -42,7 +42,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
 
 def handle_errors(fn: Callable) -> Callable:
     """Turn known failures into one clear line on stderr and a non-zero exit."""
-    from pulse.storage.projects import ProjectError
+    from pulse.storage.sqlite.projects import ProjectError
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -60,8 +60,8 @@ def handle_errors(fn: Callable) -> Callable:
 
 @contextmanager
 def open_db(data_dir: Path) -> Iterator[Any]:
-    from pulse.storage.connection import connect
-    from pulse.storage.schema import SchemaTooNew, migrate
+    from pulse.storage.sqlite.connection import connect
+    from pulse.storage.sqlite.schema import SchemaTooNew, migrate
 
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the database and the operator token are private
     conn = connect(Settings(data_dir=data_dir).db_path)
@@ -90,7 +90,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 def project_keys(data_dir: Path, ref: str) -> tuple[Any, list[dict[str, Any]]]:
     """A project (by id or name) and its keys' listing (prefixes only)."""
-    from pulse.storage.projects import get_project, list_keys
+    from pulse.storage.sqlite.projects import get_project, list_keys
 
     with open_db(data_dir) as conn:
         found = get_project(conn, ref)
@@ -198,7 +198,7 @@ def tui(url: str | None, token: str | None, data_dir: Path, project_id: int | No
 
 
 def _print_demo(conn: Any, settings: Settings) -> str:
-    from pulse.storage import projects
+    from pulse.storage.sqlite import projects
 
     try:
         project = projects.get_project(conn, "demo")
@@ -239,7 +239,7 @@ def projects() -> None:
 def projects_create(name: str, domain: str | None, timezone: str, retention_days: int, allowed_origins: str | None,
                     public_url: str | None, data_dir: Path, as_json: bool) -> None:
     """Create a project; prints its ingest key, its read token (shown once) and the script tag."""
-    from pulse.storage.projects import create_project
+    from pulse.storage.sqlite.projects import create_project
 
     settings = Settings.from_env(data_dir=data_dir, public_url=public_url)
     with open_db(data_dir) as conn:
@@ -263,7 +263,7 @@ def projects_create(name: str, domain: str | None, timezone: str, retention_days
 @handle_errors
 def projects_list(data_dir: Path, as_json: bool) -> None:
     """List projects."""
-    from pulse.storage.projects import list_projects
+    from pulse.storage.sqlite.projects import list_projects
 
     with open_db(data_dir) as conn:
         found = list_projects(conn)
@@ -298,7 +298,7 @@ def projects_show(project: str, data_dir: Path, as_json: bool) -> None:
 def projects_update(project: str, name: str | None, domain: str | None, timezone: str | None,
                     retention_days: int | None, allowed_origins: str | None, data_dir: Path, as_json: bool) -> None:
     """Change a project's name, domain, time zone, retention or allowed origins."""
-    from pulse.storage.projects import get_project, update_project
+    from pulse.storage.sqlite.projects import get_project, update_project
 
     with open_db(data_dir) as conn:
         found = update_project(conn, get_project(conn, project), name=name, domain=domain, timezone=timezone,
@@ -314,7 +314,7 @@ def projects_update(project: str, name: str | None, domain: str | None, timezone
 @handle_errors
 def projects_delete(project: str, yes: bool, data_dir: Path, as_json: bool) -> None:
     """Delete a project, its keys and all its data."""
-    from pulse.storage.projects import delete_project, get_project
+    from pulse.storage.sqlite.projects import delete_project, get_project
 
     with open_db(data_dir) as conn:
         found = get_project(conn, project)
@@ -345,7 +345,7 @@ def keys() -> None:
 @handle_errors
 def keys_rotate(project: str, kind: str | None, grace: int, data_dir: Path, as_json: bool) -> None:
     """Make a new key; the old one stops working at once (or after --grace seconds)."""
-    from pulse.storage.projects import get_project, rotate_key
+    from pulse.storage.sqlite.projects import get_project, rotate_key
 
     if kind is None:
         fail("say which key to rotate: --ingest or --read")

@@ -24,7 +24,7 @@ EXIT_DIFFERENCES = 1  # `pulse verify`: aggregates disagree with raw events
 
 @contextmanager
 def read_db(data_dir: Path):
-    from pulse.storage.connection import connect
+    from pulse.storage.sqlite.connection import connect
 
     path = data_dir / DB_FILENAME
     if not path.exists():
@@ -60,8 +60,8 @@ def status(data_dir: Path, as_json: bool) -> None:
 
     Exits 3 when no server answers for this data directory.
     """
-    from pulse.storage.maintenance import database_size, events_since
-    from pulse.storage.projects import list_projects
+    from pulse.storage.sqlite.maintenance import database_size, events_since
+    from pulse.storage.sqlite.projects import list_projects
 
     health, state = _health(data_dir)
     today: dict[str, int] = {}
@@ -96,8 +96,8 @@ def status(data_dir: Path, as_json: bool) -> None:
 @handle_errors
 def verify(project: str | None, data_dir: Path, as_json: bool) -> None:
     """Recount rollups, sessions and persons from raw events; list every difference (exit 1 if any)."""
-    from pulse.storage.maintenance import verify as recount
-    from pulse.storage.projects import get_project
+    from pulse.storage.sqlite.maintenance import verify as recount
+    from pulse.storage.sqlite.projects import get_project
 
     with read_db(data_dir) as conn:
         chosen = [get_project(conn, project)] if project else None
@@ -120,7 +120,7 @@ def verify(project: str | None, data_dir: Path, as_json: bool) -> None:
 @handle_errors
 def prune(data_dir: Path, as_json: bool) -> None:
     """Delete raw events older than each project's retention; aggregates stay. Safe while serving."""
-    from pulse.storage.maintenance import prune as delete_old
+    from pulse.storage.sqlite.maintenance import prune as delete_old
 
     with open_db(data_dir) as conn:
         deleted = delete_old(conn, time.time_ns() // 1_000_000)
@@ -135,7 +135,7 @@ def prune(data_dir: Path, as_json: bool) -> None:
 @handle_errors
 def backup(path: Path, data_dir: Path, as_json: bool) -> None:
     """An online, consistent copy of the live database at PATH (a file, or a directory to put one in)."""
-    from pulse.storage.maintenance import backup as copy
+    from pulse.storage.sqlite.maintenance import backup as copy
 
     source = data_dir / DB_FILENAME
     if not source.exists():
@@ -170,8 +170,8 @@ def _bound(name: str, raw: str | None, timezone: str, *, end: bool) -> int | Non
 @handle_errors
 def export(project: str, fmt: str, start: str | None, end: str | None, output: Path, data_dir: Path) -> None:
     """Stream a project's raw events, oldest first, as CSV or JSON lines (never all in memory)."""
-    from pulse.storage.maintenance import export as write_events
-    from pulse.storage.projects import get_project
+    from pulse.storage.sqlite.maintenance import export as write_events
+    from pulse.storage.sqlite.projects import get_project
 
     with read_db(data_dir) as conn:
         found = get_project(conn, project)

@@ -27,8 +27,8 @@ from pulse.server.limits import TokenBuckets
 from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
-from pulse.storage.connection import DB_MODE
 from pulse.storage.base import open_store
+from pulse.storage.sqlite.connection import DB_MODE
 
 log = logging.getLogger("pulse.server")
 DATA_DIR_MODE = 0o700  # the database, the operator token in server.json: the owner's alone

@@ -16,7 +16,7 @@ import msgspec
 from pyroaring import BitMap
 
 from pulse.enrich import parse_agent, split_url
-from pulse.storage.projects import catalog_version
+from pulse.storage.sqlite.projects import catalog_version
 from pulse.storage.rows import (
     ANON_ID, DAY_MS, DISTINCT_ID, HOUR_MS, NAME, PAGE_VIEW, PATH, PROPS, REFERRER, REFERRER_DOMAIN, SESSION_KEY,
     TRAITS, TS, UID, URL, UTM_CAMPAIGN, UTM_MEDIUM, UTM_SOURCE, time_uuid,

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
-from pulse.storage.connection import checkpoint
 from pulse.storage.model import Filters, Window
 from pulse.storage.rows import DAY_MS
+from pulse.storage.sqlite.connection import checkpoint
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import totals
 

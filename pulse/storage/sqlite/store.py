@@ -17,16 +17,15 @@ from typing import Any, TextIO, TypeVar
 import apsw
 
 from pulse.config import Settings
-from pulse.storage import maintenance, projects
 from pulse.storage.base import Store
-from pulse.storage.connection import connect
 from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, Histogram, IngestJob, IngestStats, Project, Window,
     WriterStalled,
 )
-from pulse.storage.reader import Reader
-from pulse.storage.schema import migrate
-from pulse.storage.sqlite import breakdowns, lists, periods
+from pulse.storage.sqlite import breakdowns, lists, maintenance, periods, projects
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.reader import Reader
+from pulse.storage.sqlite.schema import migrate
 from pulse.storage.sqlite.warmup import warm
 from pulse.storage.writer import BATCH_BUCKETS, COMMIT_BUCKETS, EventWriter
 

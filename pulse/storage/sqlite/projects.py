@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
 
-from pulse.storage.connection import immediate
 from pulse.storage.model import INGEST, READ, KeyGrant, Project, ProjectError, ProjectNotFound  # noqa: F401
+from pulse.storage.sqlite.connection import immediate
 
 KEY_PREFIX = {INGEST: "pk_", READ: "sk_"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import apsw
 
-from pulse.storage.connection import QueryTimeout, ReadStopped, _current, connect, set_deadline
+from pulse.storage.sqlite.connection import QueryTimeout, ReadStopped, _current, connect, set_deadline
 from pulse.storage.sqlite.day_cache import DayCache, Snapshot
 
 T = TypeVar("T")
