@@ -42,7 +42,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
 
 def handle_errors(fn: Callable) -> Callable:
     """Turn known failures into one clear line on stderr and a non-zero exit."""
-    from pulse.storage.sqlite.projects import ProjectError
+    from pulse.storage.model import ProjectError
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -198,13 +198,14 @@ def tui(url: str | None, token: str | None, data_dir: Path, project_id: int | No
 
 
 def _print_demo(conn: Any, settings: Settings) -> str:
+    from pulse.storage.model import INGEST, READ, ProjectNotFound
     from pulse.storage.sqlite import projects
 
     try:
         project = projects.get_project(conn, "demo")
-        ingest_key = projects.rotate_key(conn, project, projects.INGEST)
-        read_token = projects.rotate_key(conn, project, projects.READ)
-    except projects.ProjectNotFound:
+        ingest_key = projects.rotate_key(conn, project, INGEST)
+        read_token = projects.rotate_key(conn, project, READ)
+    except ProjectNotFound:
         project, ingest_key, read_token = projects.create_project(conn, "demo")
     click.echo(f"demo project {project.id}")
     click.echo(f"  ingest key: {ingest_key}")

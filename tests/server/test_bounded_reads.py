@@ -25,7 +25,8 @@ import pytest
 from pulse.config import Settings
 from pulse.server.app import create_app
 from pulse.server.params import MAX_HOURLY_DAYS, MAX_WINDOW_DAYS
-from pulse.storage.sqlite.connection import ReadStopped, connect
+from pulse.storage.model import ReadStopped
+from pulse.storage.sqlite.connection import connect
 from pulse.storage.sqlite.projects import create_project
 from pulse.storage.sqlite.reader import Reader
 from pulse.storage.sqlite.schema import migrate

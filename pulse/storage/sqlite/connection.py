@@ -15,7 +15,6 @@ BUSY_TIMEOUT_MS = 5000
 # the database holds every project's events: its owner's alone. SQLite gives the -wal and -shm files the
 # database file's mode, so a database made with this mode keeps all three private
 DB_MODE = 0o600
-from pulse.storage.model import QueryTimeout, ReadStopped  # noqa: F401  (raised by readers)
 
 
 def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FULL") -> apsw.Connection:

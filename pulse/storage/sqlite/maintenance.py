@@ -19,11 +19,11 @@ from typing import TextIO
 
 import apsw
 
-from pulse.storage.model import Difference
+from pulse.storage.model import Difference, Project
 from pulse.storage.rollups import DIM_AGENT, DIM_PAGE
 from pulse.storage.rows import DAY_MS, HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite.connection import connect, create_private, immediate
-from pulse.storage.sqlite.projects import PROJECT_DATA_TABLES, Project, list_projects
+from pulse.storage.sqlite.projects import PROJECT_DATA_TABLES, list_projects
 
 PRUNE_CHUNK = 2000
 

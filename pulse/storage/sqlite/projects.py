@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
 
-from pulse.storage.model import INGEST, READ, KeyGrant, Project, ProjectError, ProjectNotFound  # noqa: F401
+from pulse.storage.model import INGEST, READ, KeyGrant, Project, ProjectError, ProjectNotFound
 from pulse.storage.sqlite.connection import immediate
 
 KEY_PREFIX = {INGEST: "pk_", READ: "sk_"}

@@ -8,11 +8,10 @@ import contextlib
 import logging
 import time
 
-from pulse.storage.model import Filters, Window
+from pulse.storage.model import Filters, QueryTimeout, Window
 from pulse.storage.rows import DAY_MS
 from pulse.storage.sqlite import breakdowns, periods
 from pulse.storage.sqlite.breakdowns import SESSION_DIMENSIONS
-from pulse.storage.sqlite.connection import QueryTimeout
 from pulse.storage.sqlite.projects import list_projects
 from pulse.storage.sqlite.reader import Reader
 
