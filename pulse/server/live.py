@@ -20,7 +20,7 @@ from aiohttp import WSCloseCode, web
 from pulse.enrich import parse_agent
 from pulse.protocol import LiveDropped, LiveEvent, LiveEvents, LiveHello, json_encoder
 from pulse.server.errors import ApiError
-from pulse.storage.writer import CommittedEvent
+from pulse.storage.model import CommittedEvent
 
 log = logging.getLogger(__name__)
 
