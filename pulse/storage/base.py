@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -43,6 +44,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def __aexit__(self, *exc: object) -> None:
         """Take no new work, write and commit everything queued, stop reads, close."""
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store for one server: a second server on the same store, however its settings lead there,
+        is refused with StoreInUse, and the store's files are made its owner's alone. Held around the server's
+        whole run (entered before the store is opened, left after it is closed), so it may be taken on a store
+        object of its own that is never opened. A store that arbitrates its writers itself holds nothing (this
+        default)."""
+        return contextlib.nullcontext()
 
     # -- ingest (serving stores only) ------------------------------------------------------------------
 

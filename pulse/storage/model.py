@@ -86,6 +86,13 @@ class Filters:
         return bool(self.traits) and self == Filters(traits=self.traits)
 
 
+# -- life cycle ---------------------------------------------------------------------------------------
+
+
+class StoreInUse(Exception):
+    """Another server holds this store (`Store.lock`): two servers writing beside each other are refused."""
+
+
 # -- the catalog --------------------------------------------------------------------------------------
 
 
