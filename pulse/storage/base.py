@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -184,11 +185,16 @@ class Store(abc.ABC):
     async def events_since(self, project_id: int, start_ms: int) -> int: ...
 
 
+# the store open_store picks, as "module:class", imported when a store is opened: stores import the seam, and
+# the seam imports no store
+DEFAULT_STORE = "pulse.storage.sqlite.store:SQLiteStore"
+
+
 def open_store(settings: Settings, *, serve: bool = True,
                on_commit: Callable[[list[CommittedEvent]], None] | None = None,
                wants: Callable[[int], bool] | None = None) -> Store:
     """The store the settings name: today the SQLite database in the data directory. `on_commit` gets every
     committed batch of the projects `wants` accepts, on the event loop (the live feed)."""
-    from pulse.storage.sqlite.store import SQLiteStore
-
-    return SQLiteStore(settings, serve=serve, on_commit=on_commit, wants=wants)
+    module, _, name = DEFAULT_STORE.partition(":")
+    implementation: type[Store] = getattr(importlib.import_module(module), name)
+    return implementation(settings, serve=serve, on_commit=on_commit, wants=wants)
