@@ -31,10 +31,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from pulse.protocol import IngestEvent  # noqa: E402
-from pulse.storage.connection import connect  # noqa: E402
 from pulse.storage.model import HOUR_MS, IngestJob  # noqa: E402
+from pulse.storage.sqlite.connection import connect  # noqa: E402
 from pulse.storage.sqlite.rows import time_uuid  # noqa: E402
-from pulse.storage.schema import migrate  # noqa: E402
+from pulse.storage.sqlite.schema import migrate  # noqa: E402
 from pulse.storage.sqlite.writer import EventWriter  # noqa: E402
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

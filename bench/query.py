@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ingest import free_port, wait_http  # noqa: E402
 from pulse.protocol import IngestEvent  # noqa: E402
-from pulse.storage.connection import connect  # noqa: E402
 from pulse.storage.model import DAY_MS, IngestJob  # noqa: E402
+from pulse.storage.sqlite.connection import connect  # noqa: E402
 from pulse.storage.sqlite.writer import EventWriter  # noqa: E402
 
 AGENTS = [

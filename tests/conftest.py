@@ -11,10 +11,10 @@ from pyroaring import BitMap
 
 from pulse.config import Settings
 from pulse.server.app import create_app
-from pulse.storage.connection import connect
-from pulse.storage.projects import create_project
 from pulse.storage.model import HOUR_MS
-from pulse.storage.schema import migrate
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.projects import create_project
+from pulse.storage.sqlite.schema import migrate
 
 
 @dataclass

@@ -13,10 +13,10 @@ import time
 import aiohttp
 
 from pulse.protocol import LiveEvents, LiveHello, live_decoder
-from pulse.storage.connection import connect
-from pulse.storage.maintenance import verify
-from pulse.storage.projects import create_project, delete_project, get_project, rotate_key
-from pulse.storage.schema import migrate
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.maintenance import verify
+from pulse.storage.sqlite.projects import create_project, delete_project, get_project, rotate_key
+from pulse.storage.sqlite.schema import migrate
 from tests.conftest import event
 from tests.servers import Server
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pulse.storage.connection import connect
-from pulse.storage.maintenance import verify
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.maintenance import verify
 from tests.conftest import recount_hourly, rollups
 from tests.servers import Server, pulse
 

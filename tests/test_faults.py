@@ -18,7 +18,7 @@ import uuid
 import aiohttp
 import pytest
 
-from pulse.storage.connection import connect
+from pulse.storage.sqlite.connection import connect
 from tests.servers import Server, pulse
 from tests.test_durability import assert_consistent, load
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pulse.storage.connection import connect
+from pulse.storage.sqlite.connection import connect
 from tests.servers import Server, pulse
 from tests.test_durability import assert_consistent
 from tests.test_faults import children, stored_uuids

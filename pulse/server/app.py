@@ -27,8 +27,8 @@ from pulse.server.limits import TokenBuckets
 from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
 from pulse.server.middlewares import api_middleware
-from pulse.storage.connection import DB_MODE
 from pulse.storage.base import open_store
+from pulse.storage.model import StoreInUse
 
 log = logging.getLogger("pulse.server")
 DATA_DIR_MODE = 0o700  # the database, the operator token in server.json: the owner's alone
@@ -130,13 +130,9 @@ def make_private(path: Path, mode: int) -> None:
 
 @contextlib.contextmanager
 def serve_lock(settings: Settings):
-    """One server per data directory and per database; also records where it listens, for local tools.
-
-    The database file itself is locked too (found through symlinks): a second server whose data directory
-    leads to the same database by a link is refused rather than writing beside the first. flock does not
-    touch SQLite's locks (POSIX record locks); the descriptor is closed only once the server has closed its
-    own connections, as closing it drops every POSIX lock this process holds on the file.
-    """
+    """One server per data directory and per store (`Store.lock`: for SQLite, per database file, however a
+    symlink leads there); also records where it listens, for local tools. Held until the app has closed its
+    store."""
     settings.data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
     make_private(settings.data_dir, DATA_DIR_MODE)  # the operator may have made it, readable by all
     with contextlib.ExitStack() as held:
@@ -145,15 +141,10 @@ def serve_lock(settings: Settings):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise AlreadyRunning(f"another pulse server is using {settings.data_dir}") from None
-        database = settings.db_path.resolve()
-        db_handle = os.open(database, os.O_RDONLY | os.O_CREAT, DB_MODE)
-        held.callback(os.close, db_handle)
         try:
-            fcntl.flock(db_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AlreadyRunning(f"another pulse server is using the database {database}") from None
-        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
-            make_private(path, DB_MODE)  # made by an older pulse, or copied in by hand
+            held.enter_context(open_store(settings).lock())
+        except StoreInUse as exc:
+            raise AlreadyRunning(str(exc)) from None
         info_path = settings.data_dir / SERVER_FILENAME
         held.callback(info_path.unlink, missing_ok=True)
         # the operator token reads every project: the file is its owner's alone, like the database beside it

@@ -11,8 +11,7 @@ from aiohttp import web
 
 from pulse.server.errors import ApiError
 from pulse.storage.base import Store
-from pulse.storage.model import INGEST, READ, KeyGrant, Project
-from pulse.storage.projects import digest, now_ms
+from pulse.storage.model import INGEST, READ, KeyGrant, Project, digest, now_ms
 
 log = logging.getLogger(__name__)
 

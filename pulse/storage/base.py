@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -44,6 +46,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def __aexit__(self, *exc: object) -> None:
         """Take no new work, write and commit everything queued, stop reads, close."""
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store for one server: a second server on the same store, however its settings lead there,
+        is refused with StoreInUse, and the store's files are made its owner's alone. Held around the server's
+        whole run (entered before the store is opened, left after it is closed), so it may be taken on a store
+        object of its own that is never opened. A store that arbitrates its writers itself holds nothing (this
+        default)."""
+        return contextlib.nullcontext()
 
     # -- ingest (serving stores only) ------------------------------------------------------------------
 
@@ -179,11 +189,16 @@ class Store(abc.ABC):
     async def events_since(self, project_id: int, start_ms: int) -> int: ...
 
 
+# the store open_store picks, as "module:class", imported when a store is opened: stores import the seam, and
+# the seam imports no store
+DEFAULT_STORE = "pulse.storage.sqlite.store:SQLiteStore"
+
+
 def open_store(settings: Settings, *, serve: bool = True,
                on_commit: Callable[[list[CommittedEvent]], None] | None = None,
                wants: Callable[[int], bool] | None = None) -> Store:
     """The store the settings name: today the SQLite database in the data directory. `on_commit` gets every
     committed batch of the projects `wants` accepts, on the event loop (the live feed)."""
-    from pulse.storage.sqlite.store import SQLiteStore
-
-    return SQLiteStore(settings, serve=serve, on_commit=on_commit, wants=wants)
+    module, _, name = DEFAULT_STORE.partition(":")
+    implementation: type[Store] = getattr(importlib.import_module(module), name)
+    return implementation(settings, serve=serve, on_commit=on_commit, wants=wants)

@@ -4,6 +4,8 @@ reports, and the errors a store raises."""
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
@@ -89,6 +91,11 @@ class Filters:
 
 class SchemaTooNew(Exception):
     """The stored data was written by a newer pulse than this one: refused rather than touched."""
+# -- life cycle ---------------------------------------------------------------------------------------
+
+
+class StoreInUse(Exception):
+    """Another server holds this store (`Store.lock`): two servers writing beside each other are refused."""
 
 
 # -- the catalog --------------------------------------------------------------------------------------
@@ -143,6 +150,16 @@ class Catalog:
     version: int
     grants: dict[bytes, KeyGrant]
     projects: dict[int, Project]
+
+
+def digest(secret: str) -> bytes:
+    """What a key is kept and looked up by (`Catalog.grants`): its SHA-256, never the secret itself."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+def now_ms() -> int:
+    """The catalog's clock (`Project.created_at`, `KeyGrant.expires_at`): epoch milliseconds."""
+    return time.time_ns() // 1_000_000
 
 
 # -- ingest --------------------------------------------------------------------------------------------

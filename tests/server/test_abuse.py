@@ -10,7 +10,7 @@ import re
 import pytest
 
 from pulse.server.app import create_app
-from pulse.storage.projects import get_project, update_project
+from pulse.storage.sqlite.projects import get_project, update_project
 from tests.conftest import event
 
 INGEST = "/api/v1/events/ingest"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from pulse.server.keys import STORE
-from pulse.storage.projects import get_project, rotate_key
+from pulse.storage.sqlite.projects import get_project, rotate_key
 from tests.conftest import event
 
 INGEST = "/api/v1/events/ingest"
@@ -72,14 +72,14 @@ async def test_rotation_with_grace_keeps_old_key_for_a_while(client, project, db
 
 
 async def test_deleted_project_keys_are_refused(client, project, db):
-    from pulse.storage.projects import delete_project
+    from pulse.storage.sqlite.projects import delete_project
 
     delete_project(db, get_project(db, project.id))
     assert (await wait_for_status(lambda: post(client, project.ingest_key), 401)).status == 401
 
 
 async def test_a_deleted_project_leaves_nothing_and_its_id_is_never_given_again(client, project, db):
-    from pulse.storage.projects import create_project, delete_project
+    from pulse.storage.sqlite.projects import create_project, delete_project
 
     response = await client.post(INGEST, json={"events": [event(session_id="s1", page_url="https://a.example/x")]},
                                  headers={"X-API-Key": project.ingest_key})

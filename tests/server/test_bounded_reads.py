@@ -25,11 +25,11 @@ import pytest
 from pulse.config import Settings
 from pulse.server.app import create_app
 from pulse.server.params import MAX_HOURLY_DAYS, MAX_WINDOW_DAYS
-from pulse.storage.connection import connect
-from pulse.storage.projects import create_project
-from pulse.storage.connection import ReadStopped
-from pulse.storage.reader import Reader
-from pulse.storage.schema import migrate
+from pulse.storage.model import ReadStopped
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.projects import create_project
+from pulse.storage.sqlite.reader import Reader
+from pulse.storage.sqlite.schema import migrate
 from tests.servers import Server
 
 DAY_MS = 86_400_000

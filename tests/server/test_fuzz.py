@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pulse.storage.connection import connect
+from pulse.storage.sqlite.connection import connect
 from tests.servers import Server, pulse
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from pulse.protocol import MAX_EVENTS_PER_BATCH, MAX_NAME, MAX_PROPERTIES, MAX_URL
-from pulse.storage.connection import connect
+from pulse.storage.sqlite.connection import connect
 from tests.conftest import event, recount
 
 INGEST = "/api/v1/events/ingest"

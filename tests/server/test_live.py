@@ -10,7 +10,7 @@ import pytest
 
 from pulse.protocol import LiveDropped, LiveEvents, LiveHello, live_decoder
 from pulse.server.app import create_app
-from pulse.storage.projects import get_project, rotate_key
+from pulse.storage.sqlite.projects import get_project, rotate_key
 from tests.conftest import event
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

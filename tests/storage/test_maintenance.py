@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from pulse.storage.connection import connect
-from pulse.storage.maintenance import backup, export, prune, pruned_before, verify
-from pulse.storage.projects import get_project
 from pulse.storage.model import DAY_MS, HOUR_MS
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.maintenance import backup, export, prune, pruned_before, verify
+from pulse.storage.sqlite.projects import get_project
 from tests.server.test_analytics import BASE, generate
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from pulse.storage.connection import connect
-from pulse.storage.schema import MIGRATIONS, SchemaTooNew, current_version, migrate
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.schema import MIGRATIONS, SchemaTooNew, current_version, migrate
 
 
 def test_migrate_creates_schema_and_is_idempotent(tmp_path):

@@ -282,7 +282,7 @@ def test_changes_kept_in_memory_are_rebuilt_from_the_events_after_a_crash_and_a_
     assert stored == expected
     assert {k: v[:3] for k, v in rollups(db, project.id).items()} == recount_hourly(db, project.id)
     # entry and exit pages and their UTM source agree with a recount too
-    from pulse.storage.maintenance import verify
+    from pulse.storage.sqlite.maintenance import verify
     assert [str(d) for d in verify(db)] == []
     entries = db.execute(
         "SELECT s.session_key, src.value FROM sessions s LEFT JOIN strings src ON src.id = s.utm_source_id").fetchall()

@@ -14,7 +14,7 @@ import msgspec
 
 from pulse.enrich import split_url
 from pulse.storage.model import DAY_MS, PAGE_VIEW
-from pulse.storage.projects import catalog_version
+from pulse.storage.sqlite.projects import catalog_version
 from pulse.storage.sqlite.identities import Identities
 from pulse.storage.sqlite.interning import Interner, json_chunks
 from pulse.storage.sqlite.rollup_sets import RollupSets

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import apsw
 from pyroaring import BitMap
 
-from pulse.storage.connection import checkpoint
+from pulse.storage.sqlite.connection import checkpoint
 
 
 class DayCache:

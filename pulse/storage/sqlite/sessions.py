@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pyroaring import BitMap
 
 from pulse.protocol import SessionStats
-from pulse.storage.connection import checkpoint
-from pulse.storage.model import Filters, Window
-from pulse.storage.model import DAY_MS
+from pulse.storage.model import DAY_MS, Filters, Window
+from pulse.storage.sqlite.connection import checkpoint
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import totals
 

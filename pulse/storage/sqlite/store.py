@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -17,16 +19,15 @@ from typing import Any, TextIO, TypeVar
 import apsw
 
 from pulse.config import Settings
-from pulse.storage import maintenance, projects
 from pulse.storage.base import Store
-from pulse.storage.connection import connect
 from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, Histogram, IngestJob, IngestStats, Project, Window,
-    WriterStalled,
+    StoreInUse, WriterStalled,
 )
-from pulse.storage.reader import Reader
-from pulse.storage.schema import migrate
-from pulse.storage.sqlite import breakdowns, lists, periods
+from pulse.storage.sqlite import breakdowns, lists, maintenance, periods, projects
+from pulse.storage.sqlite.connection import DB_MODE, connect, make_private
+from pulse.storage.sqlite.reader import Reader
+from pulse.storage.sqlite.schema import migrate
 from pulse.storage.sqlite.warmup import warm
 from pulse.storage.sqlite.writer import BATCH_BUCKETS, COMMIT_BUCKETS, EventWriter
 
@@ -84,6 +85,26 @@ class SQLiteStore(Store):
             await self.writer.close()
         if self.reader is not None:
             await self.reader.close()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The database file itself is locked (found through symlinks): a second server whose data directory
+        leads to the same database by a link is refused rather than writing beside the first. flock does not
+        touch SQLite's locks (POSIX record locks); the descriptor is closed only when the context is left, once
+        the server has closed its own connections, as closing it drops every POSIX lock this process holds on
+        the file."""
+        database = self.path.resolve()
+        handle = os.open(database, os.O_RDONLY | os.O_CREAT, DB_MODE)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreInUse(f"another pulse server is using the database {database}") from None
+            for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+                make_private(path)
+            yield
+        finally:
+            os.close(handle)
 
     async def _settle(self) -> None:
         """A read waits for the writer to write what it keeps at most the write deadline."""

@@ -8,13 +8,11 @@ import contextlib
 import logging
 import time
 
-from pulse.storage.connection import QueryTimeout
-from pulse.storage.model import Filters, Window
-from pulse.storage.projects import list_projects
-from pulse.storage.reader import Reader
-from pulse.storage.model import DAY_MS
+from pulse.storage.model import DAY_MS, Filters, QueryTimeout, Window
 from pulse.storage.sqlite import breakdowns, periods
 from pulse.storage.sqlite.breakdowns import SESSION_DIMENSIONS
+from pulse.storage.sqlite.projects import list_projects
+from pulse.storage.sqlite.reader import Reader
 
 log = logging.getLogger("pulse.warmup")
 

@@ -25,9 +25,9 @@ import time
 import apsw
 
 from pulse.enrich import load_agent_rules
-from pulse.storage.connection import BUSY_TIMEOUT_MS, connect
-from pulse.storage.schema import migrate
 from pulse.storage.sqlite.applier import BatchApplier
+from pulse.storage.sqlite.connection import BUSY_TIMEOUT_MS, connect
+from pulse.storage.sqlite.schema import migrate
 from pulse.storage.sqlite.wire import (
     Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, Submit, decode_to_writer, frame, read_frames,
 )

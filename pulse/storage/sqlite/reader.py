@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import apsw
 
-from pulse.storage.connection import QueryTimeout, ReadStopped, _current, connect, set_deadline
+from pulse.storage.model import QueryTimeout, ReadStopped
+from pulse.storage.sqlite.connection import _current, connect, set_deadline
 from pulse.storage.sqlite.day_cache import DayCache, Snapshot
 
 T = TypeVar("T")

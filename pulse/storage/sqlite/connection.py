@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,8 @@ BUSY_TIMEOUT_MS = 5000
 # the database holds every project's events: its owner's alone. SQLite gives the -wal and -shm files the
 # database file's mode, so a database made with this mode keeps all three private
 DB_MODE = 0o600
-from pulse.storage.model import QueryTimeout, ReadStopped  # noqa: F401  (raised by readers)
+
+log = logging.getLogger("pulse.storage")
 
 
 def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FULL") -> apsw.Connection:
@@ -48,6 +51,18 @@ def create_private(path: Path | str) -> None:
     if not os.path.exists(path):
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_MODE))
+
+
+def make_private(path: Path) -> None:
+    """Give an existing database file DB_MODE if it has another (made by an older pulse, or copied in by hand);
+    a warning if it cannot (someone else owns it)."""
+    try:
+        if stat.S_IMODE(path.stat().st_mode) != DB_MODE:
+            os.chmod(path, DB_MODE)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot make %s private (mode %o): %s", path, DB_MODE, exc.strerror)
 
 
 @contextlib.contextmanager

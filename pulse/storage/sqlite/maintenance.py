@@ -19,10 +19,9 @@ from typing import TextIO
 
 import apsw
 
-from pulse.storage.connection import connect, create_private, immediate
-from pulse.storage.projects import PROJECT_DATA_TABLES, Project, list_projects
-from pulse.storage.model import DAY_MS, HOUR_MS, PAGE_VIEW
-from pulse.storage.model import Difference
+from pulse.storage.model import DAY_MS, HOUR_MS, PAGE_VIEW, Difference, Project
+from pulse.storage.sqlite.connection import connect, create_private, immediate
+from pulse.storage.sqlite.projects import PROJECT_DATA_TABLES, list_projects
 from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
 
 PRUNE_CHUNK = 2000

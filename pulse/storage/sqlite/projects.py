@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
-import time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
 
-from pulse.storage.connection import immediate
-from pulse.storage.model import INGEST, READ, KeyGrant, Project, ProjectError, ProjectNotFound  # noqa: F401
+from pulse.storage.model import INGEST, READ, KeyGrant, Project, ProjectError, ProjectNotFound, digest, now_ms
+from pulse.storage.sqlite.connection import immediate
 
 KEY_PREFIX = {INGEST: "pk_", READ: "sk_"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(:\d{1,5})?$")
-
-
-def digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def new_secret(kind: str) -> str:
