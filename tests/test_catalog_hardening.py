@@ -78,6 +78,19 @@ async def test_a_read_token_past_its_grace_period_loses_its_live_feed(client, pr
     late = sorted({b for b in received if posted_at[b] > expires + SLACK_MS})
     assert not late, f"batches posted after the grace period ended reached the feed: {late[:10]}"
     assert max(posted_at.values()) > expires + SLACK_MS  # there were such batches
+
+
+async def test_an_idle_live_feed_is_closed_when_its_read_tokens_grace_period_ends(client, project, db):
+    """Nothing is sent on the feed, so only the keyring's own timer can notice the grace period end."""
+    ws = await client.ws_connect(f"/api/v1/ws/events/{project.id}", params={"token": project.read_token})
+    assert isinstance(live_decoder.decode(await ws.receive_str()), LiveHello)
+    rotate_key(db, get_project(db, project.id), "read", grace_seconds=GRACE_S)
+    expires = db.execute("SELECT expires_at FROM keys WHERE project_id = ? AND kind = 'read'"
+                         " AND expires_at IS NOT NULL", (project.id,)).fetchone()[0]
+    message = await asyncio.wait_for(ws.receive(), GRACE_S + WAIT_S)
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 4001
+    assert wall_ms() >= expires  # closed by the end of the grace period, not by the rotation itself
     refused = await client.get("/api/v1/projects", headers={"Authorization": f"Bearer {project.read_token}"})
     assert refused.status == 401
 

@@ -75,6 +75,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await keyring.close()
 
 
 async def close_live_feeds(app: web.Application) -> None:

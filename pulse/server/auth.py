@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -59,6 +60,16 @@ class KeyRing:
         except Exception:
             log.exception("ending expired grants failed")
         self._schedule_expiry()
+
+    async def close(self) -> None:
+        """Stop waiting for grace periods to end (the server is stopping)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
 
     def is_operator_secret(self, secret: str) -> bool:
         return self.is_operator(digest(secret))

@@ -8,7 +8,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import apsw
@@ -81,15 +81,19 @@ def immediate(conn: apsw.Connection) -> Iterator[apsw.Connection]:
     conn.execute("COMMIT")
 
 
-def set_deadline(conn: apsw.Connection, seconds: float | None) -> None:
-    """Interrupt any statement on this connection that runs past `seconds` from now."""
+def set_deadline(conn: apsw.Connection, seconds: float | None, stopped: Callable[[], bool] | None = None) -> None:
+    """Interrupt any statement on this connection that runs past `seconds` from now, or once `stopped()`.
+
+    `stopped` is asked by the progress handler itself: an interrupt (`Connection.interrupt`) that lands between
+    two statements is forgotten by SQLite when the next one starts, the handler's answer never is.
+    """
     if seconds is None:
         conn.set_progress_handler(None)
         return
     deadline = time.monotonic() + seconds
 
-    def check() -> bool:
-        return time.monotonic() > deadline  # True aborts the statement
+    def check() -> bool:  # True aborts the statement
+        return time.monotonic() > deadline or (stopped is not None and stopped())
 
     conn.set_progress_handler(check, 10_000)
 

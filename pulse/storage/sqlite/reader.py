@@ -71,6 +71,7 @@ class Reader:
         self._local = threading.local()
         self._connections: list[apsw.Connection] = []
         self._calls: set[_Call] = set()  # asked for and not yet answered
+        self._stopping = False  # stop() was called: stoppable reads are refused
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pulse-reader")
 
@@ -95,7 +96,7 @@ class Reader:
         call.check()  # stopped while it waited for a thread
         call.deadline = time.monotonic() + call.timeout_s
         conn = self._connection()
-        set_deadline(conn, call.timeout_s)
+        set_deadline(conn, call.timeout_s, lambda: call.stopped)
         conn.execute("BEGIN")  # one snapshot for every statement of the call
         _current.call = call
         try:
@@ -114,16 +115,22 @@ class Reader:
 
     async def run(self, fn: Callable[..., T], *args: Any, stoppable: bool = False) -> T:
         """Run fn(Snapshot(connection, day cache), *args) on a reader thread inside one read transaction.
-        Cancelling the caller
-        stops the read: a read still waiting for a thread never starts, a running one is interrupted.
-        A `stoppable` read is also stopped by `stop()`."""
+
+        Cancelling the caller stops the read: a read still waiting for a thread never starts, a running one is
+        interrupted. A `stoppable` read is also stopped by `stop()`, and refused once it was called.
+        """
         call = _Call(self.timeout_s, stoppable)
         with self._lock:
+            if stoppable and self._stopping:
+                raise ReadStopped("the server is shutting down")
             self._calls.add(call)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, call, fn, args)
         except asyncio.CancelledError:
             call.stop()
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():  # not ours: close() dropped the queued read
+                raise ReadStopped("the read was stopped: the readers are closing") from None
             raise
         finally:
             with self._lock:
@@ -138,8 +145,10 @@ class Reader:
 
     def stop(self) -> None:
         """Stop every stoppable read running or waiting now (the requests' reads, at shutdown: none may hold up
-        the exit); each raises ReadStopped to its caller. Reads asked for later run as usual."""
+        the exit), and refuse those asked for later; each raises ReadStopped to its caller. Reads that are not
+        stoppable (the warm-up, the keyring) run as usual."""
         with self._lock:
+            self._stopping = True
             calls = [call for call in self._calls if call.stoppable]
         for call in calls:
             call.stop()
