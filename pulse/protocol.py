@@ -17,6 +17,7 @@ MAX_PROPERTIES = 64
 MAX_PROPERTY_KEY = 128
 MAX_PROPERTY_VALUE = 1024
 MAX_EVENTS_PER_BATCH = 1000
+MAX_AGENT = 512
 
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
 Ident = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
@@ -24,6 +25,9 @@ Url = Annotated[str, Meta(max_length=MAX_URL)]
 PropertyKey = Annotated[str, Meta(min_length=1, max_length=MAX_PROPERTY_KEY)]
 PropertyValue = Union[Annotated[str, Meta(max_length=MAX_PROPERTY_VALUE)], int, float, bool, None]
 Properties = Annotated[dict[PropertyKey, PropertyValue], Meta(max_length=MAX_PROPERTIES)]
+Agent = Annotated[str, Meta(max_length=MAX_AGENT)]
+# IPv4 or IPv6 text (checked by the ingest handler); 45 characters hold any IPv6 address with an IPv4 tail
+IpAddress = Annotated[str, Meta(min_length=2, max_length=45)]
 # a time the client sends, epoch milliseconds or an RFC 3339 string, lies in 1970..3000: wide enough for
 # any clock, narrow enough that clock-skew correction by it stays a time (RFC 3339 allows years 1..9999)
 MIN_TIME_MS = 0
@@ -55,6 +59,10 @@ class IngestEvent(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=Fal
     # the anonymous id that `$identify` links to distinct_id
     anon_id: Ident | None = None
     timestamp: Timestamp | None = None
+    # the visitor's own user agent and IP address, sent by a backend that forwards them: used for the browser,
+    # OS and device, the bot check and the anonymous visitor's hash, never stored as they are
+    user_agent: Agent | None = None
+    ip: IpAddress | None = None
 
 
 class IngestBatch(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):

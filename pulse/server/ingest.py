@@ -1,22 +1,34 @@
-"""POST /api/v1/events/ingest: decode, validate, hand to the writer, answer after the commit."""
+"""POST /api/v1/events/ingest: decode, validate, hand to the store, answer after the commit.
+
+The steps are shared with the endpoints that take other products' formats (`server/dropin/`): `admit` (the
+project's allowed origins and the rate limits), `read_body` (within the body timeout), `store_events` (one
+job per visitor, queued, answered once durable).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 
 import msgspec
 from aiohttp import web
 
-from pulse.protocol import IngestAck, batch_decoder, json_encoder, to_ms
+from pulse.protocol import MAX_AGENT, IngestAck, IngestEvent, batch_decoder, json_encoder, to_ms
 from pulse.server.errors import ApiError, validation_error
 from pulse.server.keys import KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE
 from pulse.server.limits import is_loopback, retry_after
-from pulse.storage.model import IngestJob, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled
+from pulse.storage.model import (
+    IngestJob, Project, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
+)
 
 routes = web.RouteTableDef()
 _JSON = {"Content-Type": "application/json"}
+# what a browser (or a crawler passing for one) puts first in its User-Agent; anything else in the request's
+# header is an HTTP client library's (urllib, requests, node, Go, curl, an SDK), which says nothing about
+# the visitor
+_BROWSER_PREFIXES = ("Mozilla/", "Opera/")
 
 
 def _retrieve(future) -> None:
@@ -32,6 +44,12 @@ def client_ip(request: web.Request, trust_proxy: bool) -> str:
     return request.remote or ""
 
 
+def visitor_agent(request: web.Request) -> str:
+    """The request's User-Agent when a browser sent it; "" (unknown, and so never a bot) when a backend did."""
+    agent = request.headers.get("User-Agent", "")
+    return agent[:MAX_AGENT] if agent.startswith(_BROWSER_PREFIXES) else ""
+
+
 @routes.post("/api/v1/events/ingest")
 async def ingest(request: web.Request) -> web.Response:
     try:
@@ -41,34 +59,104 @@ async def ingest(request: web.Request) -> web.Response:
         raise
 
 
-def _limit(request: web.Request, ip: str, key: str) -> None:
+def admit(request: web.Request, project: Project) -> str:
+    """Refuse a browser on an origin the project does not allow, and a client over its rate; the client's IP."""
     app = request.app
-    wait = 0.0 if is_loopback(ip) else app[RATE_BY_IP].take(ip)
-    if not wait:
-        wait = app[RATE_BY_KEY].take(key)
-    if wait:
-        raise ApiError(429, "too many requests: slow down, or send more events per batch",
-                       headers={"Retry-After": retry_after(wait)})
-
-
-async def _ingest(request: web.Request) -> web.Response:
-    app = request.app
-    settings = app[SETTINGS]
-    project = app[KEYRING].ingest(request)
     origin = request.headers.get("Origin")
     if not project.origin_allowed(origin):
         raise ApiError(403, f"origin {origin!r} may not send events to this project (allowed:"
                             f" {project.allowed_origins})")
-    ip = client_ip(request, settings.trust_proxy)
-    _limit(request, ip, str(project.id))
+    ip = client_ip(request, app[SETTINGS].trust_proxy)
+    wait = 0.0 if is_loopback(ip) else app[RATE_BY_IP].take(ip)
+    if not wait:
+        wait = app[RATE_BY_KEY].take(str(project.id))
+    if wait:
+        raise ApiError(429, "too many requests: slow down, or send more events per batch",
+                       headers={"Retry-After": retry_after(wait)})
+    return ip
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the body timeout (408 otherwise)."""
+    settings = request.app[SETTINGS]
     # a body that came with the headers needs no timer
     timer = contextlib.nullcontext() if request.content.is_eof() else asyncio.timeout(settings.body_timeout_s)
     try:
         async with timer:
-            body = await request.read()
+            return await request.read()
     except TimeoutError:
         raise ApiError(408, f"request body did not arrive within {settings.body_timeout_s:g} s",
                        field="body") from None
+
+
+def _visitors(events: list[IngestEvent], ip: str, agent: str) -> dict[tuple[str, str], list[IngestEvent]]:
+    """The events by visitor: the request's IP and browser, unless an event names its own (a backend's)."""
+    if all(ev.ip is None and ev.user_agent is None for ev in events):
+        return {(ip, agent): events}
+    found: dict[tuple[str, str], list[IngestEvent]] = {}
+    for index, ev in enumerate(events):
+        if ev.ip is not None:
+            try:
+                ipaddress.ip_address(ev.ip)
+            except ValueError:
+                raise ApiError(400, f"events[{index}].ip: not an IPv4 or IPv6 address: {ev.ip!r}",
+                               field=f"events[{index}].ip", index=index) from None
+        visitor = (ev.ip if ev.ip is not None else ip, ev.user_agent if ev.user_agent is not None else agent)
+        found.setdefault(visitor, []).append(ev)
+    return found
+
+
+async def store_events(request: web.Request, project: Project, ip: str, agent: str, events: list[IngestEvent],
+                       sent_at_ms: int | None, received_ms: int) -> tuple[int, int]:
+    """Queue the events (one job per visitor) and wait until they are durable: (accepted, duplicates).
+
+    With `--ack enqueue` the answer comes once they are queued. The jobs of one call are queued together, so
+    the writer takes them into the same commit."""
+    app = request.app
+    skew = 0 if sent_at_ms is None else received_ms - sent_at_ms
+    store = app[STORE]
+    futures = []
+    for (visitor_ip, visitor_agent_), group in _visitors(events, ip, agent).items():
+        job = IngestJob(project_id=project.id, events=group, received_ms=received_ms, skew_ms=skew,
+                        ip=visitor_ip, user_agent=visitor_agent_, project_domain=project.domain)
+        try:
+            futures.append(store.enqueue(job))
+        except (QueueFull, WriterStalled) as exc:
+            _abandon(futures)
+            raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        except WriterClosed as exc:
+            _abandon(futures)
+            raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
+    if app[SETTINGS].ack == "enqueue":
+        _abandon(futures)
+        return len(events), 0
+    accepted = duplicates = 0
+    try:
+        for future in futures:
+            stored, repeated = await future
+            accepted += stored
+            duplicates += repeated
+    except WriteFailed as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
+    except ProjectGone:  # deleted while the batch was queued: as if the key had been refused at once
+        raise ApiError(401, "invalid or revoked ingest key") from None
+    except WriterStalled as exc:  # past the write deadline: the batch stays queued and may be stored
+        raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    finally:
+        _abandon(futures)
+    return accepted, duplicates
+
+
+def _abandon(futures: list[asyncio.Future]) -> None:
+    """Nobody awaits these any more: their outcome is retrieved when it comes, so none is logged as lost."""
+    for future in futures:
+        future.add_done_callback(_retrieve)
+
+
+async def _ingest(request: web.Request) -> web.Response:
+    project = request.app[KEYRING].ingest(request)
+    ip = admit(request, project)
+    body = await read_body(request)
     received = time.time_ns() // 1_000_000
     try:
         batch = batch_decoder.decode(body)
@@ -78,34 +166,6 @@ async def _ingest(request: web.Request) -> web.Response:
         raise ApiError(400, f"body is not valid JSON: {exc}", field="body") from None
     except UnicodeDecodeError:
         raise ApiError(400, "body is not valid UTF-8", field="body") from None
-    skew = 0
-    if batch.sent_at is not None:
-        skew = received - to_ms(batch.sent_at)
-    job = IngestJob(
-        project_id=project.id,
-        events=batch.events,
-        received_ms=received,
-        skew_ms=skew,
-        ip=ip,
-        user_agent=request.headers.get("User-Agent", "")[:512],
-        project_domain=project.domain,
-    )
-    try:
-        future = app[STORE].enqueue(job)
-    except (QueueFull, WriterStalled) as exc:
-        raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    except WriterClosed as exc:
-        raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
-    if settings.ack == "enqueue":
-        future.add_done_callback(_retrieve)
-        accepted, duplicates = len(batch.events), 0
-    else:
-        try:
-            accepted, duplicates = await future
-        except WriteFailed as exc:
-            raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
-        except ProjectGone:  # deleted while the batch was queued: as if the key had been refused at once
-            raise ApiError(401, "invalid or revoked ingest key") from None
-        except WriterStalled as exc:  # past the write deadline: the batch stays queued and may be stored
-            raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    accepted, duplicates = await store_events(request, project, ip, visitor_agent(request), batch.events,
+                                              to_ms(batch.sent_at), received)
     return web.Response(status=202, body=json_encoder.encode(IngestAck(accepted, duplicates)), headers=_JSON)
