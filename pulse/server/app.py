@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
 from pulse.enrich import load_agent_rules
-from pulse.server import analytics, ingest, live, metrics, static
+from pulse.server import analytics, dropin, ingest, live, metrics, static
 from pulse.server.auth import KeyRing
 from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE, WARM_UP
 from pulse.server.limits import TokenBuckets
@@ -103,6 +103,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(live.routes)
     app.add_routes(static.routes)
     app.add_routes(metrics.routes)
+    app.add_routes(dropin.ROUTES)
     return app
 
 

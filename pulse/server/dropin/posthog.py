@@ -1,0 +1,7 @@
+"""Ingest in Posthog's format."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+routes = web.RouteTableDef()
