@@ -11,15 +11,14 @@ import json
 import logging
 import os
 import secrets
-import stat
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
 from pulse.enrich import load_agent_rules
+from pulse.files import DATA_DIR_MODE, make_private
 from pulse.server import analytics, dropin, ingest, live, metrics, static
 from pulse.server.auth import KeyRing
 from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE, WARM_UP
@@ -31,7 +30,6 @@ from pulse.storage.base import open_store
 from pulse.storage.model import StoreInUse
 
 log = logging.getLogger("pulse.server")
-DATA_DIR_MODE = 0o700  # the database, the operator token in server.json: the owner's alone
 
 routes = web.RouteTableDef()
 
@@ -117,17 +115,6 @@ def local_url(settings: Settings) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"http://{host}:{settings.port}"
-
-
-def make_private(path: Path, mode: int) -> None:
-    """Give `path` this mode if it exists with another; a warning if it cannot (someone else owns it)."""
-    try:
-        if stat.S_IMODE(path.stat().st_mode) != mode:
-            os.chmod(path, mode)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot make %s private (mode %o): %s", path, mode, exc.strerror)
 
 
 @contextlib.contextmanager

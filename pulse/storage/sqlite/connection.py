@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,10 +12,11 @@ from pathlib import Path
 
 import apsw
 
+from pulse.files import FILE_MODE
+
 BUSY_TIMEOUT_MS = 5000
-# the database holds every project's events: its owner's alone. SQLite gives the -wal and -shm files the
-# database file's mode, so a database made with this mode keeps all three private
-DB_MODE = 0o600
+# the database holds every project's events: its owner's alone (FILE_MODE). SQLite gives the -wal and -shm
+# files the database file's mode, so a database made with that mode keeps all three private
 
 log = logging.getLogger("pulse.storage")
 
@@ -43,26 +43,14 @@ def connect(path: Path | str, *, readonly: bool = False, synchronous: str = "FUL
 
 
 def create_private(path: Path | str) -> None:
-    """Make a missing database file empty with DB_MODE (SQLite would use the umask's mode, 0644 as a rule).
+    """Make a missing database file empty with FILE_MODE (SQLite would use the umask's mode, 0644 as a rule).
 
     An existing file is not opened: closing a descriptor of a database file drops every POSIX lock this
     process holds on it, the locks of its open SQLite connections too.
     """
     if not os.path.exists(path):
         with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_MODE))
-
-
-def make_private(path: Path) -> None:
-    """Give an existing database file DB_MODE if it has another (made by an older pulse, or copied in by hand);
-    a warning if it cannot (someone else owns it)."""
-    try:
-        if stat.S_IMODE(path.stat().st_mode) != DB_MODE:
-            os.chmod(path, DB_MODE)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot make %s private (mode %o): %s", path, DB_MODE, exc.strerror)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ from pulse.storage.model import (
     StoreInUse, WriterStalled,
 )
 from pulse.storage.sqlite import breakdowns, lists, maintenance, periods, projects
-from pulse.storage.sqlite.connection import DB_MODE, connect, make_private
+from pulse.files import FILE_MODE, make_private
+from pulse.storage.sqlite.connection import connect
 from pulse.storage.sqlite.reader import Reader
 from pulse.storage.sqlite.schema import migrate
 from pulse.storage.sqlite.warmup import warm
@@ -94,7 +95,7 @@ class SQLiteStore(Store):
         the server has closed its own connections, as closing it drops every POSIX lock this process holds on
         the file."""
         database = self.path.resolve()
-        handle = os.open(database, os.O_RDONLY | os.O_CREAT, DB_MODE)
+        handle = os.open(database, os.O_RDONLY | os.O_CREAT, FILE_MODE)
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
