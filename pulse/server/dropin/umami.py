@@ -90,7 +90,7 @@ def sign(token: Token) -> str:
 
 def verify(cache: str | None) -> Token | None:
     """The token's content if this server signed it, else None (a forged, altered or stale token is ignored)."""
-    if not cache or cache.count(".") != 1:
+    if not cache or not cache.isascii() or cache.count(".") != 1:  # a token this server made is ASCII
         return None
     payload, signature = cache.split(".")
     if not hmac.compare_digest(signature, _signature(payload)):
@@ -102,7 +102,8 @@ def verify(cache: str | None) -> Token | None:
 
 
 def _uuid(*parts: str) -> str:
-    """A stable UUID for these parts, keyed like the cache (not guessable from the visitor's IP and agent)."""
+    """The same UUID for the same parts while the server runs, keyed like the cache (so not to be worked back
+    to the visitor's IP and agent)."""
     digest = hmac.digest(_CACHE_KEY, "\x00".join(parts).encode(), "sha256")
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
