@@ -93,8 +93,8 @@ def _page(url: str, hash_mode: bool) -> tuple[str | None, str | None]:
     return url, None
 
 
-def decode(body: bytes) -> tuple[str, str, list[str], IngestEvent | None]:
-    """The event's name, URL, domains, and the pulse event to record (None for an engagement event)."""
+def decode(body: bytes) -> tuple[list[str], IngestEvent | None]:
+    """The event's domains, and the pulse event to record (None for an engagement event)."""
     try:
         raw = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -126,7 +126,7 @@ def decode(body: bytes) -> tuple[str, str, list[str], IngestEvent | None]:
         if not any(isinstance(raw.get(key), int) and not isinstance(raw.get(key), bool) for key in ("sd", "e")):
             raise BadEvent("event_name", "engagement event requires a valid integer value for at least one of"
                                          " 'sd' or 'e' fields")
-        return name, url, domains, None
+        return domains, None
     referrer = _first(raw, "r", "referrer")
     if referrer is not None and not isinstance(referrer, str):
         raise BadEvent("referrer", "is invalid")
@@ -146,7 +146,7 @@ def decode(body: bytes) -> tuple[str, str, list[str], IngestEvent | None]:
         referrer=referrer[:MAX_URL] if referrer else None,
         properties=props,
     )
-    return name, url, domains, event
+    return domains, event
 
 
 @routes.post("/api/event")
@@ -164,7 +164,7 @@ async def event(request: web.Request) -> web.Response:
 async def _event(request: web.Request) -> web.Response:
     body = await read_body(request)
     received = time.time_ns() // 1_000_000
-    _, _, domains, found = decode(body)
+    domains, found = decode(body)
     if found is None:  # engagement: Plausible's time on page, which pulse does not keep
         return _accepted(0)
     agent = visitor_agent(request)
