@@ -61,6 +61,7 @@ def projects_create(name: str, domain: str | None, timezone: str, retention_days
     tag = settings.script_tag(ingest_key)
     emit(as_json, {**project.as_dict(), "ingest_key": ingest_key, "read_token": read_token, "script_tag": tag}, "\n".join([
         f"created project {project.id} ({project.name})",
+        f"site id:     {project.site_id}   (names the project to Umami's trackers)",
         f"ingest key:  {ingest_key}",
         f"read token:  {read_token}   (shown once: store it now)",
         "script tag:",

@@ -31,6 +31,8 @@ class KeyRing:
         self.on_reload: Callable[[], Awaitable[None]] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_task: asyncio.Task | None = None  # kept: the loop holds tasks weakly
+        # the projects by a field (site id, domain), built again when a reload replaces `projects`
+        self._indexes: dict[str, tuple[dict[int, Project], dict[str, Project]]] = {}
 
     async def reload(self) -> None:
         catalog = await self.store.catalog()
@@ -99,6 +101,25 @@ class KeyRing:
         if found is None or not found.valid(now_ms()) or found.project_id not in self.projects:
             return None
         return found
+
+    def by_site_id(self, site_id: str) -> Project | None:
+        """The project with this site id (what Umami's trackers send as `website`), if any."""
+        return self._index("site_id").get(site_id.lower())
+
+    def by_domain(self, domain: str) -> Project | None:
+        """The project with this domain (what Plausible's trackers send), the oldest if several share it."""
+        return self._index("domain").get(domain.lower())
+
+    def _index(self, field: str) -> dict[str, Project]:
+        built = self._indexes.get(field)
+        if built is None or built[0] is not self.projects:
+            found: dict[str, Project] = {}
+            for project in sorted(self.projects.values(), key=lambda p: p.id):
+                value = getattr(project, field)
+                if value:
+                    found.setdefault(value.lower(), project)
+            built = self._indexes[field] = (self.projects, found)
+        return built[1]
 
     def ingest(self, request: web.Request) -> Project:
         """The project an ingest request is for, from `X-API-Key` or `?key=`."""

@@ -19,7 +19,7 @@ access_log = logging.getLogger("pulse.access")
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type, X-API-Key, Authorization",
+    "Access-Control-Allow-Headers": "Content-Type, X-API-Key, Authorization, X-Umami-Cache",
     "Access-Control-Max-Age": "86400",
 }
 

@@ -119,6 +119,8 @@ class Project:
     created_at: int
     # hosts whose pages may send events (a host also allows its subdomains); None: any origin
     allowed_origins: str | None = None
+    # a UUID made at creation, by which trackers that send no key name the project (Umami's `website`)
+    site_id: str | None = None
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a browser on `origin` may send events. Requests without an Origin (servers) always may."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apsw
@@ -73,7 +74,7 @@ def _row_to_project(row: tuple) -> Project:
     return Project(*row)
 
 
-_PROJECT_COLUMNS = "id, name, domain, timezone, retention_days, created_at, allowed_origins"
+_PROJECT_COLUMNS = "id, name, domain, timezone, retention_days, created_at, allowed_origins, site_id"
 
 
 def list_projects(conn: apsw.Connection) -> list[Project]:
@@ -124,9 +125,9 @@ def create_project(
             "SELECT max(coalesce((SELECT max(id) FROM projects), 0),"
             " coalesce((SELECT value FROM meta WHERE key = 'last_project_id'), 0)) + 1").fetchone()[0]
         conn.execute(
-            "INSERT INTO projects(id, name, domain, timezone, retention_days, created_at, allowed_origins)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (project_id, name, domain, timezone, retention_days, now_ms(), allowed_origins),
+            "INSERT INTO projects(id, name, domain, timezone, retention_days, created_at, allowed_origins, site_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (project_id, name, domain, timezone, retention_days, now_ms(), allowed_origins, str(uuid.uuid4())),
         )
         conn.execute("INSERT INTO meta(key, value) VALUES ('last_project_id', ?)"
                      " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (project_id,))

@@ -216,6 +216,23 @@ MIGRATIONS.append(
 )
 
 
+
+def _site_ids(conn: apsw.Connection) -> None:
+    """7: every project's site id, a UUID that names it to trackers that send one rather than a key (Umami's
+    `website`); existing projects get theirs here. The column may be there already when an older schema
+    number was set over a newer database: it is then only filled where empty."""
+    import uuid
+
+    if not any(column[1] == "site_id" for column in conn.execute("PRAGMA table_info(projects)")):
+        conn.execute("ALTER TABLE projects ADD COLUMN site_id TEXT")
+    for (project_id,) in list(conn.execute("SELECT id FROM projects WHERE site_id IS NULL")):
+        conn.execute("UPDATE projects SET site_id = ? WHERE id = ?", (str(uuid.uuid4()), project_id))
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS projects_site_id ON projects(site_id)")
+
+
+MIGRATIONS.append(_site_ids)
+
+
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 
