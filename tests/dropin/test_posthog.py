@@ -64,6 +64,15 @@ async def test_gzip_by_magic_bytes_maps_a_pageview(client, project):
     assert row["properties"] == {"plan": "pro", "$browser": "Chrome"}
 
 
+async def test_content_encoding_gzip_as_posthog_python_sends_it(client, project):
+    batch = {"api_key": project.ingest_key, "batch": [posthog_event(project.ingest_key)]}
+    body = gzip.compress(json.dumps(batch).encode())
+    response = await client.post("/batch/", data=body, headers={"Content-Type": "application/json",
+                                                                  "Content-Encoding": "gzip"})
+    assert response.status == 200, await response.text()
+    assert [r["event"] for r in await stored(client, project)] == ["signup"]
+
+
 async def test_form_data_base64_and_get_data(client, project):
     form_event = posthog_event(project.ingest_key, "from_form")
     encoded = base64.b64encode(json.dumps([form_event]).encode()).decode()
