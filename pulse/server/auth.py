@@ -126,6 +126,10 @@ class KeyRing:
         secret = request.headers.get("X-API-Key") or request.query.get("key")
         if not secret:
             raise ApiError(401, "missing ingest key: send it in the X-API-Key header or the key query parameter")
+        return self.ingest_project(secret)
+
+    def ingest_project(self, secret: str) -> Project:
+        """The project an ingest key sends to, wherever the request carried it (401 or 403 otherwise)."""
         found = self.grant(secret)
         if found is None:
             raise ApiError(401, "invalid or revoked ingest key")
