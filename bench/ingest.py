@@ -113,10 +113,10 @@ class PeakSize(threading.Thread):
 
 
 def wrk(port: int, batch: int, key: str, duration: float, connections: int, server_pid: int,
-        wal: Path | None = None) -> dict:
+        wal: Path | None = None, fmt: str = "native", site: str = "") -> dict:
     """One wrk run; also the CPU time per request of the server and, for pulse, of its writer per event, and
-    the peak size of its WAL file during the run."""
-    env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key}
+    the peak size of its WAL file during the run. `fmt`: the body's format (see load.lua)."""
+    env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key, "PULSE_FORMAT": fmt, "PULSE_SITE": site}
     pids = [server_pid, *children(server_pid)]
     before = [cpu_seconds(pid) for pid in pids]
     with PeakSize(wal) as wal_size:
@@ -138,12 +138,17 @@ def median_runs(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def http_benchmarks(duration: float, repeat: int, connections: int) -> dict:
+def batches(fmt: str) -> tuple[int, ...]:
+    """Plausible's API takes one event a request."""
+    return (1,) if fmt == "plausible" else (1, 10, 50)
+
+
+def http_benchmarks(duration: float, repeat: int, connections: int, fmt: str = "native") -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="pulse-bench-"))
     created = json.loads(subprocess.run(
-        [sys.executable, "-m", "pulse.cli", "projects", "create", "bench", "--json", "--data-dir", str(data_dir)],
-        capture_output=True, text=True, check=True, cwd=ROOT).stdout)
-    key = created["ingest_key"]
+        [sys.executable, "-m", "pulse.cli", "projects", "create", "bench", "--domain", "shop.example", "--json",
+         "--data-dir", str(data_dir)], capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    key, site = created["ingest_key"], created.get("site_id", "")
     pulse_port, floor_port = free_port(), free_port()
     pulse = subprocess.Popen([sys.executable, "-m", "pulse.cli", "serve", "--port", str(pulse_port),
                               "--data-dir", str(data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -158,11 +163,15 @@ def http_benchmarks(duration: float, repeat: int, connections: int) -> dict:
             wrk(port, 10, key, 1, connections, pid)
         for batch in (1, 10, 50):
             runs: dict[str, list[dict]] = {"pulse": [], "floor": []}
-            for _ in range(repeat):  # interleaved, so both see the same machine noise
+            if fmt != "native" and batch in batches(fmt):
+                runs[fmt] = []
+            for _ in range(repeat):  # interleaved, so all see the same machine noise
                 runs["pulse"].append(wrk(pulse_port, batch, key, duration, connections, pulse.pid, wal))
                 results["wal_peak_mb"] = max(results["wal_peak_mb"], runs["pulse"][-1]["wal_mb"])
                 results["pss_mb"] = max(results.get("pss_mb", 0.0), pss_mb(pulse.pid))
                 runs["floor"].append(wrk(floor_port, batch, key, duration, connections, floor.pid))
+                if fmt in runs:
+                    runs[fmt].append(wrk(pulse_port, batch, key, duration, connections, pulse.pid, wal, fmt, site))
             results[batch] = {name: median_runs(r) for name, r in runs.items()}
         results["rss_mb"] = peak_rss_mb(pulse.pid)
     finally:
@@ -303,6 +312,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rows", type=int, default=200_000, help="rows for the writer-alone benchmark")
     parser.add_argument("--part", choices=("all", "http", "storage"), default="all", help="which benchmarks to run")
+    parser.add_argument("--format", choices=("native", "posthog", "plausible", "umami"), default="native",
+                        help="also send the same traffic in this product's format to pulse, next to its own")
     args = parser.parse_args()
     if args.part != "storage":
         http_part(args)
@@ -314,7 +325,7 @@ def http_part(args: argparse.Namespace) -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench/ingest.py needs wrk: apt-get install wrk")
     print(f"ingest over HTTP: wrk -t1 -c{args.connections}, {args.duration:g}s per run, median of {args.repeat}")
-    http = http_benchmarks(args.duration, args.repeat, args.connections)
+    http = http_benchmarks(args.duration, args.repeat, args.connections, args.format)
     print(f"{'batch':>5}  {'pulse req/s':>11} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-202':>7}"
           f"  {'floor req/s':>11} {'events/s':>9} {'p99 ms':>7}  {'pulse/floor':>11}")
     for batch in (1, 10, 50):
@@ -331,6 +342,14 @@ def http_part(args: argparse.Namespace) -> None:
           f" heaviest run {http['pss_mb']:.0f} MB); exit code after SIGTERM {http['exit_code']}; "
           f"{http['events_stored']:,} events stored, {http['bytes_per_event']:.0f} bytes/event on disk "
           "(events, indexes, rollups, sessions, persons)")
+    if args.format != "native":
+        print(f"the same traffic in {args.format}'s format to the same server, interleaved with pulse's own:")
+        print(f"{'batch':>5}  {'native ev/s':>11} {args.format + ' ev/s':>15} {'ratio':>6} {'p99 ms':>7}"
+              f" {'non-2xx':>7}  {'server us/req':>13}")
+        for batch in batches(args.format):
+            p, f = http[batch]["pulse"], http[batch][args.format]
+            print(f"{batch:>5}  {p['eps']:>11,.0f} {f['eps']:>15,.0f} {f['eps'] / p['eps']:>6.0%} {f['p99_ms']:>7.2f}"
+                  f" {f['bad']:>7,.0f}  {f['server_us']:>10,.1f} us")
     print(f"pulse WAL peak size {http['wal_peak_mb']:.1f} MB (sampled every 20 ms during each wrk run); by batch size "
           + ", ".join(f"{batch}: {http[batch]['pulse']['wal_mb']:.1f} MB" for batch in (1, 10, 50)) + " (median of runs)")
 
