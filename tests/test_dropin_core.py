@@ -1,0 +1,201 @@
+"""What drop-in ingest relies on in pulse's own ingest path and writer: sessions for events that name none,
+backends that are not bots, client IPs behind trusted proxies, and keys that work as soon as they are made."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+
+from pulse.protocol import IngestEvent
+from pulse.storage.model import IngestJob
+from pulse.storage.sqlite.rows import prepare
+from pulse.storage.sqlite.wire import Submit
+from tests.conftest import event
+
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+GAP = 30 * MINUTE
+BASE = int(datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp() * 1000)
+WINDOW = {"from": "2026-03-01", "to": "2026-03-03"}
+
+
+# -- sessions for events without a session id -------------------------------------------------------
+
+
+def split_visits(times_by_visitor: dict[str, list[tuple[int, str | None]]]) -> list[list[tuple[int, str | None]]]:
+    """Each visitor's (ts, page path or None) split into visits wherever 30 minutes pass without an event."""
+    visits = []
+    for events in times_by_visitor.values():
+        current: list = []
+        for ts, path in sorted(events, key=lambda item: item[0]):
+            if current and ts - current[-1][0] > GAP:
+                visits.append(current)
+                current = []
+            current.append((ts, path))
+        visits.append(current)
+    return visits
+
+
+def expected_numbers(visits: list[list[tuple[int, str | None]]]) -> dict:
+    pages = [[path for _, path in visit if path is not None] for visit in visits]
+    count = len(visits)
+    return {
+        "sessions": count,
+        "bounce_rate": round(sum(len(visit) == 1 for visit in visits) / count, 4),
+        "avg_session_seconds": round(sum(visit[-1][0] - visit[0][0] for visit in visits) / count / 1000, 1),
+        "pages_per_session": round(sum(len(p) for p in pages) / count, 2),
+        "entry": Counter(p[0] for p in pages if p),
+        "exit": Counter(p[-1] for p in pages if p),
+    }
+
+
+async def read_numbers(client, project) -> dict:
+    headers = {"Authorization": f"Bearer {project.read_token}"}
+    base = f"/api/v1/projects/{project.id}"
+    overview = await (await client.get(f"{base}/overview", params=WINDOW, headers=headers)).json()
+    found = {key: overview[key] for key in ("sessions", "bounce_rate", "avg_session_seconds", "pages_per_session")}
+    for kind in ("entry", "exit"):
+        body = await (await client.get(f"{base}/{kind}-pages", params=WINDOW, headers=headers)).json()
+        found[kind] = Counter({row["value"]: row["count"] for row in body["rows"]})
+    return found
+
+
+async def post(client, project, events: list[dict], **headers) -> None:
+    response = await client.post("/api/v1/events/ingest", json={"events": events},
+                                 headers={"X-API-Key": project.ingest_key, **headers})
+    assert response.status == 202, await response.text()
+
+
+def page(ts: int, path: str, **fields) -> dict:
+    return event("page_view", timestamp=ts, page_url=f"https://site.example{path}", **fields)
+
+
+async def test_events_without_a_session_id_are_split_into_visits_by_their_visitor(client, project):
+    """Interleaved visitors (named, anonymous by IP, one identified mid-visit) sent in several batches: the
+    sessions, bounce rate, duration, pages per session and entry and exit pages are those of each
+    visitor's events split wherever 30 minutes pass without one."""
+    rng = random.Random(7)
+    start = BASE + 9 * HOUR
+    # (visitor, ts offset in minutes, path or None for a non-page event)
+    plan = [
+        # a visitor who pauses for more than 30 minutes: two visits
+        *[("ann", m, p) for m, p in ((0, "/"), (10, "/pricing"), (25, None), (29, "/docs"), (65, "/blog"),
+                                     (80, "/"))],
+        # exactly 30 minutes apart: one visit; then a single page view 31 minutes later: a bounce
+        *[("bob", m, p) for m, p in ((5, "/docs"), (35, "/docs/api"), (66, "/pricing"))],
+        # anonymous visitors told apart by their IP (no distinct id): one bounce each
+        ("ip:198.51.100.7", 12, "/"), ("ip:198.51.100.8", 13, "/blog"),
+        # identified mid-visit: the anonymous id's events and the user's make one visit
+        ("anon-cat", 20, "/"), ("anon-cat", 24, "/signup"), ("identify-cat", 26, None), ("cat", 30, "/welcome"),
+        ("cat", 45, "/app"),
+    ]
+    bodies: list[dict] = []
+    visitors: dict[str, list[tuple[int, str | None]]] = {}
+    for who, minutes, path in plan:
+        ts = start + minutes * MINUTE
+        fields: dict = {}
+        if who.startswith("ip:"):
+            fields["ip"] = who[3:]
+        elif who == "identify-cat":
+            fields.update(distinct_id="cat", anon_id="anon-cat")
+        else:
+            fields["distinct_id"] = who
+        body = page(ts, path, **fields) if path else event("click", timestamp=ts, **fields)
+        if who == "identify-cat":
+            body["event"] = "$identify"
+        bodies.append(body)
+        person = "cat" if who in ("anon-cat", "identify-cat") else who
+        visitors.setdefault(person, []).append((ts, path))
+    bodies.sort(key=lambda body: body["timestamp"])  # visitors interleaved, each in the order of its events
+    at = 0
+    while at < len(bodies):
+        size = rng.randint(1, 4)
+        await post(client, project, bodies[at:at + size])
+        at += size
+    expected = expected_numbers(split_visits(visitors))
+    assert expected["sessions"] == 7
+    assert await read_numbers(client, project) == expected
+
+
+async def test_a_late_event_within_the_gap_joins_the_visit_and_one_later_starts_another(client, project):
+    """An event that arrives after later ones of its visit, but within 30 minutes of them, is in the visit;
+    one more than 30 minutes after the last event starts a new visit."""
+    start = BASE + 14 * HOUR
+    await post(client, project, [page(start + 20 * MINUTE, "/b", distinct_id="dan")])
+    await post(client, project, [page(start, "/a", distinct_id="dan")])  # late, 20 minutes before
+    await post(client, project, [page(start + 51 * MINUTE, "/c", distinct_id="dan")])  # 31 after the last
+    expected = expected_numbers(split_visits({"dan": [(start, "/a"), (start + 20 * MINUTE, "/b"),
+                                                      (start + 51 * MINUTE, "/c")]}))
+    assert expected["sessions"] == 2
+    assert await read_numbers(client, project) == expected
+
+
+def _submit(project_id: int, events: list[IngestEvent], job_id: int = 1) -> list[Submit]:
+    job = IngestJob(project_id, events, received_ms=BASE + 48 * HOUR, skew_ms=0, ip="192.0.2.1",
+                    user_agent="Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0")
+    return [Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, prepare(job))]
+
+
+def _visits_stored(conn, project_id: int) -> set[frozenset[str]]:
+    """The events of each stored session, by uuid."""
+    found: dict[int, set[str]] = {}
+    for session_id, uid in conn.execute("SELECT session_id, uuid FROM events WHERE project_id = ?", (project_id,)):
+        found.setdefault(session_id, set()).add(str(uuid.UUID(bytes=uid)))
+    return {frozenset(uids) for uids in found.values()}
+
+
+def test_the_writer_finds_a_visit_again_after_a_crash_and_after_its_cache_is_emptied(db, project, monkeypatch):
+    """A visit whose last event is only in the changes kept in memory when the writer dies goes on after
+    the restart (the replay rebuilds it); so does one whose cached state was dropped (the table has it).
+    verify agrees with every row."""
+    from pulse.storage.sqlite import identities
+    from pulse.storage.sqlite.applier import BatchApplier
+    from pulse.storage.sqlite.maintenance import verify
+
+    monkeypatch.setattr(identities, "CACHE_LIMIT", 1)  # every flush empties the cache of current visits
+    sent: dict[str, list[tuple[int, str]]] = {}
+    uids: dict[tuple[str, int], str] = {}
+
+    def events(*items: tuple[str, int]) -> list[IngestEvent]:
+        made = []
+        for who, minutes in items:
+            uid = uuid.uuid4()
+            ts = BASE + 9 * HOUR + minutes * MINUTE
+            uids[(who, ts)] = str(uid)
+            sent.setdefault(who, []).append((ts, "/"))
+            made.append(IngestEvent(event="page_view", uuid=uid, distinct_id=who, timestamp=ts,
+                                    page_url="https://site.example/"))
+        return made
+
+    applier = BatchApplier(db)
+    with db:
+        applier.apply(_submit(project.id, events(("eve", 0), ("fay", 0), ("gus", 0))), flush=True)
+    with db:  # flushed: eve's and fay's visits are whole in the table, and the cache is emptied
+        applier.apply(_submit(project.id, events(("eve", 20), ("fay", 25))), flush=True)
+    with db:  # kept in memory only: eve's visit now ends at 40, the table says 20
+        applier.apply(_submit(project.id, events(("eve", 40), ("gus", -45))), flush=False)
+    applier = BatchApplier(db)  # the writer died; the next one replays the events after derived_through
+    with db:  # 65 is within 30 minutes of 40 only; fay's 50 is within 30 of the 25 the table holds
+        applier.apply(_submit(project.id, events(("eve", 65), ("fay", 50), ("gus", 20))), flush=False)
+    applier = BatchApplier(db)
+    with db:
+        applier.apply(_submit(project.id, events(("eve", 90), ("gus", 45))), flush=True)
+
+    expected = {frozenset(uids[(who, ts)] for ts, _ in visit)
+                for who in sent for visit in split_visits({who: sent[who]})}
+    assert len(expected) == 4  # eve 0-90, fay 0-50, gus -45 and gus 0-45
+    assert _visits_stored(db, project.id) == expected
+    assert [str(d) for d in verify(db)] == []
+    keys = [key for (key,) in db.execute("SELECT session_key FROM sessions")]
+    assert len(set(keys)) == 4 and all(key.startswith("$auto:") for key in keys)
+
+
+async def test_a_client_session_id_in_the_inferred_form_is_taken_for_none(client, project):
+    """Keys starting `$auto:` are the writer's own: a client's is ignored, so it cannot take one of them."""
+    start = BASE + 9 * HOUR
+    await post(client, project, [page(start, "/", distinct_id="hal", session_id="$auto:1"),
+                                 page(start + MINUTE, "/x", distinct_id="ivy", session_id="$auto:1")])
+    expected = expected_numbers(split_visits({"hal": [(start, "/")], "ivy": [(start + MINUTE, "/x")]}))
+    assert await read_numbers(client, project) == expected
