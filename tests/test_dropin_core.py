@@ -199,3 +199,50 @@ async def test_a_client_session_id_in_the_inferred_form_is_taken_for_none(client
                                  page(start + MINUTE, "/x", distinct_id="ivy", session_id="$auto:1")])
     expected = expected_numbers(split_visits({"hal": [(start, "/")], "ivy": [(start + MINUTE, "/x")]}))
     assert await read_numbers(client, project) == expected
+
+
+# -- backends are not bots --------------------------------------------------------------------------
+
+FIREFOX = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:121.0) Gecko/20100101 Firefox/121.0"
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+
+
+async def test_a_backend_s_events_count_and_the_visitor_s_agent_and_ip_it_forwards_are_used(client, project):
+    """Posted with urllib's own User-Agent (`Python-urllib/3.x`, which reads as a bot): counted. An event
+    carrying a crawler's user_agent is a bot's; two carrying a browser's user_agent and different ips (no
+    distinct id) are two users of that browser, OS and device."""
+    import asyncio
+    import json
+    import urllib.request
+
+    start = BASE + 9 * HOUR
+    body = json.dumps({"events": [
+        event("api_call", distinct_id="server-side", timestamp=start),
+        event("crawl", user_agent=GOOGLEBOT, ip="66.249.66.1", timestamp=start + 1),
+        event("browse", user_agent=FIREFOX, ip="203.0.113.1", timestamp=start + 2),
+        event("browse", user_agent=FIREFOX, ip="203.0.113.2", timestamp=start + 3),
+    ]}).encode()
+    request = urllib.request.Request(str(client.make_url("/api/v1/events/ingest")), data=body, method="POST",
+                                     headers={"X-API-Key": project.ingest_key, "Content-Type": "application/json"})
+    assert request.get_header("User-agent") is None  # urllib sends its own, Python-urllib/3.x
+
+    def send() -> int:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+
+    assert await asyncio.to_thread(send) == 202
+    headers = {"Authorization": f"Bearer {project.read_token}"}
+    base = f"/api/v1/projects/{project.id}"
+
+    async def get(path: str) -> dict:
+        response = await client.get(f"{base}/{path}", params=WINDOW, headers=headers)
+        assert response.status == 200
+        return await response.json()
+
+    overview = await get("overview")
+    assert (overview["events"], overview["unique_users"]) == (3, 3)  # the crawler's event is left out
+    top = {row["value"]: (row["count"], row["unique_users"]) for row in (await get("top-events"))["rows"]}
+    assert top == {"api_call": (1, 1), "browse": (2, 2)}
+    for breakdown, value in (("browsers", "Firefox"), ("os", "Windows"), ("devices", "desktop")):
+        rows = {row["value"]: (row["count"], row["unique_users"]) for row in (await get(breakdown))["rows"]}
+        assert rows[value] == (2, 2), (breakdown, rows)
