@@ -246,3 +246,63 @@ async def test_a_backend_s_events_count_and_the_visitor_s_agent_and_ip_it_forwar
     for breakdown, value in (("browsers", "Firefox"), ("os", "Windows"), ("devices", "desktop")):
         rows = {row["value"]: (row["count"], row["unique_users"]) for row in (await get(breakdown))["rows"]}
         assert rows[value] == (2, 2), (breakdown, rows)
+
+
+# -- the client's address behind trusted proxies ----------------------------------------------------
+
+
+async def users_by_address(aiohttp_client, settings, project, requests: list[dict], **overrides) -> int:
+    """Send one anonymous event per set of headers (from 127.0.0.1); how many users they make (the anonymous
+    user is the hash of the client's address and user agent, the same for every request here)."""
+    import dataclasses
+
+    from pulse.server.app import create_app
+
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, trust_proxy=True, **overrides)))
+    for headers in requests:
+        await post(client, project, [event("page_view", timestamp=BASE + 9 * HOUR)], **headers)
+    response = await client.get(f"/api/v1/projects/{project.id}/overview", params=WINDOW,
+                                headers={"Authorization": f"Bearer {project.read_token}"})
+    return (await response.json())["unique_users"]
+
+
+async def test_entries_a_client_puts_left_of_the_proxy_s_are_ignored(aiohttp_client, settings, project):
+    """The proxy (127.0.0.1, trusted by default) appends the address it saw; what the client wrote before
+    it (any address it likes) does not make it another user."""
+    assert await users_by_address(aiohttp_client, settings, project, [
+        {"X-Forwarded-For": "198.51.100.1, 203.0.113.5"},
+        {"X-Forwarded-For": "198.51.100.2,203.0.113.5"},
+        {"X-Forwarded-For": "203.0.113.5"},
+    ]) == 1
+
+
+async def test_a_chain_through_two_trusted_proxies_gives_the_client(aiohttp_client, settings, project):
+    """Through a proxy at 10.0.0.2 and then one on the host: the client is the address the first trusted
+    proxy saw, whichever header carries the chain."""
+    assert await users_by_address(aiohttp_client, settings, project, [
+        {"X-Forwarded-For": "198.51.100.1, 203.0.113.9, 10.0.0.2"},
+        {"Forwarded": 'for=198.51.100.2, for=203.0.113.9;proto=https, for="10.0.0.2:4711"'},
+        {"Forwarded": 'for="[2001:db8::7]";proto=https', "X-Forwarded-For": "203.0.113.9"},  # Forwarded first
+        {"X-Real-IP": "203.0.113.9"},
+        {"X-Forwarded-For": "203.0.113.10, 10.0.0.2"},
+    ], trusted_proxies="127.0.0.0/8, 10.0.0.0/8") == 3  # 203.0.113.9, 2001:db8::7 and 203.0.113.10
+
+
+async def test_an_untrusted_peer_s_forwarding_headers_are_ignored(aiohttp_client, settings, project):
+    """When the direct peer is not a trusted proxy, its headers say nothing: the peer is the client."""
+    assert await users_by_address(aiohttp_client, settings, project, [
+        {"X-Forwarded-For": "203.0.113.5"},
+        {"Forwarded": "for=203.0.113.6"},
+        {"X-Real-IP": "203.0.113.7"},
+    ], trusted_proxies="10.0.0.0/8") == 1
+
+
+def test_serve_refuses_a_trusted_proxy_that_is_no_network(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pulse.cli", "serve", "--trust-proxy", "--trusted-proxies",
+                           "10.0.0.0/8,proxy.example", "--data-dir", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == "error: trusted_proxies: not an IP network: 'proxy.example'\n"
