@@ -306,3 +306,77 @@ def test_serve_refuses_a_trusted_proxy_that_is_no_network(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr == "error: trusted_proxies: not an IP network: 'proxy.example'\n"
+
+
+# -- a key works as soon as it is made --------------------------------------------------------------
+
+
+async def test_a_key_made_by_the_cli_works_at_once_against_a_running_server(tmp_path, monkeypatch):
+    """`pulse projects create` and `pulse keys rotate` beside a running `pulse serve` (which would see the
+    change only at its next catalog poll, a minute away here): the first event sent with the new key is
+    taken, and the rotated-out key is refused."""
+    import asyncio
+    import json
+    import signal
+
+    import aiohttp
+
+    from tests.servers import Server, pulse
+
+    monkeypatch.setenv("PULSE_CATALOG_POLL_S", "60")
+    data_dir = tmp_path / "data"
+    pulse("projects", "create", "first", "--json", data_dir=data_dir)  # the database exists before the server
+    server = Server(data_dir)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def send(key: str) -> int:
+                async with session.post(f"{server.url}/api/v1/events/ingest", json={"events": [event()]},
+                                        headers={"X-API-Key": key}) as response:
+                    return response.status
+
+            made = json.loads((await asyncio.to_thread(pulse, "projects", "create", "shop", "--json",
+                                                       data_dir=data_dir)).stdout)
+            assert await send(made["ingest_key"]) == 202
+            rotated = json.loads((await asyncio.to_thread(pulse, "keys", "rotate", "shop", "--ingest", "--json",
+                                                          data_dir=data_dir)).stdout)
+            assert await send(rotated["ingest_key"]) == 202
+            assert await send(made["ingest_key"]) == 401
+    finally:
+        assert await asyncio.to_thread(server.stop, signal.SIGTERM) == 0
+
+
+async def test_unknown_keys_do_not_reload_the_catalog_each_time(aiohttp_client, settings, make_project):
+    """Keys nobody made, sent again and again (the same one, or a new one each time), reload the catalog
+    never: it has not changed. A key made meanwhile reloads it once, and its request is taken."""
+    import dataclasses
+
+    from pulse.server.app import create_app
+    from pulse.server.keys import KEYRING
+
+    make_project("first")
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, catalog_poll_s=3600)))
+    keyring = client.app[KEYRING]
+    reloads = 0
+    notify = keyring.on_reload
+
+    async def counted() -> None:
+        nonlocal reloads
+        reloads += 1
+        if notify is not None:
+            await notify()
+
+    keyring.on_reload = counted
+
+    async def send(key: str) -> int:
+        response = await client.post("/api/v1/events/ingest", json={"events": [event()]}, headers={"X-API-Key": key})
+        return response.status
+
+    garbage = [f"pk_garbage{n % 5 if n < 50 else n}" for n in range(100)]
+    assert [await send(key) for key in garbage] == [401] * 100
+    assert reloads == 0
+    made = make_project("second")
+    assert await send(made.ingest_key) == 202
+    assert reloads == 1
+    assert [await send(key) for key in garbage] == [401] * 100
+    assert reloads == 1

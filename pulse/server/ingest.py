@@ -210,7 +210,7 @@ def _abandon(futures: list[asyncio.Future]) -> None:
 
 
 async def _ingest(request: web.Request) -> web.Response:
-    project = request.app[KEYRING].ingest(request)
+    project = await request.app[KEYRING].ingest_current(request)
     ip = admit(request, project)
     body = await read_body(request)
     received = time.time_ns() // 1_000_000
