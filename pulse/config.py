@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
 import os
 from pathlib import Path
 
@@ -52,8 +54,10 @@ class Settings:
     warm_days: int = 31
     # the readers' cache of per-day results (MiB, as estimated from what it holds)
     cache_mib: int = 96
-    # network
+    # network: with trust_proxy, the client's address is the right-most one in Forwarded, X-Forwarded-For or
+    # X-Real-IP that is not one of these proxies' (comma-separated CIDRs), when the direct peer is one of them
     trust_proxy: bool = False
+    trusted_proxies: str = "127.0.0.0/8,::1/128"
     catalog_poll_s: float = 0.25
     # a token that reads every project, for tools on this host (`pulse tui`); `pulse serve` makes a fresh
     # one at each start and writes it to server.json in the data directory, readable by its owner only
@@ -99,6 +103,20 @@ class Settings:
             raise ValueError("write_timeout_s must be more than 0")
         if self.queue_max_events < 1000:
             raise ValueError("queue_max_events must be at least 1000 (one full batch)")
+        proxy_networks(self.trusted_proxies)
+
+
+@functools.lru_cache(maxsize=8)
+def proxy_networks(cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The networks of a comma-separated list of CIDRs (a bare address is one host); ValueError names a bad one."""
+    networks = []
+    for part in cidrs.split(","):
+        if part.strip():
+            try:
+                networks.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"trusted_proxies: not an IP network: {part.strip()!r}") from None
+    return tuple(networks)
 
 
 def _coerce(kind: object, raw: str, name: str) -> object:

@@ -29,18 +29,22 @@ DEMO_PROJECT = "demo"
                    f" (env PULSE_ACK; default: {DEFAULTS.ack}).")
 @click.option("--public-url", default=None, envvar="PULSE_PUBLIC_URL",
               help="Address sites use to reach this server, for the script tag.")
-@click.option("--trust-proxy", is_flag=True, default=None, help="Take client IPs from X-Forwarded-For.")
+@click.option("--trust-proxy", is_flag=True, default=None,
+              help="Take client IPs from Forwarded, X-Forwarded-For or X-Real-IP set by a trusted proxy.")
+@click.option("--trusted-proxies", default=None, metavar="CIDRS",
+              help="With --trust-proxy: the proxies' networks, comma-separated"
+                   f" (env PULSE_TRUSTED_PROXIES; default: {DEFAULTS.trusted_proxies}).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
               help="info: one line per refused request; debug: every request"
                    f" (env PULSE_LOG_LEVEL; default: {DEFAULTS.log_level}).")
 @handle_errors
 def serve(host: str, port: int, data_dir: Path, demo: bool, ack: str | None, public_url: str | None,
-          trust_proxy: bool | None, log_level: str | None) -> None:
+          trust_proxy: bool | None, trusted_proxies: str | None, log_level: str | None) -> None:
     """Run the server: ingest, read API, live feed, SDK and demo page."""
     from pulse.server.app import AlreadyRunning, run
 
     settings = settings_for(data_dir, host=host, port=port, ack=ack, public_url=public_url,
-                            trust_proxy=trust_proxy, log_level=log_level)
+                            trust_proxy=trust_proxy, trusted_proxies=trusted_proxies, log_level=log_level)
     seeder = None
     if demo:
         project, ingest_key, read_token, empty = ask_store(settings, _demo_project)

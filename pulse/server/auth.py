@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -15,6 +16,12 @@ from pulse.storage.base import Store
 from pulse.storage.model import INGEST, READ, KeyGrant, Project, digest, now_ms
 
 log = logging.getLogger(__name__)
+
+# an ingest key the keyring does not know makes it look at the catalog once (a key just made by the CLI works
+# before the next poll); then the key is refused for this long without another look, and at most this many
+# such keys are remembered, so unknown keys sent again and again cost one dictionary lookup each
+UNKNOWN_KEY_S = 1.0
+UNKNOWN_KEYS_MAX = 10_000
 
 
 class KeyRing:
@@ -33,6 +40,9 @@ class KeyRing:
         self._expiry_task: asyncio.Task | None = None  # kept: the loop holds tasks weakly
         # the projects by a field (site id, domain), built again when a reload replaces `projects`
         self._indexes: dict[str, tuple[dict[int, Project], dict[str, Project]]] = {}
+        # digest of an unknown ingest key -> when it may make the keyring look at the catalog again (monotonic)
+        self._unknown: dict[bytes, float] = {}
+        self._catching_up: asyncio.Future | None = None  # the look at the catalog under way, shared
 
     async def reload(self) -> None:
         catalog = await self.store.catalog()
@@ -136,6 +146,40 @@ class KeyRing:
         if found.kind != INGEST:
             raise ApiError(403, "this is a read token; sending events needs the project's ingest key (pk_…)")
         return self.projects[found.project_id]
+
+    async def ingest_current(self, request: web.Request) -> Project:
+        """`ingest`, for a key made a moment ago too: an unknown key is looked for in the catalog once (one
+        reload, if its version changed) before it is refused."""
+        secret = request.headers.get("X-API-Key") or request.query.get("key")
+        if secret and self.grant(secret) is None:
+            key_digest = digest(secret)
+            if self._unknown.get(key_digest, 0.0) <= time.monotonic():
+                await self._catch_up()
+                if self.grant(secret) is None:
+                    if len(self._unknown) >= UNKNOWN_KEYS_MAX:
+                        self._unknown.clear()
+                    self._unknown[key_digest] = time.monotonic() + UNKNOWN_KEY_S
+        return self.ingest(request)
+
+    async def _catch_up(self) -> None:
+        """Reload if the catalog changed since the last reload, by a look that starts after this call (one
+        under way may have read the catalog before the key was made); calls waiting meanwhile share it."""
+        if self._catching_up is not None:
+            await asyncio.shield(self._catching_up)
+        if self._catching_up is None:
+            self._catching_up = asyncio.ensure_future(self._reload_if_changed())
+            self._catching_up.add_done_callback(self._caught_up)
+        await asyncio.shield(self._catching_up)
+
+    def _caught_up(self, _: asyncio.Future) -> None:
+        self._catching_up = None
+
+    async def _reload_if_changed(self) -> None:
+        try:
+            if await self.store.catalog_version() != self.version:
+                await self.reload()
+        except Exception:  # the key is refused as it would have been without the look
+            log.exception("reloading keys failed")
 
     def read(self, request: web.Request, project_id: int) -> Project:
         """The project a read request may see, from `Authorization: Bearer sk_…` (or `?token=`)."""

@@ -15,6 +15,7 @@ import time
 import msgspec
 from aiohttp import web
 
+from pulse.config import Settings, proxy_networks
 from pulse.protocol import MAX_AGENT, IngestAck, IngestEvent, batch_decoder, json_encoder, to_ms
 from pulse.server.errors import ApiError, validation_error
 from pulse.server.keys import KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE
@@ -36,12 +37,67 @@ def _retrieve(future) -> None:
         future.exception()
 
 
-def client_ip(request: web.Request, trust_proxy: bool) -> str:
-    if trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-For")
-        if forwarded:
-            return forwarded.split(",", 1)[0].strip()
-    return request.remote or ""
+def client_ip(request: web.Request, settings: Settings) -> str:
+    """The client's address: the direct peer's, or with `trust_proxy`, when the peer is a trusted proxy, the
+    right-most address its forwarding headers name that is not a trusted proxy's.
+
+    Each proxy appends the address it was connected from, so the entries to the right of the first untrusted
+    one were written by trusted proxies and the ones to its left by the client itself (anything at all, as
+    werkzeug's ProxyFix and uvicorn read them too). One header is read: Forwarded (RFC 7239, its `for=`),
+    else X-Forwarded-For, else X-Real-IP. An entry that is no address (`unknown`, an obfuscated name) ends
+    the walk at the trusted hop after it; when every entry is a trusted proxy's, the left-most is the client.
+    """
+    peer = request.remote or ""
+    if not settings.trust_proxy:
+        return peer
+    trusted = proxy_networks(settings.trusted_proxies)
+    address = _address(peer)
+    if address is None or not _within(address, trusted):
+        return peer
+    headers = request.headers
+    if "Forwarded" in headers:
+        chain = [_forwarded_for(element) for element in ",".join(headers.getall("Forwarded")).split(",")]
+    elif "X-Forwarded-For" in headers:
+        chain = ",".join(headers.getall("X-Forwarded-For")).split(",")
+    else:
+        chain = headers.getall("X-Real-IP", [])
+    for entry in reversed(chain):
+        hop = _address(entry)
+        if hop is None:
+            break
+        address = hop
+        if not _within(address, trusted):
+            break
+    return str(address)
+
+
+def _within(address: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: tuple) -> bool:
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address from a header's entry: bare, `[IPv6]` or with a port (`1.2.3.4:80`, `[::1]:80`); None if
+    the entry is none."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _forwarded_for(element: str) -> str:
+    """The `for=` value of one element of a Forwarded header ("" when it has none)."""
+    for pair in element.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip().lower() == "for":
+            return value
+    return ""
 
 
 def visitor_agent(request: web.Request) -> str:
@@ -66,7 +122,7 @@ def admit(request: web.Request, project: Project) -> str:
     if not project.origin_allowed(origin):
         raise ApiError(403, f"origin {origin!r} may not send events to this project (allowed:"
                             f" {project.allowed_origins})")
-    ip = client_ip(request, app[SETTINGS].trust_proxy)
+    ip = client_ip(request, app[SETTINGS])
     wait = 0.0 if is_loopback(ip) else app[RATE_BY_IP].take(ip)
     if not wait:
         wait = app[RATE_BY_KEY].take(str(project.id))
@@ -154,7 +210,7 @@ def _abandon(futures: list[asyncio.Future]) -> None:
 
 
 async def _ingest(request: web.Request) -> web.Response:
-    project = request.app[KEYRING].ingest(request)
+    project = await request.app[KEYRING].ingest_current(request)
     ip = admit(request, project)
     body = await read_body(request)
     received = time.time_ns() // 1_000_000

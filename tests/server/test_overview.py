@@ -221,7 +221,7 @@ async def test_a_trait_set_after_a_filtered_day_was_read_changes_that_day(client
         return overview["events"], overview["unique_users"], overview["sessions"], pages["rows"]
 
     day = BASE + 24 * HOUR
-    await post(event("$identify", distinct_id="a", traits={"plan": "pro"}, timestamp=day),
+    await post(event("$identify", distinct_id="a", session_id="a1", traits={"plan": "pro"}, timestamp=day),
                *[event("page_view", distinct_id=user, session_id=f"{user}1", timestamp=day + HOUR + i,
                        page_url="https://site.example/docs") for i, user in enumerate("aabbb")])
     assert await read() == (3, 1, 1, [{"value": "/docs", "count": 2, "unique_users": 1}])

@@ -15,7 +15,7 @@ import msgspec
 from pulse.enrich import split_url
 from pulse.storage.model import DAY_MS, PAGE_VIEW
 from pulse.storage.sqlite.projects import catalog_version
-from pulse.storage.sqlite.identities import Identities
+from pulse.storage.sqlite.identities import INFERRED, Identities
 from pulse.storage.sqlite.interning import Interner, json_chunks
 from pulse.storage.sqlite.rollup_sets import RollupSets
 from pulse.storage.sqlite.rows import ANON_ID, DISTINCT_ID, SESSION_KEY, UID, time_uuid
@@ -85,7 +85,8 @@ class BatchApplier:
         """Rebuild the changes kept in memory from the events stored after derived_through.
 
         They were lost with a crashed writer or a rolled-back transaction; the events that make them are
-        on disk, and every session and person row holds nothing of them but idempotent times.
+        on disk, and every session and person row holds nothing of them but idempotent times. The persons'
+        current inferred sessions follow from the sessions' times, the kept changes included.
         """
         conn = self.conn
         row = conn.execute(READ_DERIVED_THROUGH).fetchone()
@@ -102,6 +103,7 @@ class BatchApplier:
                 parts = split_url(url) if url is not None and is_page else None
                 utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
                 kept.count_in_session(session_id, ts, is_page, path_id, referrer_id, utm, agent_id)
+        self.identities.rebuild_current(set(kept.sessions), kept)
         kept.since = time.monotonic()
 
     # -- the batch --------------------------------------------------------------------------------
@@ -127,6 +129,7 @@ class BatchApplier:
         self.identities.write_sessions(self.kept, flush, generation)
         if flush:
             self._flush()
+            self.identities.trim_current()
         elif self.kept.since is None and self.unwritten:
             self.kept.since = now
         if self.rollups.compact_due(now):
@@ -161,12 +164,14 @@ class BatchApplier:
         self.rollups.trim()
 
     def _look_up(self, jobs: list[Submit]) -> list[tuple[bytes, str]]:
-        """Load every distinct id and session key the batch names at once; returns each job's ip hash and
-        the distinct id of its events that have none."""
+        """Load every distinct id and session key the batch names at once, and the current inferred sessions
+        of the persons of events without a session key; returns each job's ip hash and the distinct id of its
+        events that have none."""
         identities = self.identities
         anonymous = []
         people: dict[int, set[str]] = {}
         session_keys: dict[int, set[str]] = {}
+        keyless: dict[int, set[str]] = {}
         for job in jobs:
             ip_hash = hashlib.sha256(
                 b"%s%d\x00%s\x00%s" % (self.interner.salt(job.received // DAY_MS), job.project_id, job.ip.encode(),
@@ -178,15 +183,22 @@ class BatchApplier:
             known_sessions = identities.sessions.setdefault(job.project_id, {})
             wanted = people.setdefault(job.project_id, set())
             keys = session_keys.setdefault(job.project_id, set())
+            named = keyless.setdefault(job.project_id, set())
             for ev in job.events:
                 distinct_id = ev[DISTINCT_ID] or anonymous_id
                 if distinct_id not in known_people:
                     wanted.add(distinct_id)
-                if ev[ANON_ID] is not None and ev[ANON_ID] not in known_people:
-                    wanted.add(ev[ANON_ID])
-                if ev[SESSION_KEY] is not None and ev[SESSION_KEY] not in known_sessions:
-                    keys.add(ev[SESSION_KEY])
-        identities.load(people, session_keys)
+                anon_id = ev[ANON_ID]
+                if anon_id is not None and anon_id not in known_people:
+                    wanted.add(anon_id)
+                session_key = ev[SESSION_KEY]
+                if session_key is None or session_key.startswith(INFERRED):
+                    named.add(distinct_id)
+                    if anon_id is not None:
+                        named.add(anon_id)
+                elif session_key not in known_sessions:
+                    keys.add(session_key)
+        identities.load(people, session_keys, keyless)
         return anonymous
 
     def _stored_uuids(self, jobs: list[Submit]) -> set[tuple[int, bytes]]:
@@ -217,6 +229,7 @@ class BatchApplier:
         strings = interner.strings
         string_id = interner.string_id
         new_person, identify, new_session = identities.new_person, identities.identify, identities.new_session
+        inferred_session = identities.inferred_session
         count, count_in_session = self.kept.count, self.kept.count_in_session
         event_id = self.next_event_id
         for index, job in enumerate(jobs):
@@ -244,8 +257,9 @@ class BatchApplier:
                     person_id = identify(project_id, distinct_id, anon_id, ts)
                 else:
                     person_id = persons.get(distinct_id) or new_person(project_id, distinct_id, ts)
-                session_id = None
-                if session_key is not None:
+                if session_key is None or session_key.startswith(INFERRED):
+                    session_id = inferred_session(project_id, person_id, ts)
+                else:
                     session_id = sessions.get(session_key) or new_session(project_id, session_key, person_id)
                 name_id = strings.get(name) or string_id(name)
                 path_id = None if path is None else (strings.get(path) or string_id(path))
@@ -264,9 +278,8 @@ class BatchApplier:
                 if traits is not None:
                     merged.append((traits, person_id))
                     traited.add(project_id)
-                if session_id is not None:
-                    count_in_session(session_id, ts, page_view, path_id, referrer_domain_id,
-                                     (utm_source, utm_medium, utm_campaign), agent_id)
+                count_in_session(session_id, ts, page_view, path_id, referrer_domain_id,
+                                 (utm_source, utm_medium, utm_campaign), agent_id)
             results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
         self.next_event_id = event_id
         return rows, results, merged, traited

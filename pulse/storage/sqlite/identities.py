@@ -5,10 +5,21 @@ so a new one gets its id at once and is inserted once per commit; the caches (pe
 -> person id, session key -> session id) mirror committed rows and are filled by one batched lookup per
 commit. What events add to existing rows (counts, times, entry and exit pages) is written behind them,
 from the changes kept in write_behind.Kept.
+
+An event without a session id (a Plausible or Umami snippet's, a backend's, a plain API call's) gets one
+from its person: it joins the person's current inferred session when its time lies within SESSION_GAP_MS
+after that session's last event and not more than SESSION_GAP_MS before its first, and starts a new one
+(key INFERRED and random hex) otherwise. A person's current inferred session is the one with the latest
+last event (the highest id among equals): only it is ever joined, and a new session becomes current
+unless it starts before the current one's last event (an event that arrived out of order by more than the
+gap). So the current session follows from the sessions' times alone, and is found again from the table and
+the changes kept in memory after a cache is emptied or the writer restarts (`load`, `rebuild_current`).
 """
 
 from __future__ import annotations
 
+import os
+import random
 import re
 
 import apsw
@@ -16,6 +27,12 @@ import apsw
 from pulse.storage.model import DAY_MS
 from pulse.storage.sqlite.interning import CACHE_LIMIT, json_chunks
 from pulse.storage.sqlite.write_behind import ENTRY_TS, EVENTS, FIRST, LAST, SESSION_FIELDS, Kept
+
+# the longest pause between two events of one inferred session
+SESSION_GAP_MS = 30 * 60_000
+# what the key of every inferred session starts with; a client's session id that does is taken for none
+INFERRED = "$auto:"
+_random_bits = random.Random(os.urandom(32)).getrandbits  # uniqueness, not secrecy: no syscall per session
 
 _LOOKUP_PEOPLE = (
     "SELECT distinct_id, person_id FROM person_ids"
@@ -26,6 +43,17 @@ _LOOKUP_SESSIONS = (
     " WHERE project_id = ? AND session_key IN (SELECT value FROM json_each(?))"
 )
 _SESSION_FIRST = "SELECT id, project_id, first_ts FROM sessions WHERE id IN (SELECT value FROM json_each(?))"
+# the GLOB term is the one of the partial index sessions_inferred (schema migration 7); named, as SQLite
+# would otherwise read every inferred session of the project through the range GLOB makes of the unique key
+_INFERRED_WHERE = "session_key GLOB '$auto:*'"
+_LOOKUP_INFERRED = (
+    "SELECT person_id, id, first_ts, last_ts FROM sessions INDEXED BY sessions_inferred"
+    f" WHERE project_id = ? AND person_id IN (SELECT value FROM json_each(?)) AND {_INFERRED_WHERE}"
+)
+_INFERRED_BY_ID = (
+    "SELECT id, project_id, person_id, first_ts, last_ts FROM sessions"
+    f" WHERE id IN (SELECT value FROM json_each(?)) AND {_INFERRED_WHERE}"
+)
 _TOUCH_SESSION_DAY = (
     "INSERT INTO session_days(project_id, day, generation) VALUES (?, ?, ?)"
     " ON CONFLICT(project_id, day) DO UPDATE SET generation = excluded.generation"
@@ -90,6 +118,9 @@ class Identities:
         self.sessions: dict[int, dict[str, int]] = {}
         # session id -> (project, first_ts), for every session in self.sessions
         self.session_first: dict[int, tuple[int, int]] = {}
+        # person id -> [session id, first ts, last ts] of the person's current inferred session, with the
+        # changes kept in memory: a person missing has none, or none changed since the cache was emptied
+        self.current: dict[int, list[int]] = {}
         self.next_person_id = _max_id(conn, "persons") + 1
         self.next_session_id = _max_id(conn, "sessions") + 1
         self.begin()
@@ -102,6 +133,14 @@ class Identities:
                 if caches is self.sessions:
                     self.session_first.clear()
 
+    def trim_current(self) -> None:
+        """Empty the cache of current inferred sessions once it holds more than CACHE_LIMIT persons.
+
+        Only right after a flush: then the table holds every session's times, so a person looked up
+        there afterwards finds what the cache held."""
+        if len(self.current) > CACHE_LIMIT:
+            self.current.clear()
+
     def begin(self) -> None:
         """Start a batch: no person, link or session is new yet."""
         self.new_persons: dict[int, list] = {}  # id -> [project, distinct_id, first ts]
@@ -111,9 +150,11 @@ class Identities:
 
     # -- finding and handing out ids -------------------------------------------------------------
 
-    def load(self, people: dict[int, set[str]], session_keys: dict[int, set[str]]) -> None:
+    def load(self, people: dict[int, set[str]], session_keys: dict[int, set[str]],
+             keyless: dict[int, set[str]]) -> None:
         """Bring every wanted distinct id and session key of each project that exists into the caches, one
-        query per 5000 keys; sessions keep their first time too."""
+        query per 5000 keys; sessions keep their first time too. `keyless`: the distinct ids (and anonymous
+        ids) of events without a session id, whose persons' current inferred sessions are looked up."""
         for project_id, keys in people.items():
             cache = self.persons.setdefault(project_id, {})
             for chunk in json_chunks(list(keys)):
@@ -124,6 +165,42 @@ class Identities:
                 for key, session_id, first_ts in self.conn.execute(_LOOKUP_SESSIONS, (project_id, chunk)):
                     cache[key] = session_id
                     self.session_first[session_id] = (project_id, first_ts)
+        for project_id, names in keyless.items():
+            persons, current = self.persons[project_id], self.current
+            wanted = {persons[name] for name in names if name in persons}
+            self._load_current(project_id, [person_id for person_id in wanted if person_id not in current])
+
+    def _load_current(self, project_id: int, person_ids: list[int]) -> None:
+        """The current inferred session of each of the persons, as the table holds it."""
+        current = self.current
+        for chunk in json_chunks(person_ids):
+            for person_id, session_id, first_ts, last_ts in self.conn.execute(_LOOKUP_INFERRED, (project_id, chunk)):
+                found = current.get(person_id)
+                if found is None or (last_ts, session_id) > (found[2], found[0]):
+                    current[person_id] = [session_id, first_ts, last_ts]
+
+    def rebuild_current(self, changed: set[int], kept: Kept) -> None:
+        """The current inferred session of every person with a session among `changed` (those with
+        changes kept in memory, rebuilt from the events after a restart), with those changes.
+
+        The current session is the one with the latest last event. One whose changes are all in the
+        table has its true times there, later than any other's there, so it is the table's latest;
+        else it is among the changed, whose true times are the table's and the kept changes' together."""
+        found: list[tuple[int, int, int, int, int]] = []
+        for chunk in json_chunks(list(changed)):
+            found.extend(self.conn.execute(_INFERRED_BY_ID, (chunk,)))
+        by_project: dict[int, set[int]] = {}
+        for _, project_id, person_id, _, _ in found:
+            by_project.setdefault(project_id, set()).add(person_id)
+        for project_id, person_ids in by_project.items():
+            self._load_current(project_id, list(person_ids))
+        current = self.current
+        for session_id, _, person_id, first_ts, last_ts in found:
+            delta = kept.sessions[session_id]
+            first_ts, last_ts = min(first_ts, delta[FIRST]), max(last_ts, delta[LAST])
+            held = current.get(person_id)
+            if held is None or held[0] == session_id or (last_ts, session_id) > (held[2], held[0]):
+                current[person_id] = [session_id, first_ts, last_ts]
 
     def new_person(self, project_id: int, distinct_id: str, ts: int) -> int:
         person_id = self.next_person_id
@@ -160,6 +237,25 @@ class Identities:
         self.next_session_id += 1
         self.sessions[project_id][session_key] = session_id
         self.new_sessions[session_id] = (project_id, session_key, person_id)
+        return session_id
+
+    def inferred_session(self, project_id: int, person_id: int, ts: int) -> int:
+        """The session of an event without a session id: its person's current inferred session, or a new
+        one (see the module's docstring)."""
+        held = self.current.get(person_id)
+        if held is not None:
+            session_id, first, last = held
+            if first - SESSION_GAP_MS <= ts <= last + SESSION_GAP_MS:
+                if ts < first:
+                    held[1] = ts
+                elif ts > last:
+                    held[2] = ts
+                return session_id
+        session_id = self.next_session_id
+        self.next_session_id += 1
+        self.new_sessions[session_id] = (project_id, f"{INFERRED}{_random_bits(64):016x}", person_id)
+        if held is None or ts >= held[2]:
+            self.current[person_id] = [session_id, ts, ts]
         return session_id
 
     # -- the rows --------------------------------------------------------------------------------

@@ -215,6 +215,12 @@ MIGRATIONS.append(
     "INSERT OR IGNORE INTO meta(key, value) SELECT 'derived_through', coalesce(max(id), 0) FROM events;"
 )
 
+# 7: the sessions the writer infers for events without a session id, by person: it finds a person's
+# current one here when its cache does not hold it (identities.py); partial, so no other session pays for it
+MIGRATIONS.append(
+    "CREATE INDEX IF NOT EXISTS sessions_inferred ON sessions(project_id, person_id) WHERE session_key GLOB '$auto:*';"
+)
+
 
 
 def _site_ids(conn: apsw.Connection) -> None:
