@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import apsw
@@ -222,12 +223,10 @@ MIGRATIONS.append(
 )
 
 
-
 def _site_ids(conn: apsw.Connection) -> None:
-    """7: every project's site id, a UUID that names it to trackers that send one rather than a key (Umami's
+    """8: every project's site id, a UUID that names it to trackers that send one rather than a key (Umami's
     `website`); existing projects get theirs here. The column may be there already when an older schema
     number was set over a newer database: it is then only filled where empty."""
-    import uuid
 
     if not any(column[1] == "site_id" for column in conn.execute("PRAGMA table_info(projects)")):
         conn.execute("ALTER TABLE projects ADD COLUMN site_id TEXT")
