@@ -168,8 +168,8 @@ async def test_a_really_full_disk_answers_503_then_checkpoints_resume_when_space
         reader.execute("COMMIT")
         reader.close()
         await asyncio.sleep(1)  # checkpoints (every 0.2 s) try to copy the WAL into the database and fail
-        for _ in range(3):
-            assert await load.post_once() == 503
+        for _ in range(3):  # 503 while nothing fits; 202 only when a commit fit in WAL space already there
+            assert await load.post_once() in (202, 503)
         assert 503 in load.statuses() and 202 in load.statuses(), load.statuses()[-5:]
         assert all(after for status, after in load.answers if status == 503)  # with Retry-After
         async with aiohttp.ClientSession(timeout=LIMIT) as session:
