@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -53,3 +57,45 @@ class Server:
             return self.process.wait(timeout=60)
         finally:
             self.log.close()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path, *create: str) -> AsyncIterator[tuple[Server, dict]]:
+    """A project made by `pulse projects create NAME [OPTIONS]` (`create`), and `pulse serve` on its data."""
+    project = json.loads(pulse("projects", "create", *create, "--json", data_dir=data_dir).stdout)
+    server = Server(data_dir)
+    await server.start()
+    try:
+        yield server, project
+    finally:
+        if server.process.poll() is None:
+            server.stop(15)
+
+
+async def read_api(server: Server, project: dict, endpoint: str, **params: str) -> dict:
+    """One read-API answer of the project's (range 24h unless `params` say otherwise), with its read token."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/api/v1/projects/{project['id']}/{endpoint}",
+                               params={"range": "24h", **params},
+                               headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
+@contextlib.asynccontextmanager
+async def chromium():
+    """Headless Chromium (Debian's package) under Playwright."""
+    from playwright.async_api import async_playwright
+
+    assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (scripts/test does)"
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            yield browser
+        finally:
+            await browser.close()

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from pulse.config import Settings
 from pulse.server.app import create_app
-from tests.servers import Server, free_port, pulse
+from tests.servers import Server, chromium, free_port, read_api, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACKER = ROOT / "node_modules" / "@plausible-analytics" / "tracker" / "plausible.js"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 EVENT = "/api/event"
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
 CRAWLER = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
@@ -163,14 +160,8 @@ window.ready = true;
 
 @pytest.fixture
 async def served(tmp_path):
-    data_dir = tmp_path / "data"
-    project = json.loads(pulse("projects", "create", "site", "--domain", "site.example", "--json",
-                               data_dir=data_dir).stdout)
-    server = Server(data_dir)
-    await server.start()
-    yield server, project
-    if server.process.poll() is None:
-        server.stop(15)
+    async with serving(tmp_path / "data", "site", "--domain", "site.example") as found:
+        yield found
 
 
 @pytest.fixture
@@ -199,34 +190,19 @@ async def site(served):
 
 @pytest.fixture
 async def browser():
-    from playwright.async_api import async_playwright
-
-    assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (scripts/test does)"
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        yield browser
-        await browser.close()
-
-
-async def read_served(server: Server, project: dict, endpoint: str) -> dict:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/api/v1/projects/{project['id']}/{endpoint}", params={"range": "24h"},
-                               headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
+    async with chromium() as found:
+        yield found
 
 
 async def settled_events(server: Server, project: dict, expected: int, timeout: float = 15.0) -> int:
     """The project's event count once `expected` have arrived, and a moment longer, to catch any extra."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while (await read_served(server, project, "overview"))["events"] < expected:
+    while (await read_api(server, project, "overview", limit="100"))["events"] < expected:
         if asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(0.2)
     await asyncio.sleep(1.0)
-    return (await read_served(server, project, "overview"))["events"]
+    return (await read_api(server, project, "overview", limit="100"))["events"]
 
 
 @pytest.mark.slow
@@ -249,11 +225,11 @@ async def test_plausible_tracker_in_chromium_counts_exactly(served, site, browse
 
     # the engagement event sent when the page goes away is answered and not counted
     assert await settled_events(server, project, 3) == 3
-    top = {row["value"]: row["count"] for row in (await read_served(server, project, "top-events"))["rows"]}
+    top = {row["value"]: row["count"] for row in (await read_api(server, project, "top-events", limit="100"))["rows"]}
     assert top == {"page_view": 2, "Signup": 1}
-    pages = {row["value"]: row["count"] for row in (await read_served(server, project, "pages"))["rows"]}
+    pages = {row["value"]: row["count"] for row in (await read_api(server, project, "pages", limit="100"))["rows"]}
     assert pages == {"/": 1, "/pricing": 1}
-    rows = (await read_served(server, project, "events"))["rows"]
+    rows = (await read_api(server, project, "events", limit="100"))["rows"]
     assert [r["properties"] for r in rows if r["event"] == "Signup"] == [{"plan": "pro"}]
     assert {r["browser"] for r in rows} == {"HeadlessChrome"}
     await page.close()

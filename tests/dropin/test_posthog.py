@@ -7,21 +7,18 @@ import asyncio
 import base64
 import gzip
 import json
-import shutil
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.servers import Server, free_port, pulse
+from tests.servers import Server, chromium, free_port, read_api, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 POSTHOG_JS = ROOT / "node_modules" / "posthog-js" / "dist" / "array.full.js"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ORIGIN = "https://shop.example"
 CHROME_UA = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0"
              " Safari/537.36")
@@ -212,22 +209,12 @@ async def test_remote_config_and_flags_turn_everything_off(client):
 
 @pytest.fixture
 async def served(tmp_path):
-    data_dir = tmp_path / "data"
-    project = json.loads(pulse("projects", "create", "shop", "--json", data_dir=data_dir).stdout)
-    server = Server(data_dir)
-    await server.start()
-    yield server, project
-    if server.process.poll() is None:
-        server.stop(15)
+    async with serving(tmp_path / "data", "shop") as found:
+        yield found
 
 
 async def read(server: Server, project: dict, endpoint: str) -> dict:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/api/v1/projects/{project['id']}/{endpoint}",
-                               params={"range": "24h", "limit": "100"},
-                               headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
+    return await read_api(server, project, endpoint, limit="100")
 
 
 async def events_once(server: Server, project: dict, expected: int, timeout: float = 30.0) -> int:
@@ -297,9 +284,6 @@ posthog.init(%(key)s, {api_host: %(api)s, capture_pageleave: false, autocapture:
 
 @pytest.mark.slow
 async def test_posthog_js_in_chromium(served):
-    from playwright.async_api import async_playwright
-
-    assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (scripts/test does)"
     server, project = served
 
     async def page_html(request: web.Request) -> web.Response:
@@ -322,10 +306,7 @@ async def test_posthog_js_in_chromium(served):
     await web.TCPSite(runner, "127.0.0.1", port).start()
     problems: list[str] = []
     sent: list[bytes] = []  # the capture bodies
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+    async with chromium() as browser:
         try:
             page = await browser.new_page()
             page.on("console", lambda msg: msg.type in ("error", "warning") and problems.append(msg.text))
@@ -340,7 +321,6 @@ async def test_posthog_js_in_chromium(served):
             await page.evaluate("posthog.capture('checkout', {items: 1})")
             assert await events_once(server, project, 4) == 4
         finally:
-            await browser.close()
             await runner.cleanup()
     assert problems == []
     assert sent and all(body[:2] == b"\x1f\x8b" for body in sent)  # gzip, told by its magic bytes alone

@@ -8,13 +8,12 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from pulse.server.dropin import umami
 from pulse.storage.sqlite.projects import get_project
 from pulse.storage.sqlite.schema import current_version, migrate
-from tests.servers import Server, pulse
+from tests.servers import read_api, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "node_modules" / "@umami" / "node" / "dist" / "index.mjs"
@@ -205,22 +204,8 @@ console.log(JSON.stringify(answers));
 
 @pytest.fixture
 async def served(tmp_path):
-    data_dir = tmp_path / "data"
-    project = json.loads(pulse("projects", "create", "site", "--domain", "site.example", "--json",
-                               data_dir=data_dir).stdout)
-    server = Server(data_dir)
-    await server.start()
-    yield server, project
-    if server.process.poll() is None:
-        server.stop(15)
-
-
-async def read_served(server: Server, project: dict, endpoint: str) -> dict:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/api/v1/projects/{project['id']}/{endpoint}", params={"range": "24h"},
-                               headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
+    async with serving(tmp_path / "data", "site", "--domain", "site.example") as found:
+        yield found
 
 
 @pytest.mark.slow
@@ -240,13 +225,13 @@ async def test_umami_node_client_counts_exactly(served, tmp_path):
     assert answers[6][1]["sessionId"] != answers[0][1]["sessionId"]
 
     # every request was answered after its commit: the reads see all of them now
-    overview = await read_served(server, project, "overview")
+    overview = await read_api(server, project, "overview", limit="100")
     assert (overview["events"], overview["unique_users"]) == (7, 2)
-    top = {row["value"]: row["count"] for row in (await read_served(server, project, "top-events"))["rows"]}
+    top = {row["value"]: row["count"] for row in (await read_api(server, project, "top-events", limit="100"))["rows"]}
     assert top == {"page_view": 3, "signup": 2, "$identify": 1, "purchase": 1}
-    pages = {row["value"]: row["count"] for row in (await read_served(server, project, "pages"))["rows"]}
+    pages = {row["value"]: row["count"] for row in (await read_api(server, project, "pages", limit="100"))["rows"]}
     assert pages == {"/": 1, "/pricing": 2}
-    rows = (await read_served(server, project, "events"))["rows"]
+    rows = (await read_api(server, project, "events", limit="100"))["rows"]
     assert sorted(json.dumps(r["properties"], sort_keys=True) for r in rows if r["event"] == "signup") == [
         '{"plan": "pro", "seats": 3}', '{"plan": "team"}']
     assert [r["distinct_id"] for r in rows if r["event"] == "purchase"] == ["user_42"]
@@ -254,6 +239,6 @@ async def test_umami_node_client_counts_exactly(served, tmp_path):
     # who is then listed among the users with them
     anonymous = {r["distinct_id"] for r in rows if r["event"] != "purchase"}
     assert len(anonymous) == 1 and next(iter(anonymous)).startswith("$ip:")
-    users = (await read_served(server, project, "users"))["rows"]
+    users = (await read_api(server, project, "users", limit="100"))["rows"]
     assert [(u["distinct_id"], u["traits"], u["events"]) for u in users] == [
         (next(iter(anonymous)), {"plan": "team", "age_group": "18-40"}, 6)]

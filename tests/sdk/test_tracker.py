@@ -5,52 +5,33 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from playwright.async_api import async_playwright
 
-from tests.servers import Server, free_port, pulse
+from tests.servers import Server, chromium, free_port, read_api, serving
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BUDGET = 1536  # bytes, minified + gzip
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 async def served(tmp_path):
-    data_dir = tmp_path / "data"
-    project = json.loads(pulse("projects", "create", "site", "--json", data_dir=data_dir).stdout)
-    server = Server(data_dir)
-    await server.start()
-    yield server, project
-    if server.process.poll() is None:
-        server.stop(15)
+    async with serving(tmp_path / "data", "site") as found:
+        yield found
 
 
 @pytest.fixture
 async def browser():
-    assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (scripts/test does)"
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        yield browser
-        await browser.close()
+    async with chromium() as found:
+        yield found
 
 
-async def read(server: Server, project: dict, endpoint: str, **params) -> dict:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/api/v1/projects/{project['id']}/{endpoint}",
-                               params={"range": "24h", **params},
-                               headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
+read = read_api
 
 
 async def stored_events(server: Server, project: dict, expected: int, timeout: float = 15.0) -> list[dict]:
