@@ -1,4 +1,4 @@
-"""The browser tracker at /static/sdk/tracker.js and the demo page at /demo/."""
+"""The page at /, the browser tracker at /static/sdk/tracker.js and the demo page at /demo/."""
 
 from __future__ import annotations
 
@@ -12,6 +12,28 @@ from pulse.server.keys import SETTINGS
 
 routes = web.RouteTableDef()
 KEY_PLACEHOLDER = "__PULSE_INGEST_KEY__"
+
+# what a browser pointed at the server finds: where to go next (plain HTML, nothing to run)
+INDEX_PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>pulse</title></head>
+<body>
+<h1>pulse</h1>
+<p>This pulse server takes events and answers the read API under <code>/api/v1/</code>.</p>
+<ul>
+<li><a href="/demo/">Demo page</a> (its events go to the demo project of <code>pulse serve --demo</code>)</li>
+<li><a href="/health">Health</a>: queue, writer lag and last commit, as JSON</li>
+</ul>
+<p>The dashboard runs in a terminal on this host: <code>pulse tui --data-dir DIR</code>
+(DIR: the server's data directory). Everything else: see README.md.</p>
+</body>
+</html>
+"""
+
+
+@routes.get("/")
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=INDEX_PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 @functools.cache
