@@ -4,6 +4,7 @@ keys within a quarter of a second."""
 from __future__ import annotations
 
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,13 @@ def keys_table(keys: list[dict[str, Any]]) -> str:
     rows = [(k["kind"], k["prefix"], iso(k["created_at"]), iso(k["expires_at"]) or "never",
              "yes" if k["active"] else "no") for k in keys]
     return table(rows, ["kind", "prefix", "created", "expires", "active"])
+
+
+def _shown(field: str, value: Any) -> Any:
+    """A project's field as `projects show` prints it: times as ISO 8601 in UTC."""
+    if field == "created_at":
+        return datetime.fromtimestamp(value / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value
 
 
 # -- projects ------------------------------------------------------------------------------------
@@ -87,9 +95,10 @@ def projects_list(data_dir: Path, as_json: bool) -> None:
 @json_option
 @handle_errors
 def projects_show(project: str, data_dir: Path, as_json: bool) -> None:
-    """Show one project (by id or name) and its keys."""
+    """Show one project (by id or name) and its keys. Text gives created_at in UTC and leaves out empty fields;
+    --json gives every field as stored (created_at in epoch ms)."""
     found, keys_found = project_keys(settings_for(data_dir), project)
-    lines = [f"{k}: {v}" for k, v in found.as_dict().items()]
+    lines = [f"{k}: {_shown(k, v)}" for k, v in found.as_dict().items() if v is not None and v != ""]
     lines.append(keys_table(keys_found))
     emit(as_json, {**found.as_dict(), "keys": keys_found}, "\n".join(lines))
 
