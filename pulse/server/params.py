@@ -41,8 +41,20 @@ def calendar_days(window: Window, tz: ZoneInfo) -> float:
     return (end - start) / timedelta(days=1)  # one zone: wall-clock time, as a calendar counts
 
 
+def reject_repeats(query: MultiMapping[str]) -> None:
+    """A 400 naming a parameter given more than once: which of its values was meant is not for the server to
+    guess (filters say the same in parse_filters)."""
+    seen: set[str] = set()
+    for key, _ in query.items():  # keys() gives each key once
+        if key in SINGLE_PARAMS and key in seen:
+            raise ApiError(400, f"{key}: given twice; it takes one value", field=key)
+        seen.add(key)
+
+
 def parse_window(query: MultiMapping[str], timezone: str, *, now_ms: int | None = None) -> Window:
-    """The window a request asks for: `from`/`to`, or `range=24h|7d|30d|90d` ending now (default 7d)."""
+    """The window a request asks for: `from`/`to`, or `range=24h|7d|30d|90d` ending now (default 7d). Every
+    read with a window comes here first, so this is where a repeated parameter is refused."""
+    reject_repeats(query)
     tz = ZoneInfo(timezone)
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     if "from" in query or "to" in query:
@@ -70,6 +82,7 @@ def parse_window(query: MultiMapping[str], timezone: str, *, now_ms: int | None 
 
 FILTER_PARAMS = ("event", "path", "referrer", "utm_source", "utm_medium", "utm_campaign", "browser", "os", "device")
 OTHER_PARAMS = {"from", "to", "range", "interval", "limit", "dimension", "token", "cursor"}
+SINGLE_PARAMS = OTHER_PARAMS - {"token"}  # one value each (the token is the keyring's to judge)
 
 
 def parse_filters(query: MultiMapping[str]) -> Filters:
