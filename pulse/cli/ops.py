@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -16,6 +17,7 @@ import click
 
 from pulse.cli.common import ask_store, data_dir_option, emit, fail, handle_errors, iso, json_option, settings_for
 from pulse.config import SERVER_FILENAME
+from pulse.files import DATA_DIR_MODE
 from pulse.storage.base import Store
 from pulse.storage.model import Difference
 from pulse.timebounds import parse_bound
@@ -115,20 +117,33 @@ def prune(data_dir: Path, as_json: bool) -> None:
          "\n".join(f"{name}: {n:,} raw events deleted" for name, n in deleted.items()) or "no projects")
 
 
+BACKUP_SUFFIX = ".db"  # a PATH that is not there yet names the file itself only with this suffix
+
+
 @click.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")
 @data_dir_option
 @json_option
 @handle_errors
-def backup(path: Path, data_dir: Path, as_json: bool) -> None:
-    """An online, consistent copy of the live database at PATH (a file, or a directory to put one in)."""
-    async def question(store: Store) -> tuple[int, float]:
-        started = time.monotonic()
-        return await store.backup(path), time.monotonic() - started
+def backup(path: str, data_dir: Path, as_json: bool) -> None:
+    """An online, consistent copy of the live database at PATH; prints the file written.
 
-    size, seconds = ask_store(settings_for(data_dir), question, existing=True)
-    emit(as_json, {"path": str(path), "bytes": size, "seconds": round(seconds, 2)},
-         f"backed up {size / 1_048_576:,.1f} MiB to {path}")
+    PATH is a directory when it is one, ends with '/', or is not there yet and does not end with '.db': a
+    directory not there yet is made, and the copy is put in it as pulse-YYYYMMDDTHHMMSSZ.db. Any other PATH
+    is the file itself (replaced if it exists).
+    """
+    destination = Path(path)
+    if path.endswith(("/", os.sep)) or (not destination.exists() and destination.suffix != BACKUP_SUFFIX):
+        destination.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+
+    async def question(store: Store) -> tuple[Path, int, float]:
+        started = time.monotonic()
+        written, size = await store.backup(destination)
+        return written, size, time.monotonic() - started
+
+    written, size, seconds = ask_store(settings_for(data_dir), question, existing=True)
+    emit(as_json, {"path": str(written), "bytes": size, "seconds": round(seconds, 2)},
+         f"backed up {size / 1_048_576:,.1f} MiB to {written}")
 
 
 @click.command()

@@ -175,8 +175,9 @@ class Store(abc.ABC):
         """Delete raw events past each project's retention; events deleted per project name."""
 
     @abc.abstractmethod
-    async def backup(self, destination: Path) -> int:
-        """An online, consistent copy at `destination` (a file, or a directory to put one in); its size."""
+    async def backup(self, destination: Path) -> tuple[Path, int]:
+        """An online, consistent copy at `destination` (a file, or a directory to put one in); the file written
+        and its size."""
 
     @abc.abstractmethod
     async def export(self, project_id: int, start_ms: int, end_ms: int, fmt: str, out: TextIO) -> int:

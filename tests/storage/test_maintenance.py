@@ -66,7 +66,8 @@ async def test_prune_deletes_old_raw_events_only_and_verify_still_agrees(filled,
 
 
 async def test_backup_is_a_consistent_copy(filled, settings, tmp_path):
-    size = backup(settings.db_path, tmp_path / "copy.db")
+    written, size = backup(settings.db_path, tmp_path / "copy.db")
+    assert written == (tmp_path / "copy.db").resolve()
     copy = connect(tmp_path / "copy.db", readonly=True)
     live = connect(settings.db_path, readonly=True)
     try:

@@ -202,8 +202,9 @@ def prune(conn: apsw.Connection, now_ms: int, *, chunk: int = PRUNE_CHUNK, pause
 # -- backup -----------------------------------------------------------------------------------------
 
 
-def backup(source: Path, destination: Path) -> int:
-    """A consistent copy of the live database at `destination` (written beside it, then renamed); its size.
+def backup(source: Path, destination: Path) -> tuple[Path, int]:
+    """A consistent copy of the live database at `destination` (written beside it, then renamed); the file
+    written (named by the time when `destination` is a directory) and its size.
 
     The copy is made in one read transaction (SQLite's backup API in one step), so the writer carries on
     meanwhile and the copy is the state of one commit.
@@ -226,7 +227,7 @@ def backup(source: Path, destination: Path) -> int:
         dest.close()
         src.close()
     os.replace(temporary, destination)
-    return destination.stat().st_size
+    return destination, destination.stat().st_size
 
 
 # -- export -----------------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ class SQLiteStore(Store):
     async def prune(self, now_ms: int) -> dict[str, int]:
         return await self._write(maintenance.prune, now_ms)
 
-    async def backup(self, destination: Path) -> int:
+    async def backup(self, destination: Path) -> tuple[Path, int]:
         return await asyncio.to_thread(maintenance.backup, self.path, destination)
 
     async def export(self, project_id: int, start_ms: int, end_ms: int, fmt: str, out: TextIO) -> int:
