@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from pyroaring import BitMap
 
+from pulse.cli import main as cli_main
 from pulse.config import Settings
 from pulse.server.app import create_app
 from pulse.storage.model import HOUR_MS
@@ -28,6 +30,17 @@ class ProjectKeys:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data", synchronous="NORMAL", catalog_poll_s=0.05)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """`pulse …` in this process (Click's runner) on a data directory of the test's own."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(cli_main, [*args], env={"PULSE_DATA_DIR": str(tmp_path / "data")})
+
+    return invoke
 
 
 @pytest.fixture

@@ -11,16 +11,6 @@ from click.testing import CliRunner
 from pulse.cli import main
 
 
-@pytest.fixture
-def run(tmp_path):
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, [*args], env={"PULSE_DATA_DIR": str(tmp_path / "data")})
-
-    return invoke
-
-
 def all_commands(group: click.Group, prefix=()):
     for name, command in group.commands.items():
         yield (*prefix, name), command

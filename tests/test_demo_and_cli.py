@@ -15,20 +15,8 @@ from datetime import datetime, timezone
 
 import aiohttp
 import pytest
-from click.testing import CliRunner
 
-from pulse.cli import main
 from tests.servers import free_port
-
-
-@pytest.fixture
-def run(tmp_path):
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, [*args], env={"PULSE_DATA_DIR": str(tmp_path / "data")})
-
-    return invoke
 
 
 # -- pulse serve --demo ------------------------------------------------------------------------------
