@@ -78,6 +78,19 @@ def event(name: str = "page_view", **fields) -> dict:
     return body
 
 
+async def read(client, project: ProjectKeys, endpoint: str, **params) -> dict:
+    """One read-API answer from the in-process app (`client`), range 24h unless `params` say otherwise."""
+    response = await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params={"range": "24h", **params},
+                                headers={"Authorization": f"Bearer {project.read_token}"})
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def counts(client, project: ProjectKeys, endpoint: str) -> dict[str, int]:
+    """A ranked endpoint's rows as {value: count}."""
+    return {row["value"]: row["count"] for row in (await read(client, project, endpoint))["rows"]}
+
+
 def recount(conn, project_id: int, start_ms: int | None = None, end_ms: int | None = None) -> dict:
     """Totals recounted straight from the raw events table, independent of the rollups."""
     where = "e.project_id = ? AND coalesce(a.is_bot, 0) = 0"

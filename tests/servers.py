@@ -27,20 +27,25 @@ def pulse(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
 
 
 class Server:
-    def __init__(self, data_dir: Path) -> None:
+    """`pulse serve [OPTIONS]` (`options`) on a free port; its output in `log_path` (server.log beside the data)."""
+
+    def __init__(self, data_dir: Path, *options: str, log_path: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.options = options
+        self.log_path = log_path or data_dir.parent / "server.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     async def start(self) -> None:
-        self.log = open(self.data_dir.parent / "server.log", "ab")  # a file: a full pipe would block the server
+        self.log = open(self.log_path, "ab")  # a file: a full pipe would block the server
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pulse.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "pulse.cli", "serve", *self.options, "--port", str(self.port),
+             "--data-dir", str(self.data_dir)],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         async with aiohttp.ClientSession() as session:
-            for _ in range(200):
+            for _ in range(400):
                 try:
                     async with session.get(f"{self.url}/health") as response:
                         if response.status == 200:
@@ -48,7 +53,7 @@ class Server:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.05)
-        raise RuntimeError("server did not start: " + (self.data_dir.parent / "server.log").read_text())
+        raise RuntimeError("server did not start: " + self.log_path.read_text())
 
     def stop(self, sig: int) -> int:
         assert self.process is not None

@@ -9,52 +9,30 @@ import os
 import re
 import signal
 import stat
-import subprocess
-import sys
 from datetime import datetime, timezone
 
 import aiohttp
 import pytest
 
-from tests.servers import free_port
+from tests.servers import Server
 
 
 # -- pulse serve --demo ------------------------------------------------------------------------------
 
 
-class DemoServer:
-    """`pulse serve --demo` on a free port, its output in a file."""
+class DemoServer(Server):
+    """`pulse serve --demo` on a free port, its output in a file of its own."""
 
     def __init__(self, data_dir, log_path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "wb")  # a file: a full pipe would block the server
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pulse.cli", "serve", "--demo", "--port", str(self.port),
-             "--data-dir", str(data_dir)], stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__(data_dir, "--demo", log_path=log_path)
 
     async def keys(self) -> tuple[str, str]:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(400):
-                try:
-                    async with session.get(f"{self.url}/health") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError("server did not start: " + self.log_path.read_text())
+        await self.start()
         text = self.log_path.read_text()
         return (re.search(r"ingest key: (\S+)", text).group(1), re.search(r"read token: (\S+)", text).group(1))
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        finally:
-            self.log.close()
+        super().stop(signal.SIGTERM)
 
 
 async def test_serve_demo_keeps_its_keys_across_restarts(tmp_path):

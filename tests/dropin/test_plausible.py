@@ -12,6 +12,7 @@ from aiohttp import web
 
 from pulse.config import Settings
 from pulse.server.app import create_app
+from tests.conftest import counts, read
 from tests.servers import Server, chromium, free_port, read_api, serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,17 +36,6 @@ async def client(aiohttp_client, settings: Settings, project, other):
 async def send(client, body, content_type: str = "text/plain", agent: str = BROWSER):
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return await client.post(EVENT, data=data, headers={"Content-Type": content_type, "User-Agent": agent})
-
-
-async def read(client, project, endpoint: str, **params) -> dict:
-    response = await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params={"range": "24h", **params},
-                                headers={"Authorization": f"Bearer {project.read_token}"})
-    assert response.status == 200, await response.text()
-    return await response.json()
-
-
-async def counts(client, project, endpoint: str) -> dict[str, int]:
-    return {row["value"]: row["count"] for row in (await read(client, project, endpoint))["rows"]}
 
 
 async def test_short_and_long_keys_props_as_object_or_json_text(client, project):

@@ -13,6 +13,7 @@ import pytest
 from pulse.server.dropin import umami
 from pulse.storage.sqlite.projects import get_project
 from pulse.storage.sqlite.schema import current_version, migrate
+from tests.conftest import counts, read
 from tests.servers import read_api, serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,17 +31,6 @@ def site_id(db, project) -> str:
 async def send(client, payload: dict, kind: str = "event", agent: str = BROWSER, cache: str | None = None):
     headers = {"User-Agent": agent, **({"x-umami-cache": cache} if cache else {})}
     return await client.post(SEND, json={"type": kind, "payload": payload}, headers=headers)
-
-
-async def read(client, project, endpoint: str, **params) -> dict:
-    response = await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params={"range": "24h", **params},
-                                headers={"Authorization": f"Bearer {project.read_token}"})
-    assert response.status == 200, await response.text()
-    return await response.json()
-
-
-async def counts(client, project, endpoint: str) -> dict[str, int]:
-    return {row["value"]: row["count"] for row in (await read(client, project, endpoint))["rows"]}
 
 
 async def test_page_views_events_and_identify_are_counted(client, project, site_id):
