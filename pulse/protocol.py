@@ -308,3 +308,25 @@ class UserTimeline(Ranged, kw_only=True):
     user: UserRow
     rows: list[EventRow]  # the user's events, newest first
     next_cursor: str | None
+
+
+class Revenue(Struct):
+    currency: str | None  # upper-cased; null for events without a currency
+    amount: float
+
+
+class GoalRow(Struct, kw_only=True):
+    """One goal over a window: a custom event name, or a page-view path (`/thank-you`, `/blog/*`) declared with
+    `pulse goals add`."""
+
+    goal: str
+    kind: str  # "event" | "page"
+    visitors: int  # persons with the goal's event
+    events: int
+    conversion_rate: float  # visitors / every visitor of the window, a fraction, 0..1
+    revenue: list[Revenue]  # per currency, sorted (null last)
+
+
+class Goals(Ranged, kw_only=True):
+    visitors: int  # every visitor of the window, under the same filters
+    rows: list[GoalRow]  # most visitors first

@@ -13,12 +13,14 @@ from aiohttp import web
 from msgspec import Struct, structs
 
 from pulse.protocol import (
-    Bucket, Counts, EventsPage, Overview, ProjectList, ProjectRow, Ranked, RankedRows, SessionsPage, Timeseries,
-    UsersPage, UserTimeline, json_encoder,
+    Bucket, Counts, EventsPage, Goals, Overview, ProjectList, ProjectRow, Ranked, RankedRows, SessionsPage,
+    Timeseries, UsersPage, UserTimeline, json_encoder,
 )
 from pulse.server.errors import ApiError
 from pulse.server.keys import KEYRING, STORE
-from pulse.server.params import bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window
+from pulse.server.params import (
+    OTHER_PARAMS, bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window,
+)
 from pulse.storage.model import EVENT_BREAKDOWNS, SESSION_BREAKDOWNS, Cursor, Project, ReadStopped, Window
 
 routes = web.RouteTableDef()
@@ -235,3 +237,31 @@ async def traits(request: web.Request) -> web.Response:
 @routes.get("/api/v1/projects/{project}/traits/{key}")
 async def trait_values(request: web.Request) -> web.Response:
     return await _rows(request, request.app[STORE].trait_values, request.match_info["key"], filtered=False)
+
+
+GOALS_LIMIT = 100  # rows of the goals report by default: every goal a project may declare
+
+
+@routes.get("/api/v1/projects/{project}/goals")
+async def goals(request: web.Request) -> web.Response:
+    """Custom events and declared page goals: visitors, events, conversion rate, revenue per currency."""
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    filters = parse_filters(request.query)
+    visitors, rows = await _read(request, request.app[STORE].goals(
+        project.id, window, filters, parse_limit(request.query, default=GOALS_LIMIT)))
+    return _json(Goals(**_range(project, window), visitors=visitors, rows=rows))
+
+
+@routes.get("/api/v1/projects/{project}/bots")
+async def bots(request: web.Request) -> web.Response:
+    """The crawlers every other number leaves out: a window and a limit only, a filter is a 400 rather than
+    ignored."""
+    project = _project(request)
+    window = parse_window(request.query, project.timezone)
+    parse_filters(request.query)  # an unknown parameter is a 400 as elsewhere
+    for key in request.query:
+        if key not in OTHER_PARAMS:
+            raise ApiError(400, f"{key}: the bots report takes a window and a limit, no filters", field=key)
+    rows = await _read(request, request.app[STORE].bots(project.id, window, parse_limit(request.query)))
+    return _json(RankedRows(**_range(project, window), rows=rows))

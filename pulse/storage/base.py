@@ -23,7 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pulse.protocol import Counts, EventRow, OverviewStats, ProjectSummary, Ranked, SessionRow, SessionStats, UserRow
+from pulse.protocol import (
+    Counts, EventRow, GoalRow, OverviewStats, ProjectSummary, Ranked, SessionRow, SessionStats, UserRow,
+)
 from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, IngestJob, IngestStats, Project, Window,
 )
@@ -106,6 +108,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_keys(self, project: Project) -> list[dict[str, Any]]: ...
 
+    @abc.abstractmethod
+    async def list_goals(self, project: Project) -> list[dict[str, Any]]:
+        """The project's declared goals (`goal`, `kind`, `created_at`), by goal."""
+
+    @abc.abstractmethod
+    async def add_goal(self, project: Project, goal: str) -> dict[str, Any]:
+        """Declare a goal: a page-view path (`/thank-you`, `/blog/*`) or a custom event name. Raises ProjectError
+        for a duplicate, a text that is neither, or a project that has its 100."""
+
+    @abc.abstractmethod
+    async def remove_goal(self, project: Project, goal: str) -> None:
+        """Raises ProjectError when the project has no such goal."""
+
     # -- the read questions ----------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -156,6 +171,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> list[Ranked]: ...
+
+    @abc.abstractmethod
+    async def goals(self, project_id: int, window: Window, filters: Filters, limit: int
+                    ) -> tuple[int, list[GoalRow]]:
+        """Every visitor of the window, and per goal (each custom event seen, each goal declared) its visitors,
+        events, conversion rate and revenue; most visitors first."""
+
+    @abc.abstractmethod
+    async def bots(self, project_id: int, window: Window, limit: int) -> list[Ranked]:
+        """Bots' events and users per crawler: what every other read leaves out."""
 
     @abc.abstractmethod
     def stop_reads(self) -> None:

@@ -83,16 +83,17 @@ def _by_value(snap: Snapshot, project_id: int, window: Window, filters: Filters,
     return merge((scan(start, end) for start, end in raw), found)
 
 
-def _event_breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
-                     limit: int) -> list[Ranked]:
-    """Unfiltered: whole hours from hourly_dims, the minutes at the edges from raw events. Filtered: digests."""
+def event_values(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str
+                 ) -> dict[str, Totals]:
+    """Events and users per value of an event-level breakdown (goals count page views by path from it too).
+    Unfiltered: whole hours from hourly_dims, the minutes at the edges from raw events. Filtered: digests."""
     if filters != Filters():
         found = list(digests(snap, project_id, window, filters))
         if dimension == "pages":
-            return _ranked(merge(digest.pages for digest in found), limit)
+            return merge(digest.pages for digest in found)
         column = {"browsers": "browser", "os": "os", "devices": "device"}[dimension]
         named = dict(snap.conn.execute(f"SELECT id, {column} FROM agents"))
-        return _ranked(_by_agent(found, named), limit)
+        return _by_agent(found, named)
     value_sql, join, condition, extra = EVENT_DIMENSIONS[dimension]
 
     def scan(start: int, end: int) -> dict[str, Totals]:
@@ -113,7 +114,7 @@ def _event_breakdown(snap: Snapshot, project_id: int, window: Window, filters: F
     def whole_hours(hours: tuple[int, int]) -> dict[str, Totals]:
         return merge(cached_spans(snap, project_id, hours, 0, ("dim", dimension), rolled_up))
 
-    return _ranked(_by_value(snap, project_id, window, filters, ("dim", dimension), scan, whole_hours), limit)
+    return _by_value(snap, project_id, window, filters, ("dim", dimension), scan, whole_hours)
 
 
 def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]:
@@ -128,7 +129,7 @@ def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]
 def breakdown(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str,
               limit: int) -> list[Ranked]:
     if dimension in EVENT_DIMENSIONS:
-        return _event_breakdown(snap, project_id, window, filters, dimension, limit)
+        return _ranked(event_values(snap, project_id, window, filters, dimension), limit)
     return _session_breakdown(snap, project_id, window, filters, SESSION_DIMENSIONS[dimension], limit)
 
 
@@ -228,3 +229,27 @@ def trait_values(snap: Snapshot, project_id: int, window: Window, key: str, limi
         " AND v IS NOT NULL"
         " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [json_path(key), project_id, window.start, window.end, limit])
     return [Ranked(value, count, count) for value, count in rows]
+
+
+_BOT_ROLLUPS = ("SELECT a.browser, d.events, d.user_set FROM hourly_dims d JOIN agents a ON a.id = d.value_id"
+                f" WHERE d.project_id = ? AND d.dim = {DIM_AGENT} AND d.bot = 1 AND d.hour >= ? AND d.hour < ?")
+_BOT_EVENTS = ("SELECT a.browser, e.person_id FROM events e JOIN agents a ON a.id = e.agent_id"
+               " WHERE e.project_id = ? AND e.ts >= ? AND e.ts < ? AND a.is_bot = 1")
+
+
+def bots(snap: Snapshot, project_id: int, window: Window, limit: int) -> list[Ranked]:
+    """What every other number leaves out: events and users per crawler (the family its user agent parsed
+    to). Whole hours from the bot rows of the user-agent rollups, read as they are (the day cache's
+    fingerprints count no bot's events), the minutes at the edges from raw events."""
+    found: dict[str, Totals] = defaultdict(Totals)
+    hours, raw = window.split()
+    if hours is not None:
+        for value, events, user_set in snap.conn.execute(_BOT_ROLLUPS, (project_id, *hours)):
+            found[value].add(Totals(events, BitMap.deserialize(user_set)))
+    for start, end in raw:
+        people: dict[str, list[int]] = defaultdict(list)
+        for value, person_id in snap.conn.execute(_BOT_EVENTS, (project_id, start, end)):
+            people[value].append(person_id)
+        for value, ids in people.items():
+            found[value].add(Totals(len(ids), BitMap(ids)))
+    return _ranked(found, limit)

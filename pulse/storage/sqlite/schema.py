@@ -237,6 +237,17 @@ def _site_ids(conn: apsw.Connection) -> None:
 
 MIGRATIONS.append(_site_ids)
 
+# 9: the goals an operator declares per project (`pulse goals add`): page-view paths, and event names that
+# are listed even before they happen
+MIGRATIONS.append("""
+CREATE TABLE goals (
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    goal TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (project_id, goal)
+) WITHOUT ROWID;
+""")
+
 
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]

@@ -24,7 +24,7 @@ from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, Histogram, IngestJob, IngestStats, Project, Window,
     StoreInUse, WriterStalled,
 )
-from pulse.storage.sqlite import breakdowns, lists, maintenance, periods, projects
+from pulse.storage.sqlite import breakdowns, goals, lists, maintenance, periods, projects
 from pulse.files import FILE_MODE, make_private
 from pulse.storage.sqlite.connection import connect
 from pulse.storage.sqlite.reader import Reader
@@ -202,6 +202,15 @@ class SQLiteStore(Store):
     async def list_keys(self, project: Project) -> list[dict[str, Any]]:
         return await self._read(projects.list_keys, project)
 
+    async def list_goals(self, project: Project) -> list[dict[str, Any]]:
+        return await self._read(goals.list_goals, project)
+
+    async def add_goal(self, project: Project, goal: str) -> dict[str, Any]:
+        return await self._write(goals.add_goal, project, goal)
+
+    async def remove_goal(self, project: Project, goal: str) -> None:
+        await self._write(goals.remove_goal, project, goal)
+
     async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
         """A read question: after the writer has written what it keeps, stopped by stop_reads() or by
         cancelling the caller (its client went away)."""
@@ -253,6 +262,12 @@ class SQLiteStore(Store):
 
     async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> Any:
         return await self._ask(breakdowns.trait_values, project_id, window, key, limit)
+
+    async def goals(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any:
+        return await self._ask(goals.goals, project_id, window, filters, limit)
+
+    async def bots(self, project_id: int, window: Window, limit: int) -> Any:
+        return await self._ask(breakdowns.bots, project_id, window, limit)
 
     async def warm_up(self, days: int) -> None:
         await warm(self.reader, days)
