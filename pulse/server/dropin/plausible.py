@@ -4,8 +4,9 @@ send it.
 The body is one JSON event, whatever its Content-Type (the tracker sends `text/plain`, so a browser sends it
 without a preflight), with short or long keys. `d` names the site by its domain, which is a project's
 `domain` here; a comma-separated list records the event once in each project. The answer is Plausible's:
-`202 ok`; an event that is not recorded (a crawler's, an unknown domain's) is still `202 ok` with
-`x-plausible-dropped: N`; a body that cannot be an event is a 400 `{"errors": {field: [messages]}}`.
+`202 ok`; an unknown domain's event is not recorded, and a crawler's is recorded as a bot's (left out of every
+number but the bots report): both are answered `202 ok` with `x-plausible-dropped: N`, as Plausible answers
+them; a body that cannot be an event is a 400 `{"errors": {field: [messages]}}`.
 
 Plausible sends no visitor or session id: the visitor is pulse's anonymous one, the daily-salted hash of IP
 and user agent. `engagement` events (scroll depth and time on page) are answered and not recorded.
@@ -168,8 +169,7 @@ async def _event(request: web.Request) -> web.Response:
     if found is None:  # engagement: Plausible's time on page, which pulse does not keep
         return _accepted(0)
     agent = visitor_agent(request)
-    if parse_agent(agent).is_bot:
-        return _accepted(len(domains))
+    bot = parse_agent(agent).is_bot  # stored as a bot's, for the bots report; answered as Plausible does
     keyring = request.app[KEYRING]
     projects: list[Project] = []
     for domain in domains:
@@ -184,4 +184,4 @@ async def _event(request: web.Request) -> web.Response:
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
-    return _accepted(dropped)
+    return _accepted(len(domains) if bot else dropped)

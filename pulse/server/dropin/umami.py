@@ -6,7 +6,8 @@ page view; with one, a custom event with `data` as its properties. `identify` me
 traits, the person being `id` when given (an `id` on any event is its distinct id) and pulse's anonymous
 visitor otherwise.
 
-The answer is Umami's: `{"cache", "sessionId", "visitId"}`. The cache is a token this server signs (HMAC with
+The answer is Umami's: `{"cache", "sessionId", "visitId"}`, and `{"beep": "boop"}` to a crawler, whose page
+views and events are recorded as a bot's (left out of every number but the bots report; its `identify` is not). The cache is a token this server signs (HMAC with
 a key made when the server starts, so a token from before a restart is simply not recognised); the browser
 tracker sends it back in `x-umami-cache`, and a visit id in a token that verifies is kept for up to 30 minutes
 after the token was made, as Umami keeps it. Nothing in a token that does not verify is used. Umami's session
@@ -193,8 +194,8 @@ def decode(request: web.Request, item: object) -> Item:
         raise BadRequest()
     visitor = agent if agent is not None else visitor_agent(request)
     found = Item(project, None, parse_agent(visitor).is_bot, distinct_id, ip, visitor)
-    if kind == "performance" or found.bot:
-        return found  # web vitals are not kept; a crawler is answered and not counted
+    if kind == "performance" or (found.bot and kind == "identify"):
+        return found  # web vitals are not kept, nor the traits a crawler claims
     properties: dict = {}
     if data:
         _flatten(data, properties)

@@ -240,7 +240,7 @@ MIGRATIONS.append(_site_ids)
 # 9: the goals an operator declares per project (`pulse goals add`): page-view paths, and event names that
 # are listed even before they happen
 MIGRATIONS.append("""
-CREATE TABLE goals (
+CREATE TABLE IF NOT EXISTS goals (
     project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
     goal TEXT NOT NULL,
     created_at INTEGER NOT NULL,
