@@ -275,9 +275,10 @@ class SessionsPage(Ranged, kw_only=True):
 class UserRow(Struct, kw_only=True):
     distinct_id: str
     traits: dict[str, Any] | None
-    first_seen: int
+    first_seen: int  # the person's first and last event ever (ms), whatever the window
     last_seen: int
-    events: int
+    window_events: int  # events in the window asked about that match its filters (none on users/{distinct_id})
+    lifetime_events: int  # every event of the person ever, bots' included
 
 
 class UsersPage(Ranged, kw_only=True):
