@@ -277,8 +277,8 @@ class UserRow(Struct, kw_only=True):
     traits: dict[str, Any] | None
     first_seen: int  # the person's first and last event ever (ms), whatever the window
     last_seen: int
-    window_events: int  # events in the window asked about that match its filters (none on users/{distinct_id})
-    lifetime_events: int  # every event of the person ever, bots' included
+    window_events: int  # events in the window asked about that match its filters (users/{distinct_id}: all of them)
+    lifetime_events: int  # every event the person ever sent, bots' and pruned ones included
 
 
 class UsersPage(Ranged, kw_only=True):

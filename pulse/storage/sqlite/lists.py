@@ -78,11 +78,11 @@ def users(snap: Snapshot, project_id: int, window: Window, filters: Filters, lim
         sql + page.replace("ts_col", "p.last_seen").replace("id_col", "p.id") + " ORDER BY p.last_seen DESC, p.id DESC"
         " LIMIT ?", [*params, *page_params, limit + 1]))
     after = (rows[limit - 1][4], rows[limit - 1][0]) if len(rows) > limit else None
-    counts = window_events(snap, project_id, window, filters, BitMap(row[0] for row in rows[:limit]))
+    counts = _window_events(snap, project_id, window, filters, BitMap(row[0] for row in rows[:limit]))
     return [_user(row, counts.get(row[0], 0)) for row in rows[:limit]], after
 
 
-def window_events(snap: Snapshot, project_id: int, window: Window, filters: Filters, people: BitMap
+def _window_events(snap: Snapshot, project_id: int, window: Window, filters: Filters, people: BitMap
                   ) -> dict[int, int]:
     """How many events in the window that match the filters each of `people` had. Unfiltered, and under trait
     filters alone (which the people listed already have), whole hours are read from the per-person tallies
@@ -167,7 +167,12 @@ def user_timeline(snap: Snapshot, project_id: int, distinct_id: str, window: Win
             [project_id, start, stop, person_id, *page_params, limit + 1 - len(rows)])
         if len(rows) > limit:
             break
-    count = window_events(snap, project_id, window, Filters(), BitMap([person_id])).get(person_id, 0)
+    count = 0
+    for start, stop in _person_ranges(snap, project_id, person_id, Window(max(window.start, first),
+                                                                          min(window.end, last + 1))):
+        where, params = event_conditions(snap, project_id, start, stop, Filters())
+        count += snap.conn.execute(f"SELECT count(*) {RAW_FROM} WHERE {where} AND e.person_id = ?",
+                                   [*params, person_id]).fetchone()[0]
     return (_user(person, count), *_event_rows(rows, limit))
 
 
