@@ -275,9 +275,10 @@ class SessionsPage(Ranged, kw_only=True):
 class UserRow(Struct, kw_only=True):
     distinct_id: str
     traits: dict[str, Any] | None
-    first_seen: int
+    first_seen: int  # the person's first and last event ever (ms), whatever the window
     last_seen: int
-    events: int
+    window_events: int  # events in the window asked about that match its filters (users/{distinct_id}: all of them)
+    lifetime_events: int  # every event the person ever sent, bots' and pruned ones included
 
 
 class UsersPage(Ranged, kw_only=True):

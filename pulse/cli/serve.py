@@ -21,6 +21,10 @@ from pulse.storage.model import INGEST, READ, Project, ProjectNotFound, digest, 
 
 DEMO_PROJECT = "demo"
 DEMO_KEYS_FILENAME = "demo.json"  # the demo project's keys, so that a restart prints (and accepts) the same ones
+# the demo's traffic: the longest default view (30 days) and the 30 days it is compared with, and a day more so
+# that the 24-hour and 7-day views of any hour find a whole period before them too
+DEMO_DAYS = 61
+DEMO_USERS = 12_200  # visitors over those days: 200 a day, about 2,200 events a day (as the 7-day seed had)
 
 
 def _env_help() -> str:
@@ -66,11 +70,11 @@ def serve(host: str, port: int, data_dir: Path, demo: bool, ack: str | None, pub
             settings, lambda store: _demo_project(store, settings.data_dir / DEMO_KEYS_FILENAME))
         _print_demo(settings, project, ingest_key, read_token)
         settings = dataclasses.replace(settings, demo_ingest_key=ingest_key)
-        if empty:  # a week of traffic through the HTTP API, so the numbers are not all zero
-            click.echo("  seeding 7 days of demo traffic in the background (pulse.seed)")
+        if empty:  # two months of traffic through the HTTP API, so numbers and their comparisons are not empty
+            click.echo(f"  seeding {DEMO_DAYS} days of demo traffic in the background (pulse.seed)")
             seeder = subprocess.Popen(
                 [sys.executable, "-m", "pulse.seed", "--url", f"http://{settings.host}:{settings.port}", "--key",
-                 ingest_key, "--wait", "30", "--json"],
+                 ingest_key, "--days", str(DEMO_DAYS), "--users", str(DEMO_USERS), "--wait", "30", "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )
             threading.Thread(target=_report_seeding, args=(seeder,), daemon=True).start()

@@ -125,13 +125,12 @@ def _buckets(starts: list[int], counts: list[Counts], timezone: str) -> list[Buc
             for start, c in zip(starts, counts)]
 
 
-async def _rows(request: web.Request, question: Callable[..., Awaitable[list[Ranked]]], *args, filtered: bool = True,
+async def _rows(request: web.Request, question: Callable[..., Awaitable[list[Ranked]]], *args,
                 default_limit: int = 10) -> web.Response:
-    """RankedRows of `question(project, window, [filters,] *args, limit)`: breakdowns, keys and values."""
+    """RankedRows of `question(project, window, filters, *args, limit)`: breakdowns, keys and values."""
     project = _project(request)
     window = parse_window(request.query, project.timezone)
-    extra = (parse_filters(request.query),) if filtered else ()
-    rows = await _read(request, question(project.id, window, *extra, *args,
+    rows = await _read(request, question(project.id, window, parse_filters(request.query), *args,
                                          parse_limit(request.query, default=default_limit)))
     return _json(RankedRows(**_range(project, window), rows=rows))
 
@@ -230,13 +229,13 @@ async def property_values(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/projects/{project}/traits")
 async def traits(request: web.Request) -> web.Response:
-    """Trait keys of the persons seen in the window (for trait.KEY filters)."""
-    return await _rows(request, request.app[STORE].trait_keys, filtered=False, default_limit=50)
+    """Trait keys of the users active in the window under the filters (for trait.KEY filters)."""
+    return await _rows(request, request.app[STORE].trait_keys, default_limit=50)
 
 
 @routes.get("/api/v1/projects/{project}/traits/{key}")
 async def trait_values(request: web.Request) -> web.Response:
-    return await _rows(request, request.app[STORE].trait_values, request.match_info["key"], filtered=False)
+    return await _rows(request, request.app[STORE].trait_values, request.match_info["key"])
 
 
 GOALS_LIMIT = 100  # rows of the goals report by default: every goal a project may declare

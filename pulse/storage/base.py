@@ -167,10 +167,14 @@ class Store(abc.ABC):
                               limit: int) -> list[Ranked]: ...
 
     @abc.abstractmethod
-    async def trait_keys(self, project_id: int, window: Window, limit: int) -> list[Ranked]: ...
+    async def trait_keys(self, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]:
+        """Trait keys by how many users active in the window under the filters have them."""
 
     @abc.abstractmethod
-    async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> list[Ranked]: ...
+    async def trait_values(self, project_id: int, window: Window, filters: Filters, key: str,
+                           limit: int) -> list[Ranked]:
+        """A trait's values by how many users active in the window under the filters have them: each count is
+        the overview's unique users with that value added as a trait filter."""
 
     @abc.abstractmethod
     async def goals(self, project_id: int, window: Window, filters: Filters, limit: int

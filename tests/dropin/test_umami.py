@@ -65,7 +65,7 @@ async def test_page_views_events_and_identify_are_counted(client, project, site_
     with_id = [r for r in rows if r["event"] == "$identify" or (r["properties"] or {}).get("plan") == "team"]
     assert [r["distinct_id"] for r in with_id] == ["user_7", "user_7"]
     users = (await read(client, project, "users"))["rows"]
-    assert [(u["distinct_id"], u["traits"], u["events"]) for u in users] == [
+    assert [(u["distinct_id"], u["traits"], u["window_events"]) for u in users] == [
         ("user_7", {"plan": "team", "age_group": "18-40"}, 2)]
 
 
@@ -231,5 +231,5 @@ async def test_umami_node_client_counts_exactly(served, tmp_path):
     anonymous = {r["distinct_id"] for r in rows if r["event"] != "purchase"}
     assert len(anonymous) == 1 and next(iter(anonymous)).startswith("$ip:")
     users = (await read_api(server, project, "users", limit="100"))["rows"]
-    assert [(u["distinct_id"], u["traits"], u["events"]) for u in users] == [
+    assert [(u["distinct_id"], u["traits"], u["window_events"]) for u in users] == [
         (next(iter(anonymous)), {"plan": "team", "age_group": "18-40"}, 6)]

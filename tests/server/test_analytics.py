@@ -320,20 +320,25 @@ async def test_sessions_list_and_aggregates(api, population, filters):
         assert row["distinct_id"] == f"user-{s['user']}"  # the identified id, also for the anonymous start
 
 
-@pytest.mark.parametrize("filters", [{}, {"trait.age_group": ">40"}], ids=lambda f: ",".join(f) or "none")
+@pytest.mark.parametrize("filters", [{}, {"trait.age_group": ">40"}, {"browser": "Firefox"}],
+                         ids=lambda f: ",".join(f) or "none")
 async def test_identified_users(api, population, filters):
+    """The users with a matching event in the window; their events in it that match, and their lifetime."""
     _, sent, traits = population
     start, end = WINDOWS[1]
     per_user: dict[int, list[int]] = defaultdict(list)
     for item in sent:
         per_user[item.user].append(item.ts)
-    expected = {
-        f"user-{u}": (min(ts), max(ts), len(ts)) for u, ts in per_user.items()
-        if max(ts) >= start and min(ts) < end and all(traits[u][k[6:]] == v for k, v in filters.items())
-    }
+    matching: dict[int, int] = defaultdict(int)
+    for item in in_window(sent, start, end, traits, filters):
+        matching[item.user] += 1
+    expected = {f"user-{u}": (min(per_user[u]), max(per_user[u]), count, len(per_user[u]))
+                for u, count in matching.items()}
     rows, _ = await all_pages(api, "users", **{"from": iso(start), "to": iso(end), "limit": "9"}, **filters)
-    assert {r["distinct_id"]: (r["first_seen"], r["last_seen"], r["events"]) for r in rows} == expected
+    assert {r["distinct_id"]: (r["first_seen"], r["last_seen"], r["window_events"], r["lifetime_events"])
+            for r in rows} == expected
     assert all(r["traits"] == traits[int(r["distinct_id"][5:])] for r in rows)
+    assert [r["last_seen"] for r in rows] == sorted((r["last_seen"] for r in rows), reverse=True)
 
 
 @pytest.mark.parametrize("start, end", WINDOWS)
@@ -345,7 +350,8 @@ async def test_one_users_timeline_by_either_id(api, population, start, end, user
         rows, first = await all_pages(api, f"users/{distinct_id}", **{"from": iso(start), "to": iso(end),
                                                                      "limit": "4"})
         assert first["user"]["distinct_id"] == f"user-{user}"
-        assert first["user"]["events"] == sum(e.user == user for e in sent)
+        assert first["user"]["lifetime_events"] == sum(e.user == user for e in sent)
+        assert first["user"]["window_events"] == len(mine)
         assert [(r["ts"], r["event"]) for r in rows] == mine
 
 
@@ -383,19 +389,22 @@ async def test_property_keys_and_values(api, population, start, end, filters):
     assert (await api("properties/plan", **window, **filters))["rows"] == counted(values)
 
 
-async def test_trait_keys_and_values_count_persons_seen_in_the_window(api, population):
+@pytest.mark.parametrize("filters", [{}, {"browser": "Chrome"}, {"trait.age_group": "<18"}],
+                         ids=lambda f: ",".join(f) or "none")
+async def test_trait_keys_and_values_count_the_users_of_the_window(api, population, filters):
+    """Persons with a matching event in the window (not those whose first-to-last span merely overlaps it)."""
     _, sent, traits = population
-    start, end = WINDOWS[0]
-    seen: dict[int, list[int]] = defaultdict(list)
-    for item in sent:
-        seen[item.user].append(item.ts)
-    active = [u for u, ts in seen.items() if max(ts) >= start and min(ts) < end]
-    keys = await api("traits", **{"from": iso(start), "to": iso(end)})
+    start, end = WINDOWS[1]
+    active = {e.user for e in in_window(sent, start, end, traits, filters)}
+    window = {"from": iso(start), "to": iso(end)}
+    keys = await api("traits", **window, **filters)
     assert keys["rows"] == [{"value": k, "count": len(active), "unique_users": len(active)}
                             for k in ("age_group", "gender")]
     genders: dict[str, int] = defaultdict(int)
     for user in active:
         genders[traits[user]["gender"]] += 1
-    rows = (await api("traits/gender", **{"from": iso(start), "to": iso(end)}))["rows"]
+    rows = (await api("traits/gender", **window, **filters))["rows"]
     assert {r["value"]: r["count"] for r in rows} == genders
     assert [r["count"] for r in rows] == sorted(genders.values(), reverse=True)
+
+

@@ -17,7 +17,7 @@ from pulse.storage.model import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
 from pulse.storage.sqlite.aggregates import Totals, merge
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans
-from pulse.storage.sqlite.digests import digests, totals_and_names
+from pulse.storage.sqlite.digests import digests, totals, totals_and_names
 from pulse.storage.sqlite.scans import (
     RAW_FROM, STRING_ID, Digest, cached_scans, event_conditions, json_path, scan_sql, trait_people,
 )
@@ -211,24 +211,35 @@ def property_values(snap: Snapshot, project_id: int, window: Window, filters: Fi
                           ("property values", key), limit)
 
 
-_ACTIVE_PERSONS = "p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ?"
-
-
-def trait_keys(snap: Snapshot, project_id: int, window: Window, limit: int) -> list[Ranked]:
-    """Trait keys of the persons seen in the window, by how many of them have it."""
-    rows = snap.conn.execute(
-        f"SELECT j.key, count(*) FROM persons p, json_each(p.traits) j WHERE {_ACTIVE_PERSONS} AND p.traits IS NOT NULL"
-        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [project_id, window.start, window.end, limit])
-    return [Ranked(key, count, count) for key, count in rows]
-
-
-def trait_values(snap: Snapshot, project_id: int, window: Window, key: str, limit: int) -> list[Ranked]:
-    """Values of one trait over the persons seen in the window, by how many of them have it."""
-    rows = snap.conn.execute(
-        f"SELECT CAST(json_extract(p.traits, ?) AS TEXT) AS v, count(*) FROM persons p WHERE {_ACTIVE_PERSONS}"
-        " AND v IS NOT NULL"
-        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", [json_path(key), project_id, window.start, window.end, limit])
+def _trait_rows(snap: Snapshot, project_id: int, window: Window, filters: Filters, sql: str, extra: list,
+                limit: int) -> list[Ranked]:
+    """Persons per value of `sql` over (person id, value) rows of the project's persons with traits, counting
+    only the users of the window under the filters: the overview's `unique_users`, so that a row's count is
+    the overview's `unique_users` once its value is added as a `trait.` filter."""
+    users = totals(snap, project_id, window, filters).users
+    found: dict[str, int] = defaultdict(int)
+    if users:
+        for person_id, value in snap.conn.execute(sql, [*extra, project_id]):
+            if person_id in users:
+                found[value] += 1
+    rows = sorted(found.items(), key=lambda item: (-item[1], item[0]))[:limit]
     return [Ranked(value, count, count) for value, count in rows]
+
+
+def trait_keys(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]:
+    """Trait keys of the users active in the window under the filters, by how many of them have it."""
+    return _trait_rows(snap, project_id, window, filters,
+                       "SELECT p.id, j.key FROM persons p, json_each(p.traits) j"
+                       " WHERE p.project_id = ? AND p.traits IS NOT NULL", [], limit)
+
+
+def trait_values(snap: Snapshot, project_id: int, window: Window, filters: Filters, key: str,
+                 limit: int) -> list[Ranked]:
+    """Values of one trait over the users active in the window under the filters, by how many of them have it
+    (as `trait.KEY=VALUE` matches it: the value as text)."""
+    return _trait_rows(snap, project_id, window, filters,
+                       "SELECT p.id, CAST(json_extract(p.traits, ?) AS TEXT) AS v FROM persons p"
+                       " WHERE p.project_id = ? AND p.traits IS NOT NULL AND v IS NOT NULL", [json_path(key)], limit)
 
 
 _BOT_ROLLUPS = ("SELECT a.browser, d.events, d.user_set FROM hourly_dims d JOIN agents a ON a.id = d.value_id"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from itertools import islice
 
@@ -13,8 +14,10 @@ from pyroaring import BitMap
 from pulse.protocol import EventRow, SessionRow, SessionStats, UserRow
 from pulse.storage.model import HOUR_MS, Cursor, Filters, Window
 from pulse.storage.sqlite.day_cache import Snapshot
-from pulse.storage.sqlite.scans import event_conditions, json_path
+from pulse.storage.sqlite.digests import totals
+from pulse.storage.sqlite.scans import RAW_FROM, event_conditions
 from pulse.storage.sqlite.sessions import matched_sessions, session_stats, session_sums
+from pulse.storage.sqlite.tallies import cached_people
 
 
 def _cursor(cursor: Cursor | None) -> tuple[str, list]:
@@ -61,26 +64,58 @@ def _identified(alias: str) -> str:
 
 def users(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int,
           cursor: Cursor | None) -> tuple[list[UserRow], Cursor | None]:
-    """Identified users (with traits, or linked from an anonymous id) active in the window, last seen first, and
-    the cursor of the next page."""
-    sql = (f"SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM persons p"
-           f" WHERE p.project_id = ? AND p.last_seen >= ? AND p.first_seen < ? AND {_identified('p')}")
-    params: list = [project_id, window.start, window.end]
-    for key, value in filters.traits:
-        sql += " AND CAST(json_extract(p.traits, ?) AS TEXT) = ?"
-        params += [json_path(key), value]
+    """Identified users (with traits, or linked from an anonymous id) with an event in the window that matches
+    the filters (among the overview's unique users), last seen first, each with those events counted, and the
+    cursor of the next page."""
+    active = totals(snap, project_id, window, filters).users
+    if not active:
+        return [], None
+    sql = (f"SELECT {_PERSON_COLUMNS} FROM persons p WHERE p.project_id = ?"
+           f" AND p.id IN (SELECT value FROM json_each(?)) AND {_identified('p')}")
+    params: list = [project_id, json.dumps(list(active))]
     page, page_params = _cursor(cursor)
     rows = list(snap.conn.execute(
         sql + page.replace("ts_col", "p.last_seen").replace("id_col", "p.id") + " ORDER BY p.last_seen DESC, p.id DESC"
         " LIMIT ?", [*params, *page_params, limit + 1]))
     after = (rows[limit - 1][4], rows[limit - 1][0]) if len(rows) > limit else None
-    return [_user(row) for row in rows[:limit]], after
+    counts = _window_events(snap, project_id, window, filters, BitMap(row[0] for row in rows[:limit]))
+    return [_user(row, counts.get(row[0], 0)) for row in rows[:limit]], after
 
 
-def _user(row: tuple) -> UserRow:
-    """From (id, distinct_id, traits, first_seen, last_seen, event_count) of persons."""
+def _window_events(snap: Snapshot, project_id: int, window: Window, filters: Filters, people: BitMap
+                  ) -> dict[int, int]:
+    """How many events in the window that match the filters each of `people` had. Unfiltered, and under trait
+    filters alone (which the people listed already have), whole hours are read from the per-person tallies
+    of the day cache; everything else from the raw events."""
+    counts: dict[int, int] = defaultdict(int)
+    hours, raw = window.split()
+    if hours is not None and (filters == Filters() or filters.traits_only):
+        for part in cached_people(snap, project_id, hours):
+            for tally in part.hours.values():
+                for bit, members in enumerate(tally.slices):
+                    for person in BitMap.deserialize(members) & people:
+                        counts[person] += 1 << bit
+        filters = Filters()  # the raw edges: the people listed have the traits
+    else:
+        raw = [(window.start, window.end)]
+    for start, end in raw:
+        where, params = event_conditions(snap, project_id, start, end, filters)
+        for person, count in snap.conn.execute(
+            f"SELECT e.person_id, count(*) {RAW_FROM} WHERE {where} AND e.person_id IN (SELECT value FROM json_each(?))"
+            " GROUP BY e.person_id", [*params, json.dumps(list(people))]
+        ):
+            counts[person] += count
+    return counts
+
+
+_PERSON_COLUMNS = "p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count"
+
+
+def _user(row: tuple, window_count: int) -> UserRow:
+    """From _PERSON_COLUMNS of persons, and the person's events in the window asked about."""
     _, distinct_id, traits, first, last, count = row
-    return UserRow(distinct_id=distinct_id, traits=_json(traits), first_seen=first, last_seen=last, events=count)
+    return UserRow(distinct_id=distinct_id, traits=_json(traits), first_seen=first, last_seen=last,
+                   window_events=window_count, lifetime_events=count)
 
 
 _EVENT_COLUMNS = (
@@ -115,7 +150,7 @@ def user_timeline(snap: Snapshot, project_id: int, distinct_id: str, window: Win
     """One user (by any of their distinct ids), their events in the window, newest first, and the cursor of the
     next page; None without such a user."""
     person = snap.conn.execute(
-        "SELECT p.id, p.distinct_id, p.traits, p.first_seen, p.last_seen, p.event_count FROM person_ids i"
+        f"SELECT {_PERSON_COLUMNS} FROM person_ids i"
         " JOIN persons p ON p.id = i.person_id WHERE i.project_id = ? AND i.distinct_id = ?",
         (project_id, distinct_id),
     ).fetchone()
@@ -132,7 +167,13 @@ def user_timeline(snap: Snapshot, project_id: int, distinct_id: str, window: Win
             [project_id, start, stop, person_id, *page_params, limit + 1 - len(rows)])
         if len(rows) > limit:
             break
-    return (_user(person), *_event_rows(rows, limit))
+    count = 0
+    for start, stop in _person_ranges(snap, project_id, person_id, Window(max(window.start, first),
+                                                                          min(window.end, last + 1))):
+        where, params = event_conditions(snap, project_id, start, stop, Filters())
+        count += snap.conn.execute(f"SELECT count(*) {RAW_FROM} WHERE {where} AND e.person_id = ?",
+                                   [*params, person_id]).fetchone()[0]
+    return (_user(person, count), *_event_rows(rows, limit))
 
 
 def _person_ranges(snap: Snapshot, project_id: int, person_id: int, window: Window

@@ -257,11 +257,11 @@ class SQLiteStore(Store):
                               limit: int) -> Any:
         return await self._ask(breakdowns.property_values, project_id, window, filters, key, limit)
 
-    async def trait_keys(self, project_id: int, window: Window, limit: int) -> Any:
-        return await self._ask(breakdowns.trait_keys, project_id, window, limit)
+    async def trait_keys(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any:
+        return await self._ask(breakdowns.trait_keys, project_id, window, filters, limit)
 
-    async def trait_values(self, project_id: int, window: Window, key: str, limit: int) -> Any:
-        return await self._ask(breakdowns.trait_values, project_id, window, key, limit)
+    async def trait_values(self, project_id: int, window: Window, filters: Filters, key: str, limit: int) -> Any:
+        return await self._ask(breakdowns.trait_values, project_id, window, filters, key, limit)
 
     async def goals(self, project_id: int, window: Window, filters: Filters, limit: int) -> Any:
         return await self._ask(goals.goals, project_id, window, filters, limit)

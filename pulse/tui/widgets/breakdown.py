@@ -61,7 +61,7 @@ class BreakdownTabs(Widget):
         cells = {}
         for row in rows:
             if isinstance(row, UserRow):
-                cells[row.distinct_id] = (plain(row.distinct_id), number(row.events), _traits(row.traits),
+                cells[row.distinct_id] = (plain(row.distinct_id), number(row.window_events), _traits(row.traits),
                                           _when(row.last_seen))
             else:
                 cells[str(row.value)] = (plain(row.value if row.value is not None else "(none)"), number(row.count),
