@@ -268,7 +268,7 @@ async def test_posthog_python_events_people_and_traits(served):
         "page_view": 2, "signup": 1, "$create_alias": 1, "$set": 2, "purchase": 2, "$set_once": 1}
     assert ranked((await read(server, project, "pages"))["rows"]) == {"/pricing": 1, "/docs": 1}
     users = {u["distinct_id"]: u for u in (await read(server, project, "users"))["rows"]}
-    assert {k: (u["traits"], u["events"]) for k, u in users.items()} == {
+    assert {k: (u["traits"], u["window_events"]) for k, u in users.items()} == {
         "user-1": ({"name": "Ada", "plan": "pro", "first_plan": "free"}, 7),  # the anonymous events joined
         "42": ({"name": "Bob"}, 2),
     }
@@ -330,7 +330,7 @@ async def test_posthog_js_in_chromium(served):
         "page_view": 1, "add_to_cart": 1, "$identify": 1, "checkout": 1}
     assert ranked((await read(server, project, "pages"))["rows"]) == {"/shop/": 1}
     [user] = (await read(server, project, "users"))["rows"]
-    assert (user["distinct_id"], user["events"]) == ("user-7", 4)
+    assert (user["distinct_id"], user["window_events"]) == ("user-7", 4)
     traits = user["traits"]
     assert traits["plan"] == "pro"
     assert all(key.startswith("$") for key in traits if key != "plan")  # posthog-js's initial person properties

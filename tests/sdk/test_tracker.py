@@ -79,7 +79,7 @@ async def test_demo_page_events_arrive_once_each_in_one_session_with_identify(se
     overview = await read(server, project, "overview")
     assert (overview["events"], overview["unique_users"], overview["sessions"]) == (6, 1, 1)
     users = (await read(server, project, "users"))["rows"]
-    assert [(u["distinct_id"], u["traits"], u["events"]) for u in users] == [
+    assert [(u["distinct_id"], u["traits"], u["window_events"]) for u in users] == [
         ("user_42", {"age_group": "18-40", "gender": "Female"}, 6)]
 
 
