@@ -16,8 +16,8 @@ import msgspec
 from aiohttp import web
 
 from pulse.config import Settings, proxy_networks
-from pulse.enrich import header_language
-from pulse.protocol import MAX_AGENT, IngestAck, IngestEvent, batch_decoder, json_encoder, to_ms
+from pulse.enrich import base_language, header_language
+from pulse.protocol import MAX_AGENT, MAX_LANGUAGE, MAX_SCREEN_WIDTH, IngestAck, IngestEvent, batch_decoder, json_encoder, to_ms
 from pulse.server.errors import ApiError, validation_error
 from pulse.server.keys import COUNTRIES, KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE
 from pulse.server.limits import is_loopback, retry_after
@@ -105,6 +105,23 @@ def visitor_agent(request: web.Request) -> str:
     """The request's User-Agent when a browser sent it; "" (unknown, and so never a bot) when a backend did."""
     agent = request.headers.get("User-Agent", "")
     return agent[:MAX_AGENT] if agent.startswith(_BROWSER_PREFIXES) else ""
+
+
+def fitting_language(value: object) -> str | None:
+    """A language another product's tracker sent, when pulse's own ingest would take it; else None (not kept).
+    Their formats say nothing of its shape, so a value pulse would refuse is left out rather than refused."""
+    if isinstance(value, str) and len(value) <= MAX_LANGUAGE and base_language(value) is not None:
+        return value
+    return None
+
+
+def fitting_width(value: object) -> int | None:
+    """A screen width another product's tracker sent, when pulse's own ingest would take it; else None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SCREEN_WIDTH:
+        return value
+    return None
 
 
 def visitor_language(request: web.Request) -> str | None:
