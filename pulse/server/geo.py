@@ -77,10 +77,11 @@ def _builtin(data_file: str) -> Callable[[str], str | None]:
 
 def _mmdb(path: Path) -> Callable[[str], str | None]:
     import maxminddb
+    from maxminddb.errors import InvalidDatabaseError
 
     try:
         reader = maxminddb.open_database(str(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, InvalidDatabaseError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise GeoipUnavailable(f"--geoip: cannot read the country database {str(path)!r}: {reason}") from None
 
