@@ -58,6 +58,9 @@ class Settings:
     # X-Real-IP that is not one of these proxies' (comma-separated CIDRs), when the direct peer is one of them
     trust_proxy: bool = False
     trusted_proxies: str = "127.0.0.0/8,::1/128"
+    # where visitors' countries come from: "" the data bundled with geoip2fast, a path to a MaxMind or DB-IP
+    # country database (.mmdb), or "off"
+    geoip: str = ""
     catalog_poll_s: float = 0.25
     # a token that reads every project, for tools on this host (`pulse tui`); `pulse serve` makes a fresh
     # one at each start and writes it to server.json in the data directory, readable by its owner only

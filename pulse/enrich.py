@@ -1,4 +1,5 @@
-"""What the server derives from an event: browser/OS/device from the user agent, URL parts, referrer domain.
+"""What the server derives from an event: browser/OS/device from the user agent, URL parts, referrer domain,
+the language's base subtag and the screen's class.
 
 Pure functions with bounded caches; user agents are parsed by ua-parser (maintained rules), not by regexes here.
 """
@@ -6,10 +7,13 @@ Pure functions with bounded caches; user agents are parsed by ua-parser (maintai
 from __future__ import annotations
 
 import functools
+import re
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 from ua_parser import parse as parse_user_agent
+
+from pulse.protocol import LANGUAGE_PATTERN
 
 
 class Agent(NamedTuple):
@@ -91,3 +95,32 @@ def _strip_www(host: str | None) -> str | None:
     if not host:
         return None
     return host[4:] if host.startswith("www.") else host
+
+
+# Plausible's screen classes, by the screen's width in CSS pixels: each holds the widths from its bound up
+SCREEN_CLASSES = ((1440, "desktop"), (992, "laptop"), (576, "tablet"), (0, "mobile"))
+_LANGUAGE_TAG = re.compile(LANGUAGE_PATTERN)
+
+
+def screen_class(width: int | None) -> str | None:
+    if width is None:
+        return None
+    for bound, name in SCREEN_CLASSES:
+        if width >= bound:
+            return name
+    return None
+
+
+def base_language(tag: str | None) -> str | None:
+    """The first subtag of a language tag, lowercased ("en" of "en-US"); None for no tag, or one that is not
+    letters, digits and hyphens (what a client sends as a header is not checked before it comes here)."""
+    if not tag or _LANGUAGE_TAG.match(tag) is None:
+        return None
+    return tag.split("-", 1)[0].lower() or None
+
+
+def header_language(accept_language: str | None) -> str | None:
+    """The base language of an Accept-Language header's first tag ("en" of "en-US,en;q=0.9")."""
+    if not accept_language:
+        return None
+    return base_language(accept_language.split(",", 1)[0].split(";", 1)[0].strip())

@@ -28,6 +28,13 @@ Properties = Annotated[dict[PropertyKey, PropertyValue], Meta(max_length=MAX_PRO
 Agent = Annotated[str, Meta(max_length=MAX_AGENT)]
 # IPv4 or IPv6 text (checked by the ingest handler); 45 characters hold any IPv6 address with an IPv4 tail
 IpAddress = Annotated[str, Meta(min_length=2, max_length=45)]
+# a BCP 47 language tag as browsers give it ("en-US"); only its first subtag is kept
+MAX_LANGUAGE = 35
+LANGUAGE_PATTERN = f"^[A-Za-z0-9-]{{1,{MAX_LANGUAGE}}}$"
+Language = Annotated[str, Meta(pattern=LANGUAGE_PATTERN)]
+# the screen's width in CSS pixels, of which only its class is kept (pulse.enrich.screen_class)
+MAX_SCREEN_WIDTH = 100_000
+ScreenWidth = Annotated[int, Meta(ge=0, le=MAX_SCREEN_WIDTH)]
 # a time the client sends, epoch milliseconds or an RFC 3339 string, lies in 1970..3000: wide enough for
 # any clock, narrow enough that clock-skew correction by it stays a time (RFC 3339 allows years 1..9999)
 MIN_TIME_MS = 0
@@ -63,6 +70,9 @@ class IngestEvent(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=Fal
     # OS and device, the bot check and the anonymous visitor's hash, never stored as they are
     user_agent: Agent | None = None
     ip: IpAddress | None = None
+    # the browser's language (navigator.language) and screen width (screen.width), as a tracker reads them
+    language: Language | None = None
+    screen_width: ScreenWidth | None = None
 
 
 class IngestBatch(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
@@ -237,12 +247,13 @@ class Timeseries(Ranged, kw_only=True):
     previous: list[Bucket]  # the previous period's buckets, at their own start times
 
 
-class Ranked(Struct):
+class Ranked(Struct, omit_defaults=True):
     """One row of a ranking: an event name, a breakdown's value, a property or trait key or value."""
 
     value: str | None
     count: int  # events (sessions for session breakdowns, persons for traits)
     unique_users: int
+    label: str | None = None  # the value's name, for countries ("GB": "United Kingdom") and languages
 
 
 class RankedRows(Ranged, kw_only=True):

@@ -45,10 +45,8 @@
     var body = {
       event: String(name), uuid: uuid(), distinct_id: store("localStorage", USER) || anonymous(),
       session_id: session(), page_url: loc.href, timestamp: Date.now(),
-      properties: Object.assign({
-        $screen_width: w.screen.width, $language: nav.language,
-        $timezone: Intl.DateTimeFormat().resolvedOptions().timeZone
-      }, props)
+      screen_width: w.screen.width, language: nav.language,
+      properties: Object.assign({$timezone: Intl.DateTimeFormat().resolvedOptions().timeZone}, props)
     };
     if (d.referrer) body.referrer = d.referrer;
     queue.push(Object.assign(body, extra));

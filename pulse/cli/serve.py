@@ -53,17 +53,22 @@ def _env_help() -> str:
 @click.option("--trusted-proxies", default=None, metavar="CIDRS",
               help="With --trust-proxy: the proxies' networks, comma-separated"
                    f" (env PULSE_TRUSTED_PROXIES; default: {DEFAULTS.trusted_proxies}).")
+@click.option("--geoip", default=None, metavar="PATH|off",
+              help="Visitors' countries from this MaxMind GeoLite2/GeoIP2 or DB-IP country database (.mmdb);"
+                   " off: none (env PULSE_GEOIP; default: the data bundled with geoip2fast).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
               help="info: one line per refused request; debug: every request"
                    f" (env PULSE_LOG_LEVEL; default: {DEFAULTS.log_level}).")
 @handle_errors
 def serve(host: str, port: int, data_dir: Path, demo: bool, ack: str | None, public_url: str | None,
-          trust_proxy: bool | None, trusted_proxies: str | None, log_level: str | None) -> None:
+          trust_proxy: bool | None, trusted_proxies: str | None, geoip: str | None, log_level: str | None) -> None:
     """Run the server: ingest, read API, live feed, SDK and demo page."""
     from pulse.server.app import AlreadyRunning, run
+    from pulse.server.geo import GeoipUnavailable
 
     settings = settings_for(data_dir, host=host, port=port, ack=ack, public_url=public_url,
-                            trust_proxy=trust_proxy, trusted_proxies=trusted_proxies, log_level=log_level)
+                            trust_proxy=trust_proxy, trusted_proxies=trusted_proxies, geoip=geoip,
+                            log_level=log_level)
     seeder = None
     if demo:
         project, ingest_key, read_token, empty = ask_store(
@@ -80,7 +85,7 @@ def serve(host: str, port: int, data_dir: Path, demo: bool, ack: str | None, pub
             threading.Thread(target=_report_seeding, args=(seeder,), daemon=True).start()
     try:
         run(settings, print_fn=lambda line: click.echo(line))
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, GeoipUnavailable) as exc:
         fail(str(exc))
     finally:
         if seeder is not None and seeder.poll() is None:

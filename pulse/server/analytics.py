@@ -17,6 +17,7 @@ from pulse.protocol import (
     Timeseries, UsersPage, UserTimeline, json_encoder,
 )
 from pulse.server.errors import ApiError
+from pulse.server.geo import country_name, language_name
 from pulse.server.keys import KEYRING, STORE
 from pulse.server.params import (
     OTHER_PARAMS, bucket_bounds, iso, parse_filters, parse_interval, parse_limit, parse_window,
@@ -125,13 +126,21 @@ def _buckets(starts: list[int], counts: list[Counts], timezone: str) -> list[Buc
             for start, c in zip(starts, counts)]
 
 
+# breakdowns whose values have names, given as each row's label
+LABELS = {"countries": country_name, "languages": language_name}
+
+
 async def _rows(request: web.Request, question: Callable[..., Awaitable[list[Ranked]]], *args,
-                default_limit: int = 10) -> web.Response:
-    """RankedRows of `question(project, window, filters, *args, limit)`: breakdowns, keys and values."""
+                default_limit: int = 10, label: Callable[[str], str | None] | None = None) -> web.Response:
+    """RankedRows of `question(project, window, filters, *args, limit)`: breakdowns, keys and values; each row
+    labelled by `label(value)` when given."""
     project = _project(request)
     window = parse_window(request.query, project.timezone)
     rows = await _read(request, question(project.id, window, parse_filters(request.query), *args,
                                          parse_limit(request.query, default=default_limit)))
+    if label is not None:
+        for row in rows:
+            row.label = None if row.value is None else label(row.value)
     return _json(RankedRows(**_range(project, window), rows=rows))
 
 
@@ -141,7 +150,7 @@ async def top_events(request: web.Request) -> web.Response:
 
 
 async def _breakdown(request: web.Request, dimension: str) -> web.Response:
-    return await _rows(request, request.app[STORE].breakdown, dimension)
+    return await _rows(request, request.app[STORE].breakdown, dimension, label=LABELS.get(dimension))
 
 
 def _breakdown_route(path: str, dimension: str) -> None:

@@ -21,7 +21,8 @@ from pulse.enrich import load_agent_rules
 from pulse.files import DATA_DIR_MODE, make_private
 from pulse.server import analytics, dropin, ingest, live, metrics, static
 from pulse.server.auth import KeyRing
-from pulse.server.keys import KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE, WARM_UP
+from pulse.server.geo import Countries, load_names
+from pulse.server.keys import COUNTRIES, KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE, WARM_UP
 from pulse.server.limits import TokenBuckets
 from pulse.server.live import LiveHub
 from pulse.server.metrics import Counters
@@ -81,6 +82,7 @@ async def close_live_feeds(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The application; GeoipUnavailable when the country database of `--geoip` cannot be read."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[api_middleware],
@@ -89,6 +91,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Counters()
+    app[COUNTRIES] = Countries(settings.geoip)
+    load_names()
     app[RATE_BY_IP] = TokenBuckets(settings.rate_per_ip, settings.burst_per_ip)
     app[RATE_BY_KEY] = TokenBuckets(settings.rate_per_key, settings.burst_per_key)
     app[LIVE] = LiveHub(buffer_events=settings.live_buffer_events)

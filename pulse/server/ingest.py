@@ -16,9 +16,10 @@ import msgspec
 from aiohttp import web
 
 from pulse.config import Settings, proxy_networks
-from pulse.protocol import MAX_AGENT, IngestAck, IngestEvent, batch_decoder, json_encoder, to_ms
+from pulse.enrich import base_language, header_language
+from pulse.protocol import MAX_AGENT, MAX_LANGUAGE, MAX_SCREEN_WIDTH, IngestAck, IngestEvent, batch_decoder, json_encoder, to_ms
 from pulse.server.errors import ApiError, validation_error
-from pulse.server.keys import KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE
+from pulse.server.keys import COUNTRIES, KEYRING, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE
 from pulse.server.limits import is_loopback, retry_after
 from pulse.storage.model import (
     IngestJob, Project, ProjectGone, QueueFull, WriteFailed, WriterClosed, WriterStalled,
@@ -106,6 +107,31 @@ def visitor_agent(request: web.Request) -> str:
     return agent[:MAX_AGENT] if agent.startswith(_BROWSER_PREFIXES) else ""
 
 
+def fitting_language(value: object) -> str | None:
+    """A language another product's tracker sent, when pulse's own ingest would take it; else None (not kept).
+    Their formats say nothing of its shape, so a value pulse would refuse is left out rather than refused."""
+    if isinstance(value, str) and len(value) <= MAX_LANGUAGE and base_language(value) is not None:
+        return value
+    return None
+
+
+def fitting_width(value: object) -> int | None:
+    """A screen width another product's tracker sent, when pulse's own ingest would take it; else None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SCREEN_WIDTH:
+        return value
+    return None
+
+
+def visitor_language(request: web.Request) -> str | None:
+    """The base language of the request's Accept-Language when a browser sent it (as for visitor_agent), for
+    events that carry no language of their own; None when a backend did, or the header is no language tag."""
+    if not visitor_agent(request):
+        return None
+    return header_language(request.headers.get("Accept-Language"))
+
+
 @routes.post("/api/v1/events/ingest")
 async def ingest(request: web.Request) -> web.Response:
     try:
@@ -171,10 +197,16 @@ async def store_events(request: web.Request, project: Project, ip: str, agent: s
     app = request.app
     skew = 0 if sent_at_ms is None else received_ms - sent_at_ms
     store = app[STORE]
+    countries = app[COUNTRIES]
+    language = visitor_language(request)
     futures = []
-    for (visitor_ip, visitor_agent_), group in _visitors(events, ip, agent).items():
+    visitors = _visitors(events, ip, agent)
+    # looked up before any job is queued, so that the jobs of one call still go to the writer together
+    found = [await countries.country(visitor_ip) for visitor_ip, _ in visitors]
+    for ((visitor_ip, visitor_agent_), group), country in zip(visitors.items(), found):
         job = IngestJob(project_id=project.id, events=group, received_ms=received_ms, skew_ms=skew,
-                        ip=visitor_ip, user_agent=visitor_agent_, project_domain=project.domain)
+                        ip=visitor_ip, user_agent=visitor_agent_, project_domain=project.domain,
+                        country=country, language=language)
         try:
             futures.append(store.enqueue(job))
         except (QueueFull, WriterStalled) as exc:

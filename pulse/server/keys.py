@@ -10,6 +10,7 @@ from pulse.config import Settings
 
 if TYPE_CHECKING:
     from pulse.server.auth import KeyRing
+    from pulse.server.geo import Countries
     from pulse.server.limits import TokenBuckets
     from pulse.server.live import LiveHub
     from pulse.server.metrics import Counters
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", "Store")
 KEYRING = web.AppKey("keyring", "KeyRing")
+COUNTRIES = web.AppKey("countries", "Countries")
 LIVE = web.AppKey("live", "LiveHub")
 METRICS = web.AppKey("metrics", "Counters")
 RATE_BY_KEY = web.AppKey("rate_by_key", "TokenBuckets")

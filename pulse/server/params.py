@@ -80,13 +80,15 @@ def parse_window(query: MultiMapping[str], timezone: str, *, now_ms: int | None 
     return Window(now - int(span.total_seconds() * 1000), now)
 
 
-FILTER_PARAMS = ("event", "path", "referrer", "utm_source", "utm_medium", "utm_campaign", "browser", "os", "device")
+FILTER_PARAMS = ("event", "path", "referrer", "utm_source", "utm_medium", "utm_campaign", "browser", "os", "device",
+                 "country", "language", "screen")
 OTHER_PARAMS = {"from", "to", "range", "interval", "limit", "dimension", "token", "cursor"}
 SINGLE_PARAMS = OTHER_PARAMS - {"token"}  # one value each (the token is the keyring's to judge)
 
 
 def parse_filters(query: MultiMapping[str]) -> Filters:
-    """`event=`, `path=`, `referrer=`, `utm_*=`, `browser=`, `os=`, `device=`, `prop.KEY=`, `trait.KEY=`; ANDed."""
+    """`event=`, `path=`, `referrer=`, `utm_*=`, `browser=`, `os=`, `device=`, `country=`, `language=`, `screen=`,
+    `prop.KEY=`, `trait.KEY=`; ANDed."""
     values: dict[str, str] = {}
     props: list[tuple[str, str]] = []
     traits: list[tuple[str, str]] = []
@@ -102,6 +104,11 @@ def parse_filters(query: MultiMapping[str]) -> Filters:
         elif key not in OTHER_PARAMS:
             raise ApiError(400, f"{key}: unknown parameter (filters are {', '.join(FILTER_PARAMS)},"
                                 " prop.KEY and trait.KEY)", field=key)
+    # stored as "GB" and "en", whatever the case asked for
+    if "country" in values:
+        values["country"] = values["country"].upper()
+    if "language" in values:
+        values["language"] = values["language"].lower()
     return Filters(**values, props=tuple(props), traits=tuple(traits))
 
 

@@ -18,9 +18,9 @@ PAGE_VIEW = "page_view"
 INGEST = "ingest"
 READ = "read"
 
-# the breakdowns every store answers: of events (page views by path, user agents) and of sessions, by the
-# values of the page view that started them
-EVENT_BREAKDOWNS = ("pages", "browsers", "os", "devices")
+# the breakdowns every store answers: of events (page views by path, user agents, the visitor's country, the
+# browser's language, the screen's class) and of sessions, by the values of the page view that started them
+EVENT_BREAKDOWNS = ("pages", "browsers", "os", "devices", "countries", "languages", "screens")
 SESSION_BREAKDOWNS = ("entry-pages", "exit-pages", "referrers", "utm_source", "utm_medium", "utm_campaign")
 
 Cursor = tuple[int, int]  # (ts ms, id) of the last row of a page: the next page starts after it
@@ -64,6 +64,9 @@ class Filters:
     browser: str | None = None
     os: str | None = None
     device: str | None = None
+    country: str | None = None  # ISO 3166 alpha-2 code, "GB"
+    language: str | None = None  # base language subtag, "en"
+    screen: str | None = None  # screen class: mobile, tablet, laptop, desktop
     props: tuple[tuple[str, str], ...] = ()  # event properties
     traits: tuple[tuple[str, str], ...] = ()  # person traits
 
@@ -178,6 +181,10 @@ class IngestJob:
     ip: str
     user_agent: str
     project_domain: str | None = None
+    # the visitor's country (ISO 3166 alpha-2), looked up from the IP by the server; the IP itself is only hashed
+    country: str | None = None
+    # the base language of the request's Accept-Language, for events that carry no language of their own
+    language: str | None = None
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from pulse.enrich import screen_class
 from tests.servers import Server, chromium, free_port, read_api, serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +73,13 @@ async def test_demo_page_events_arrive_once_each_in_one_session_with_identify(se
     assert by_name["signup"]["properties"]["plan"] == "pro"
     assert {k: by_name["purchase"]["properties"][k] for k in ("amount", "currency")} == {"amount": 29, "currency": "EUR"}
     sent = by_name["click"]["properties"]
-    assert sent["$screen_width"] > 0 and sent["$language"] and sent["$timezone"]
+    assert sent["$timezone"]
+    # the screen's width and the browser's language go as fields of their own, kept as a class and a base language
+    screens = await read(server, project, "screens")
+    assert [(r["value"], r["count"]) for r in screens["rows"]] == [(screen_class(await page.evaluate("screen.width")), 6)]
+    languages = await read(server, project, "languages")
+    language = (await page.evaluate("navigator.language")).split("-")[0].lower()
+    assert [(r["value"], r["count"]) for r in languages["rows"]] == [(language, 6)]
     assert {r["distinct_id"] for r in rows} == {"user_42"}  # the anonymous events joined the identified person
     assert {r["browser"] for r in rows} == {"HeadlessChrome"}
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from pulse.enrich import parse_agent
 from pulse.protocol import MAX_NAME, MAX_PROPERTY_KEY, MAX_PROPERTY_VALUE, MAX_URL, IngestEvent
 from pulse.server.errors import ApiError
-from pulse.server.ingest import admit, read_body, store_events, visitor_agent
+from pulse.server.ingest import admit, fitting_width, read_body, store_events, visitor_agent
 from pulse.server.keys import KEYRING, METRICS
 from pulse.storage.model import PAGE_VIEW, Project
 
@@ -146,6 +146,8 @@ def decode(body: bytes) -> tuple[list[str], IngestEvent | None]:
         page_url=page_url,
         referrer=referrer[:MAX_URL] if referrer else None,
         properties=props,
+        # the window's width (innerWidth), which Plausible's own screen classes are made of
+        screen_width=fitting_width(_first(raw, "w", "screen_width")),
     )
     return domains, event
 

@@ -35,7 +35,7 @@ from pulse.protocol import (
     MIN_TIME_MS, IngestEvent,
 )
 from pulse.server.errors import ApiError
-from pulse.server.ingest import admit, read_body, store_events, visitor_agent
+from pulse.server.ingest import admit, fitting_language, fitting_width, read_body, store_events, visitor_agent
 from pulse.server.keys import KEYRING, METRICS, SETTINGS
 from pulse.storage.model import PAGE_VIEW
 
@@ -54,7 +54,7 @@ _BASE64_HINTS = frozenset({"base64", "b64"})
 # event fields pulse keeps in their own columns (or, for the key, never): not stored again as properties
 _MAPPED = frozenset({
     "token", "distinct_id", "$current_url", "$referrer", "$session_id", "$raw_user_agent", "$ip",
-    "$set", "$set_once", "$anon_distinct_id",
+    "$set", "$set_once", "$anon_distinct_id", "$browser_language", "$locale", "$screen_width",
 })
 _DIRECT = "$direct"  # posthog-js's referrer when there is none
 _ERROR_TYPES = {400: "validation_error", 401: "authentication_error", 403: "authentication_error",
@@ -415,6 +415,9 @@ def _to_pulse(ev: dict, index: int, engage: bool, sent_at_ms: int | None, receiv
         timestamp=_event_ms(ev, index, sent_at_ms, received_ms),
         user_agent=agent[:MAX_AGENT] if isinstance(agent, str) else None,
         ip=ip if isinstance(ip, str) and ip else None,
+        # posthog-js: navigator.language and screen.width; the mobile SDKs: the device's locale
+        language=fitting_language(properties.get("$browser_language")) or fitting_language(properties.get("$locale")),
+        screen_width=fitting_width(properties.get("$screen_width")),
     )
 
 

@@ -34,7 +34,7 @@ from pulse.protocol import (
     MAX_URL, IngestEvent,
 )
 from pulse.server.errors import ApiError
-from pulse.server.ingest import admit, read_body, store_events, visitor_agent
+from pulse.server.ingest import admit, fitting_language, fitting_width, read_body, store_events, visitor_agent
 from pulse.server.keys import KEYRING, METRICS
 from pulse.storage.model import DAY_MS, HOUR_MS, PAGE_VIEW, Project
 
@@ -183,8 +183,10 @@ def decode(request: web.Request, item: object) -> Item:
     name = _text(payload, "name", MAX_EVENT_NAME)
     referrer = _text(payload, "referrer", MAX_URL)
     page_url = _page_url(payload)
-    for key, limit in (("title", MAX_URL), ("screen", 11), ("language", 35), ("tag", MAX_EVENT_NAME)):
+    for key, limit in (("title", MAX_URL), ("tag", MAX_EVENT_NAME)):
         _text(payload, key, limit)  # checked as Umami checks them; not recorded
+    screen = _text(payload, "screen", 11)  # "1920x1080": the width first
+    language = _text(payload, "language", 35)
     timestamp = payload.get("timestamp")
     if timestamp is not None and (not isinstance(timestamp, int) or isinstance(timestamp, bool)
                                   or not 0 <= timestamp * 1000 <= MAX_TIME_MS):
@@ -199,8 +201,10 @@ def decode(request: web.Request, item: object) -> Item:
     properties: dict = {}
     if data:
         _flatten(data, properties)
+    width = screen.partition("x")[0] if screen is not None else ""
     fields = dict(distinct_id=distinct_id, user_agent=agent, ip=ip,
-                  timestamp=None if timestamp is None else timestamp * 1000)
+                  timestamp=None if timestamp is None else timestamp * 1000, language=fitting_language(language),
+                  screen_width=fitting_width(int(width)) if width.isascii() and width.isdigit() else None)
     if kind == "identify":
         found.event = IngestEvent(event=IDENTIFY, traits=properties or None, **fields)
     else:

@@ -26,8 +26,8 @@ _encode = msgspec.json.Encoder().encode
 
 _INSERT_EVENT = (
     "INSERT INTO events(id, project_id, uuid, ts, received, name_id, person_id, session_id, url_id, path_id,"
-    " referrer_id, referrer_domain_id, agent_id, ip_hash, props)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " referrer_id, referrer_domain_id, agent_id, ip_hash, props, country_id, language_id, screen_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT(project_id, uuid) DO NOTHING"  # never skips: repeats were found first; checked after
 )
 _STORED_UUIDS = (
@@ -35,7 +35,7 @@ _STORED_UUIDS = (
 )
 _UNWRITTEN = (
     "SELECT e.project_id, e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.referrer_domain_id, e.agent_id,"
-    " coalesce(a.is_bot, 0), u.value FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
+    " coalesce(a.is_bot, 0), u.value, e.country_id, e.language_id, e.screen_id FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
     " LEFT JOIN strings u ON u.id = e.url_id"
     " WHERE e.id > ? ORDER BY e.id"
 )
@@ -96,9 +96,11 @@ class BatchApplier:
         found = conn.execute("SELECT id FROM strings WHERE value = ?", (PAGE_VIEW,)).fetchone()
         page_view = found[0] if found is not None else None
         for row in conn.execute(_UNWRITTEN, (kept.derived_through,)):
-            project_id, ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, bot, url = row
+            (project_id, ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, bot, url, country_id,
+             language_id, screen_id) = row
             is_page = name_id == page_view
-            kept.count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if is_page else None)
+            kept.count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if is_page else None,
+                       country_id, language_id, screen_id)
             if session_id is not None:
                 parts = split_url(url) if url is not None and is_page else None
                 utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
@@ -237,13 +239,15 @@ class BatchApplier:
             received = job.received
             agent_id, is_bot = interner.agent(job.user_agent)
             bot = int(is_bot)
+            country = job.country
+            country_id = None if country is None else (strings.get(country) or string_id(country))
             ip_hash, anonymous_id = anonymous[index]
             persons = identities.persons[project_id]
             sessions = identities.sessions[project_id]
             duplicates: list[int] = []
             for position, ev in enumerate(job.events):
                 (uid, ts, name, distinct_id, anon_id, session_key, url, path, referrer, referrer_domain,
-                 utm_source, utm_medium, utm_campaign, props, traits) = ev
+                 utm_source, utm_medium, utm_campaign, props, traits, language, screen) = ev
                 if uid is None:
                     uid = time_uuid(ts)
                 else:
@@ -265,16 +269,19 @@ class BatchApplier:
                 path_id = None if path is None else (strings.get(path) or string_id(path))
                 referrer_domain_id = None if referrer_domain is None else (
                     strings.get(referrer_domain) or string_id(referrer_domain))
+                language_id = None if language is None else (strings.get(language) or string_id(language))
+                screen_id = None if screen is None else (strings.get(screen) or string_id(screen))
                 rows.append((  # in the order of _INSERT_EVENT's columns
                     event_id, project_id, uid, ts, received, name_id, person_id, session_id,
                     None if url is None else (strings.get(url) or string_id(url)), path_id,
                     None if referrer is None else (strings.get(referrer) or string_id(referrer)),
-                    referrer_domain_id, agent_id, ip_hash, props,
+                    referrer_domain_id, agent_id, ip_hash, props, country_id, language_id, screen_id,
                 ))
                 event_id += 1
 
                 page_view = name == PAGE_VIEW
-                count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if page_view else None)
+                count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if page_view else None,
+                      country_id, language_id, screen_id)
                 if traits is not None:
                     merged.append((traits, person_id))
                     traited.add(project_id)

@@ -1,7 +1,8 @@
-"""Breakdowns: per event name, per page or user agent, per session entry, exit, referrer or UTM value,
-per event property key or value, per person trait. Unfiltered event-level breakdowns come from the hourly
-dimension rollups, filtered ones from digests (`digests`), session-level ones from sessions by start day
-(`sessions`), property keys and values from per-person tallies of whole days or cached scans.
+"""Breakdowns: per event name, per page, user agent, country, language or screen class, per session entry,
+exit, referrer or UTM value, per event property key or value, per person trait. Unfiltered event-level
+breakdowns come from the hourly dimension rollups, filtered ones from digests (`digests`; countries,
+languages and screens from cached scans), session-level ones from sessions by start day (`sessions`),
+property keys and values from per-person tallies of whole days or cached scans.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pyroaring import BitMap
 from pulse.protocol import Ranked
 from pulse.storage.model import Filters, Window
 from pulse.storage.model import HOUR_MS, PAGE_VIEW
-from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
+from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_COUNTRY, DIM_LANGUAGE, DIM_PAGE, DIM_SCREEN
 from pulse.storage.sqlite.aggregates import Totals, merge
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans
 from pulse.storage.sqlite.digests import digests, totals, totals_and_names
@@ -37,7 +38,13 @@ EVENT_DIMENSIONS = {
     "browsers": ("a.browser", "", "a.browser IS NOT NULL", []),
     "os": ("a.os", "", "a.os IS NOT NULL", []),
     "devices": ("a.device", "", "a.device IS NOT NULL", []),
+    # events without a known value (stored before these were, or not told) have NULL: the JOIN leaves them out
+    "countries": ("cs.value", "JOIN strings cs ON cs.id = e.country_id", "1", []),
+    "languages": ("ls.value", "JOIN strings ls ON ls.id = e.language_id", "1", []),
+    "screens": ("ss.value", "JOIN strings ss ON ss.id = e.screen_id", "1", []),
 }
+# the dimensions filtered breakdowns take from digests; the others scan raw events per whole day (cached)
+_DIGESTED = ("pages", "browsers", "os", "devices")
 # session-level breakdowns, over sessions that started in the window: entry and exit page, source
 SESSION_DIMENSIONS = {
     "entry-pages": "entry_path_id",
@@ -56,6 +63,9 @@ _DIM_ROLLUPS = {
     **{name: (f"SELECT a.{column}, d.events, d.user_set FROM hourly_dims d JOIN agents a ON a.id = d.value_id"
               f" WHERE d.project_id = ? AND d.dim = {DIM_AGENT} AND d.bot = 0 AND d.hour >= ? AND d.hour < ?")
        for name, column in (("browsers", "browser"), ("os", "os"), ("devices", "device"))},
+    **{name: ("SELECT v.value, d.events, d.user_set FROM hourly_dims d JOIN strings v ON v.id = d.value_id"
+              f" WHERE d.project_id = ? AND d.dim = {dim} AND d.bot = 0 AND d.hour >= ? AND d.hour < ?")
+       for name, dim in (("countries", DIM_COUNTRY), ("languages", DIM_LANGUAGE), ("screens", DIM_SCREEN))},
 }
 
 
@@ -86,8 +96,10 @@ def _by_value(snap: Snapshot, project_id: int, window: Window, filters: Filters,
 def event_values(snap: Snapshot, project_id: int, window: Window, filters: Filters, dimension: str
                  ) -> dict[str, Totals]:
     """Events and users per value of an event-level breakdown (goals count page views by path from it too).
-    Unfiltered: whole hours from hourly_dims, the minutes at the edges from raw events. Filtered: digests."""
-    if filters != Filters():
+    Unfiltered: whole hours from hourly_dims, the minutes at the edges from raw events. Filtered: digests,
+    or for countries, languages and screens scans of raw events (whole days of them cached)."""
+    filtered = filters != Filters()
+    if filtered and dimension in _DIGESTED:
         found = list(digests(snap, project_id, window, filters))
         if dimension == "pages":
             return merge(digest.pages for digest in found)
@@ -114,7 +126,7 @@ def event_values(snap: Snapshot, project_id: int, window: Window, filters: Filte
     def whole_hours(hours: tuple[int, int]) -> dict[str, Totals]:
         return merge(cached_spans(snap, project_id, hours, 0, ("dim", dimension), rolled_up))
 
-    return _by_value(snap, project_id, window, filters, ("dim", dimension), scan, whole_hours)
+    return _by_value(snap, project_id, window, filters, ("dim", dimension), scan, None if filtered else whole_hours)
 
 
 def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]:

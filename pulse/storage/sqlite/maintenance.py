@@ -22,7 +22,7 @@ import apsw
 from pulse.storage.model import DAY_MS, HOUR_MS, PAGE_VIEW, Difference, Project
 from pulse.storage.sqlite.connection import connect, create_private, immediate
 from pulse.storage.sqlite.projects import PROJECT_DATA_TABLES, list_projects
-from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
+from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_COUNTRY, DIM_LANGUAGE, DIM_PAGE, DIM_SCREEN
 
 PRUNE_CHUNK = 2000
 
@@ -114,6 +114,10 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
     recounted.update({(DIM_PAGE, h, v, b): (ev, us) for h, v, b, ev, us in conn.execute(
         f"SELECT e.ts / {HOUR_MS}, e.path_id, coalesce(a.is_bot, 0), count(*), count(DISTINCT e.person_id) {raw}"
         " AND e.name_id = ? AND e.path_id IS NOT NULL GROUP BY 1, 2, 3", (pid, cut, page_view))})
+    for dim, column in ((DIM_COUNTRY, "country_id"), (DIM_LANGUAGE, "language_id"), (DIM_SCREEN, "screen_id")):
+        recounted.update({(dim, h, v, b): (ev, us) for h, v, b, ev, us in conn.execute(
+            f"SELECT e.ts / {HOUR_MS}, e.{column}, coalesce(a.is_bot, 0), count(*), count(DISTINCT e.person_id)"
+            f" {raw} AND e.{column} IS NOT NULL GROUP BY 1, 2, 3", (pid, cut))})
     found += _compare(pid, "hourly_dims", stored, recounted,
                       lambda k: f"dim {k[0]} hour {_hour(k[1])} value {k[2]} bot {k[3]} (events, users)")
 

@@ -1,8 +1,8 @@
 """The hourly rollups as the writer keeps them: per key, a count of events and the sets of its users and sessions.
 
 Runs in the writer process only. `hourly` is keyed by (project, hour, event name, bot), with name 0
-for every event; `hourly_dims` by (project, dimension, hour, value, bot) for page views by path and
-events by user agent. The sets are roaring bitmaps of person and session ids, stored serialized.
+for every event; `hourly_dims` by (project, dimension, hour, value, bot) for page views by path, and
+events by user agent, country, language and screen class. The sets are roaring bitmaps of person and session ids, stored serialized.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pyroaring import BitMap
 
 DIM_AGENT = 1  # browser, OS and device follow from the user agent
 DIM_PAGE = 2  # page views by path
+DIM_COUNTRY = 3  # events by the visitor's country (a string id), when known
+DIM_LANGUAGE = 4  # events by the browser's language (a string id), when known
+DIM_SCREEN = 5  # events by screen class (a string id), when known
 
 # keys whose whole is kept in memory per table; past it (and with nothing left to compact) the cache is
 # emptied and keys are loaded again as commits touch them

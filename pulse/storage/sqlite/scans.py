@@ -28,7 +28,8 @@ def event_conditions(snap: Snapshot, project_id: int, start: int, end: int, filt
     clauses = ["e.project_id = ?", "e.ts >= ?", "e.ts < ?", "coalesce(a.is_bot, 0) = 0"]
     params: list = [project_id, start, end]
     for column, value in (("name_id", filters.event), ("path_id", filters.path),
-                          ("referrer_domain_id", filters.referrer)):
+                          ("referrer_domain_id", filters.referrer), ("country_id", filters.country),
+                          ("language_id", filters.language), ("screen_id", filters.screen)):
         if value is not None:
             clauses.append(f"e.{column} = {STRING_ID}")
             params.append(value)

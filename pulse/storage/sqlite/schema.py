@@ -249,6 +249,19 @@ CREATE TABLE IF NOT EXISTS goals (
 """)
 
 
+def _visitor_dimensions(conn: apsw.Connection) -> None:
+    """10: the visitor's country (from the IP at ingest), the browser's base language and the screen class of
+    each event, as ids of interned strings; events stored before have none (NULL) and are left out of their
+    breakdowns and rollups (hourly_dims dims 3, 4, 5). Like 8, a column already there is left as it is."""
+    present = {column[1] for column in conn.execute("PRAGMA table_info(events)")}
+    for column in ("country_id", "language_id", "screen_id"):
+        if column not in present:
+            conn.execute(f"ALTER TABLE events ADD COLUMN {column} INTEGER")
+
+
+MIGRATIONS.append(_visitor_dimensions)
+
+
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 

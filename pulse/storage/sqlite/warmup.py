@@ -16,7 +16,7 @@ from pulse.storage.sqlite.reader import Reader
 
 log = logging.getLogger("pulse.warmup")
 
-BREAKDOWNS = ("pages", "browsers", "os", "devices", *SESSION_DIMENSIONS)
+BREAKDOWNS = ("pages", "browsers", "os", "devices", "countries", "languages", "screens", *SESSION_DIMENSIONS)
 PROPERTY_KEYS = 3  # the values of this many keys, most used first
 
 

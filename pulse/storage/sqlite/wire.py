@@ -21,6 +21,7 @@ class Submit(msgspec.Struct, array_like=True, tag="submit"):
     ip: str
     user_agent: str
     events: list[tuple]
+    country: str | None = None  # the visitor's, from the IP (IngestJob.country)
 
 
 class Flush(msgspec.Struct, array_like=True, tag="flush"):

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pulse.storage.model import HOUR_MS
-from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_PAGE
+from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_COUNTRY, DIM_LANGUAGE, DIM_PAGE, DIM_SCREEN
 
 # when a flush is due (above)
 FLUSH_AFTER_S = 0.5
@@ -80,8 +80,10 @@ class Kept:
         self.derived_through = derived_through  # the last event whose changes are all written
 
     def count(self, project_id: int, ts: int, name_id: int, bot: int, person_id: int, session_id: int | None,
-              agent_id: int, page_path_id: int | None) -> None:
-        """Add one event to the kept rollup and person changes; page_path_id: its path if a page view."""
+              agent_id: int, page_path_id: int | None, country_id: int | None, language_id: int | None,
+              screen_id: int | None) -> None:
+        """Add one event to the kept rollup and person changes; page_path_id: its path if a page view; the
+        string ids of its country, language and screen class when known."""
         hour = ts // HOUR_MS
         key = (project_id, hour, name_id, bot)
         group = self.groups.get(key)
@@ -92,8 +94,12 @@ class Kept:
         if session_id is not None:
             group[2].append(session_id)
         dims = self.dims
-        by_agent = (project_id, DIM_AGENT, hour, agent_id, bot)
-        for key in (by_agent,) if page_path_id is None else (by_agent, (project_id, DIM_PAGE, hour, page_path_id, bot)):
+        keys = [(project_id, DIM_AGENT, hour, agent_id, bot)]
+        for dimension, value_id in ((DIM_PAGE, page_path_id), (DIM_COUNTRY, country_id),
+                                    (DIM_LANGUAGE, language_id), (DIM_SCREEN, screen_id)):
+            if value_id is not None:
+                keys.append((project_id, dimension, hour, value_id, bot))
+        for key in keys:
             dim = dims.get(key)
             if dim is None:
                 dim = dims[key] = [0, []]

@@ -205,8 +205,8 @@ class EventWriter:
             raise QueueFull(retry_after=1)
         rows = prepare(job)
         job_id = next(self._ids)
-        future = self._send(job_id, Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows),
-                            job, rows)
+        submit = Submit(job_id, job.project_id, job.received_ms, job.ip, job.user_agent, rows, job.country)
+        future = self._send(job_id, submit, job, rows)
         self.stats.queued_events += count
         return future
 
