@@ -59,12 +59,11 @@ class PulseApp(App[None]):
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
-        seen: list[tuple[str, str]] = []
+        seen: dict[str, str] = {}  # key as shown -> what it does, each key once
         for binding in (*self.screen.BINDINGS, *self.BINDINGS):
             if isinstance(binding, Binding) and binding.description and binding.action != "help":
-                seen.append((binding.key_display or self.get_key_display(binding),
-                             binding.tooltip or binding.description))
-        self.push_screen(HelpScreen(seen))
+                seen.setdefault(binding.key_display or self.get_key_display(binding), binding.tooltip or binding.description)
+        self.push_screen(HelpScreen(list(seen.items())))
 
     async def on_unmount(self) -> None:
         if self.tracker is not None:

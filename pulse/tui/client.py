@@ -21,8 +21,8 @@ import msgspec
 
 from pulse.config import SERVER_FILENAME
 from pulse.protocol import (
-    CLOSE_TOKEN_REVOKED, ErrorBody, LiveDropped, LiveEvent, LiveEvents, Overview, ProjectList, ProjectRow, RankedRows,
-    Timeseries, UsersPage, live_decoder,
+    CLOSE_TOKEN_REVOKED, ErrorBody, EventsPage, LiveDropped, LiveEvent, LiveEvents, Overview, ProjectList, ProjectRow,
+    RankedRows, SessionsPage, Timeseries, UsersPage, UserTimeline, live_decoder,
 )
 
 T = TypeVar("T")
@@ -33,6 +33,9 @@ OVERVIEW = msgspec.json.Decoder(Overview)
 TIMESERIES = msgspec.json.Decoder(Timeseries)
 RANKED_ROWS = msgspec.json.Decoder(RankedRows)  # top events, breakdowns, property and trait keys and values
 USERS_PAGE = msgspec.json.Decoder(UsersPage)
+SESSIONS_PAGE = msgspec.json.Decoder(SessionsPage)
+EVENTS_PAGE = msgspec.json.Decoder(EventsPage)
+USER_TIMELINE = msgspec.json.Decoder(UserTimeline)
 ERROR = msgspec.json.Decoder(ErrorBody)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from pulse.protocol import Overview, Ranked, RankedRows, Timeseries, UserRow
+from pulse.protocol import Overview, RankedRows, Timeseries
 from pulse.tui.client import LiveState
 from pulse.tui.state import DashboardQuery
 
@@ -21,11 +21,14 @@ class StatsLoaded(Message):
 
 
 class BreakdownLoaded(Message):
-    def __init__(self, query: DashboardQuery, tab: str, rows: list[Ranked] | list[UserRow]) -> None:
+    """A breakdown tab's answer: RankedRows, or a page of sessions or visitors (`more`: a further page)."""
+
+    def __init__(self, query: DashboardQuery, tab: str, found: object, *, more: bool = False) -> None:
         super().__init__()
         self.query = query
         self.tab = tab
-        self.rows = rows
+        self.found = found
+        self.more = more
 
 
 class LoadFailed(Message):

@@ -14,6 +14,7 @@ from datetime import date
 from pathlib import Path
 
 import platformdirs
+from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 
 RANGES = ("24h", "7d", "30d", "90d")
@@ -188,10 +189,20 @@ def percent(value: float) -> str:
     return f"{value * 100:.1f}%"
 
 
-def change(current: float, previous: float) -> tuple[str, int]:
-    """The change against the previous period as text, and its sign (1 up, -1 down, 0 flat or new)."""
+# the previous period must hold at least this many events for a percentage change to mean anything
+MIN_COMPARABLE_EVENTS = 20
+
+
+def change(current: float, previous: float, previous_events: int) -> tuple[str, int]:
+    """The change against the previous period as text, and its sign (1 up, -1 down, 0 flat, new or none).
+
+    `new` when there was nothing before and there is now; nothing at all when the previous period
+    held fewer than MIN_COMPARABLE_EVENTS events, where a percentage would be noise.
+    """
     if previous == 0:
-        return ("new" if current else "–"), 0
+        return ("new" if current else ""), 0
+    if previous_events < MIN_COMPARABLE_EVENTS:
+        return "", 0
     delta = (current - previous) / previous
     if abs(delta) < 0.0005:
         return "±0%", 0
@@ -199,3 +210,38 @@ def change(current: float, previous: float) -> tuple[str, int]:
     if delta >= 9.995:  # past +999%: as a multiple, so the card stays narrow
         return f"{arrow}{current / previous:,.0f}×", sign
     return (f"{arrow}{abs(delta) * 100:.0f}%" if abs(delta) >= 0.1 else f"{arrow}{abs(delta) * 100:.1f}%"), sign
+
+
+def cut(text: str, width: int) -> str:
+    """`text` in at most `width` cells, an ellipsis where it was cut."""
+    if cell_len(text) <= width:
+        return text
+    return set_cell_size(text, max(width - 1, 0)) + "…"
+
+
+def cut_apart(names: list[str], width: int) -> list[str]:
+    """Names cut to `width` cells so that different names still read differently.
+
+    Names are cut at the end; where that makes two of them alike, both keep their head and as much
+    of their tail as tells them apart (`newcomer_…_signup`, `newcomer_…_search`).
+    """
+    shown = [cut(name, width) for name in names]
+    for tail in range(1, width - 1):
+        clashes = {s for s in shown if sum(1 for t in shown if t == s) > 1}
+        if not clashes:
+            break
+        head = max(width - 1 - tail, 1)
+        shown = [_middle(name, head, width - 1 - head) if short in clashes else short
+                 for name, short in zip(names, shown)]
+    return shown
+
+
+def _middle(text: str, head: int, tail: int) -> str:
+    if cell_len(text) <= head + tail + 1:
+        return text
+    end = ""
+    for char in reversed(text):
+        if cell_len(char + end) > tail:
+            break
+        end = char + end
+    return set_cell_size(text, head) + "…" + end

@@ -89,9 +89,10 @@ def test_query_params_follow_the_api_grammar():
 
 def test_clean_and_change():
     assert clean("a\x1b[31mb\x07\x9bc\td") == "a�[31mb��c d"
-    assert change(110, 100) == ("▲10%", 1) and change(90, 100) == ("▼10%", -1)
-    assert change(5, 0) == ("new", 0) and change(0, 0) == ("–", 0)
-    assert change(37_304, 16) == ("▲2,332×", 1) and change(1099, 100) == ("▲999%", 1)
+    assert change(110, 100, 100) == ("▲10%", 1) and change(90, 100, 100) == ("▼10%", -1)
+    assert change(5, 0, 0) == ("new", 0) and change(0, 0, 0) == ("", 0)
+    assert change(37_304, 16, 16) == ("", 0)  # too few events before to compare
+    assert change(37_304, 20, 20) == ("▲1,865×", 1) and change(1099, 100, 100) == ("▲999%", 1)
 
 
 async def test_a_restarted_local_server_is_found_again(server, memory):

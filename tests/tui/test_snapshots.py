@@ -1,4 +1,4 @@
-"""Snapshots of the projects screen and the dashboard at 80x24 and 160x48, over a real `pulse serve`.
+"""Snapshots of the projects screen (80x24, 160x48) and the dashboard (80x24, 200x50), over a real `pulse serve`.
 
 The data are the generated population (fixed dates in March 2026), shown through custom dates, with a
 fixed clock: the screens are the same on every run. Update on purpose with `pytest --snapshot-update`.
@@ -7,6 +7,7 @@ fixed clock: the screens are the same on every run. Update on purpose with `pyte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from pulse.tui.app import PulseApp
 from pulse.tui.client import PulseClient
 from pulse.tui.screens.dashboard import DashboardScreen
 from pulse.tui.screens.projects import ProjectsScreen
+from pulse.tui.screens.visitor import VisitorScreen
 from pulse.tui.state import FilterMemory
 from tests.server.test_analytics import TZ, generate
 from tests.servers import Server, pulse
@@ -83,6 +85,36 @@ def test_projects_screen(served, tmp_path, snap_compare, size):
     assert snap_compare(make_app(served, tmp_path), terminal_size=size, run_before=projects_loaded)
 
 
-@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
 def test_dashboard(served, tmp_path, snap_compare, size):
     assert snap_compare(make_app(served, tmp_path), terminal_size=size, run_before=dashboard_loaded)
+
+
+async def two_filters_loaded(pilot) -> None:
+    await dashboard_loaded(pilot)
+    await pilot.pause(0.3)
+
+
+def test_dashboard_with_two_filters(served, tmp_path, snap_compare):
+    """Both chips in sight at 80x24, the breakdown rows below the chart."""
+    app = make_app(served, tmp_path)
+    server, project_id = served
+    app.memory.put(server.url, project_id, dataclasses.replace(POPULATION_QUERY, filters=(
+        ("trait.gender", "Female"), ("browser", "Firefox"))))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=two_filters_loaded)
+
+
+async def visitor_opened(pilot) -> None:
+    await dashboard_loaded(pilot)
+    screen = pilot.app.screen
+    screen.query_one("#breakdowns").activate("users")
+    await until(pilot, lambda: screen.query_one("#table-users").row_count > 0, "the visitors")
+    screen.query_one("#table-users").focus()
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(pilot.app.screen, VisitorScreen)
+                and pilot.app.screen.query_one("#visitor-events").row_count > 0, "the timeline")
+    await pilot.pause(0.3)
+
+
+def test_visitor_timeline(served, tmp_path, snap_compare):
+    assert snap_compare(make_app(served, tmp_path), terminal_size=(80, 24), run_before=visitor_opened)

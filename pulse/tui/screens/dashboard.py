@@ -13,15 +13,17 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Label, TabbedContent
+from textual.widgets import Button, Label, TabbedContent
 
-from pulse.protocol import Overview, ProjectRow, Ranked
-from pulse.tui.client import OVERVIEW, RANKED_ROWS, TIMESERIES, USERS_PAGE, ApiFailure, LiveState, PulseClient
+from pulse.protocol import LiveEvent, Overview, ProjectRow, Ranked
+from pulse.tui.client import EVENTS_PAGE, OVERVIEW, RANKED_ROWS, TIMESERIES, ApiFailure, LiveState, PulseClient
 from pulse.tui.messages import (BreakdownLoaded, ConnectionChanged, FilterRemoved, LoadFailed, RangeChosen,
                                 StatsLoaded, TopEventSelected)
 from pulse.tui.screens.dialogs import DateRangeScreen, EventDetailScreen, FilterPickerScreen
-from pulse.tui.state import DashboardQuery, FilterMemory, change, count, duration, percent, plain
-from pulse.tui.widgets.breakdown import TABS, BreakdownTabs
+from pulse.tui.state import DashboardQuery, FilterMemory, change, clean, count, duration, percent, plain
+from pulse.tui.screens.visitor import VisitorScreen
+from pulse.tui.widgets.breakdown import BREAKDOWNS, BreakdownPane, BreakdownTabs, PagedPane, UtmPane
+from pulse.tui.widgets.footer import DashboardFooter
 from pulse.tui.widgets.filter_bar import FilterBar
 from pulse.tui.widgets.live_feed import LiveFeed
 from pulse.tui.widgets.metric_card import MetricCard
@@ -29,6 +31,7 @@ from pulse.tui.widgets.timeseries import TimeseriesChart
 from pulse.tui.widgets.top_events import TopEventsChart
 
 REFRESH_S = 10.0
+FEED_BACKLOG = 100  # the last events the live feed opens with
 CARDS = [  # id, label, lower is better
     ("events", "Events", False), ("users", "Unique users", False), ("sessions", "Sessions", False),
     ("bounce", "Bounce rate", True), ("duration", "Avg. duration", False), ("top", "Top event", False),
@@ -41,9 +44,9 @@ class DashboardScreen(Screen):
         Binding("question_mark", "app.help", "Help"),
         Binding("escape", "back", "Back"),
         Binding("1", "range('24h')", "Range", key_display="1-4", tooltip="Range: 24 hours, 7, 30, 90 days"),
-        Binding("2", "range('7d')", "7 days", show=False),
-        Binding("3", "range('30d')", "30 days", show=False),
-        Binding("4", "range('90d')", "90 days", show=False),
+        Binding("2", "range('7d')", "", show=False),  # no description: help lists 1-4 once
+        Binding("3", "range('30d')", "", show=False),
+        Binding("4", "range('90d')", "", show=False),
         Binding("c", "custom_dates", "Dates"),
         Binding("f", "add_filter", "Filter"),
         Binding("x", "remove_filter", "Unfilter"),
@@ -52,10 +55,15 @@ class DashboardScreen(Screen):
         Binding("i", "toggle_interval", "Interval"),
         Binding("p", "pause", "Pause"),
         Binding("r", "reload", "Refresh"),
+        Binding("e", "jump('top-events')", "Top events", show=False, tooltip="Go to the top events"),
+        Binding("t", "jump('breakdowns')", "Tables", show=False, tooltip="Go to the breakdown tables"),
+        Binding("l", "jump('feed')", "Live feed", show=False, tooltip="Go to the live feed"),
         Binding("right_square_bracket", "tab(1)", "Next tab", show=False),
         Binding("left_square_bracket", "tab(-1)", "Previous tab", show=False),
+        Binding("u", "utm", "UTM", show=False, tooltip="UTM tab: source, medium, campaign"),
         Binding("q", "app.quit", "Quit", show=False),
     ]
+    WIDE_ONLY = frozenset({"custom_dates", "toggle_interval", "reload"})  # in help, and in the footer when wide
 
     query_state: reactive[DashboardQuery] = reactive(DashboardQuery, init=False)
 
@@ -71,6 +79,7 @@ class DashboardScreen(Screen):
         self.top_rows: list[Ranked] = []
         self.connection = LiveState("connecting")
         self.connection_was_lost = False  # reload the numbers when the feed comes back
+        self.backlog_read = False  # the feed's first connection reads the last events once
         self.set_reactive(DashboardScreen.query_state, memory.get(client.url, project.id))
 
     @property
@@ -99,7 +108,7 @@ class DashboardScreen(Screen):
             with Horizontal(id="row-tables"):
                 yield BreakdownTabs(id="breakdowns")
                 yield LiveFeed(id="feed")
-        yield Footer(show_command_palette=False)
+        yield DashboardFooter(self.WIDE_ONLY)
 
     def on_mount(self) -> None:
         self.query_one("#top-events").border_title = "Top events"
@@ -118,13 +127,15 @@ class DashboardScreen(Screen):
 
     def tick(self) -> None:
         if not self.loading:  # a slow answer is not interrupted by the next tick
-            self.reload()
+            self.reload(tick=True)
 
-    def reload(self) -> None:
+    def reload(self, *, tick: bool = False) -> None:
         self.loading = True
         self.query_one("#load-state", Label).update("updating…")
         self.load_stats(self.query_state)
-        self.load_breakdown(self.query_state, self.query_one(BreakdownTabs).current_tab)
+        pane = self.query_one(BreakdownTabs).pane()
+        if not (tick and isinstance(pane, PagedPane) and pane.asked):  # keep the pages read further down
+            self.load_breakdown(self.query_state, pane)
 
     @work(exclusive=True, group="stats")
     async def load_stats(self, query: DashboardQuery) -> None:
@@ -140,15 +151,29 @@ class DashboardScreen(Screen):
         self.post_message(StatsLoaded(query, overview, series, top))
 
     @work(exclusive=True, group="breakdown")
-    async def load_breakdown(self, query: DashboardQuery, tab: str) -> None:
-        _, endpoint, extra = TABS[tab]
+    async def load_breakdown(self, query: DashboardQuery, pane: BreakdownPane, cursor: str | None = None) -> None:
+        tab = pane.breakdown.id
+        endpoint, params, decoder = pane.request(query, cursor)
         try:
-            found = await self.client.project_get(self.project_id, endpoint, {**query.params(), "limit": "20", **extra},
-                                                  USERS_PAGE if tab == "users" else RANKED_ROWS)
+            found = await self.client.project_get(self.project_id, endpoint, params, decoder)
         except ApiFailure as exc:
-            self.post_message(LoadFailed(tab, exc.status, exc.message))
+            self.post_message(LoadFailed(pane.breakdown.title, exc.status, exc.message))
             return
-        self.post_message(BreakdownLoaded(query, tab, found.rows))
+        self.post_message(BreakdownLoaded(query, tab, found, more=cursor is not None))
+
+    @work(exclusive=True, group="backlog")
+    async def load_backlog(self) -> None:
+        """The feed's last events, read after it connected: what came before it opened."""
+        try:
+            page = await self.client.project_get(self.project_id, "events", {"range": "7d", "limit": str(FEED_BACKLOG)},
+                                                 EVENTS_PAGE)
+        except ApiFailure as exc:
+            self.post_message(LoadFailed("last events", exc.status, exc.message))
+            return
+        for feed in self.query(LiveFeed).results(LiveFeed):  # none once the dashboard has closed
+            feed.preload([LiveEvent(event=r.event, ts=r.ts, distinct_id=r.distinct_id, path=r.path,
+                                    properties=r.properties, browser=r.browser, os=r.os, device=r.device)
+                          for r in page.rows])
 
     @work(exclusive=True, group="live")
     async def follow_live(self) -> None:
@@ -170,7 +195,7 @@ class DashboardScreen(Screen):
 
     def on_breakdown_loaded(self, message: BreakdownLoaded) -> None:
         if message.query == self.query_state:
-            self.query_one(BreakdownTabs).show(message.tab, message.rows)
+            self.query_one(BreakdownTabs).pane(message.tab).show(message.found, more=message.more)
 
     def on_load_failed(self, message: LoadFailed) -> None:
         self.loading = False
@@ -192,6 +217,9 @@ class DashboardScreen(Screen):
             label.set_class(state.status == status, f"-{status}")
         self.set_class(state.status != "live", "-disconnected")
         if state.status == "live":
+            if not self.backlog_read:
+                self.backlog_read = True
+                self.load_backlog()
             if self.connection_was_lost:
                 self.reload()  # numbers missed while away
             self.connection_was_lost = False
@@ -208,19 +236,22 @@ class DashboardScreen(Screen):
         def card(card_id: str) -> MetricCard:
             return self.query_one(f"#card-{card_id}", MetricCard)
 
+        def against(now: float, then: float) -> tuple[str, int]:
+            return change(now, then, before.events)
+
         for card_id, now, then in (("events", found.events, before.events),
                                    ("users", found.unique_users, before.unique_users),
                                    ("sessions", found.sessions, before.sessions),
                                    ("daily", found.daily_average, before.daily_average)):
-            card(card_id).show(count(now), *change(now, then))
-        card("bounce").show(percent(found.bounce_rate), *change(found.bounce_rate, before.bounce_rate))
+            card(card_id).show(count(now), *against(now, then))
+        card("bounce").show(percent(found.bounce_rate), *against(found.bounce_rate, before.bounce_rate))
         card("duration").show(duration(found.avg_session_seconds),
-                              *change(found.avg_session_seconds, before.avg_session_seconds))
+                              *against(found.avg_session_seconds, before.avg_session_seconds))
         top, top_before = found.top_event, before.top_event
         if top is None:
             card("top").show("–")
         elif top_before is not None and top_before.event == top.event:
-            card("top").show(plain(top.event), *change(top.count, top_before.count))
+            card("top").show(plain(top.event), *against(top.count, top_before.count))
         else:
             card("top").show(plain(top.event), count(top.count))
         card("live").show(count(found.live_visitors), "last 5 min")
@@ -230,14 +261,15 @@ class DashboardScreen(Screen):
         self.query_one(FilterBar).show(query)
         self.query_one("#range-text", Label).update(f"{query.label} · {_per(query.effective_interval)}")
         chip = self.query_one("#chart-chip", Button)
-        chip.label = plain(f"event={query.chart_event} ×") if query.chart_event else ""
+        chip.label = "all events ×"
         chip.display = query.chart_event is not None
-        self.query_one("#chart-title", Label).update(
-            f"{'Events' if query.chart_event is None else 'One event'} {_per(query.effective_interval)}"
-            " · dots: previous period")
+        subject = "Events" if query.chart_event is None else clean(query.chart_event)
+        self.query_one("#chart-title", Label).update(plain(f"{subject} {_per(query.effective_interval)} · dots: previous period"))
 
     def watch_query_state(self, query: DashboardQuery) -> None:
         self.memory.put(self.client.url, self.project_id, query)
+        for pane in self.query(BreakdownPane).results(BreakdownPane):
+            pane.reset()
         self.show_query()
         self.loading = False
         self.reload()
@@ -251,6 +283,8 @@ class DashboardScreen(Screen):
             return query.chart_event is not None
         if action in ("remove_filter", "clear_filters"):
             return bool(query.filters)
+        if action == "utm":
+            return self.query_one(BreakdownTabs).current_tab == "utm" or None
         if action == "toggle_interval":
             return query.days <= 31 or None  # shown, but hourly buckets stop at 31 days
         return True
@@ -312,8 +346,22 @@ class DashboardScreen(Screen):
 
     def action_tab(self, step: int) -> None:
         tabs = self.query_one(BreakdownTabs)
-        names = list(TABS)
+        names = [breakdown.id for breakdown in BREAKDOWNS]
+        had_focus = tabs.has_focus_within
         tabs.activate(names[(names.index(tabs.current_tab) + step) % len(names)])
+        if had_focus:  # the table that had it is hidden now: the new tab's table takes it
+            tabs.pane().table.focus()
+
+    def action_jump(self, pane: str) -> None:
+        """Focus a main pane: the breakdowns by their table, the others themselves."""
+        if pane == "breakdowns":
+            self.query_one(BreakdownTabs).pane().table.focus()
+        else:
+            self.query_one(f"#{pane}").focus()
+        self.query_one(f"#{pane}").scroll_visible(animate=False)
+
+    def action_utm(self) -> None:
+        self.query_one("#pane-utm", UtmPane).switch()
 
     # -- widget messages ----------------------------------------------------------------------------
 
@@ -336,7 +384,19 @@ class DashboardScreen(Screen):
 
     @on(TabbedContent.TabActivated)
     def tab_activated(self) -> None:
-        self.load_breakdown(self.query_state, self.query_one(BreakdownTabs).current_tab)
+        self.load_breakdown(self.query_state, self.query_one(BreakdownTabs).pane())
+        self.refresh_bindings()
+
+    def on_breakdown_pane_reload(self, message: BreakdownPane.Reload) -> None:
+        self.load_breakdown(self.query_state, message.pane, message.cursor)
+
+    def on_breakdown_pane_filter_chosen(self, message: BreakdownPane.FilterChosen) -> None:
+        self.query_state = self.query_state.with_filter(message.key, message.value)
+        self.app.track("filter_changed", action="add", key=message.key)
+
+    def on_breakdown_pane_visitor_chosen(self, message: BreakdownPane.VisitorChosen) -> None:
+        self.app.push_screen(VisitorScreen(self.client, self.project_id, self.project.name, message.distinct_id,
+                                           self.query_state))
 
     def on_live_feed_opened(self, message: LiveFeed.Opened) -> None:
         self.app.push_screen(EventDetailScreen(message.event))

@@ -67,6 +67,22 @@ class LiveFeed(ScrollView, can_focus=True):
         if self.paused:
             self.pending_total += len(events)
 
+    def preload(self, events: list[LiveEvent]) -> None:
+        """The last events before the feed opened (newest first), below whatever the feed already brought.
+
+        The feed connects before they are read, so nothing committed in between is missed; an event
+        that came both ways is shown once.
+        """
+        seen = {_identity(e) for e in (*self.events, *self.pending)}
+        room = KEEP - len(self.events) - len(self.pending)
+        older = [e for e in events if _identity(e) not in seen][:max(room, 0)]
+        if not older:
+            return
+        self.events.extend(older)
+        self.virtual_size = Size(0, len(self.events))
+        self._update_title()
+        self.refresh()
+
     def skip(self, count: int) -> None:
         self.skipped += count
 
@@ -104,7 +120,8 @@ class LiveFeed(ScrollView, can_focus=True):
         if self.paused:
             self.border_subtitle = f"paused · {self.pending_total:,} new"
         else:
-            self.border_subtitle = f"{self.rate:,.0f} events/s" if self.arrived else "waiting for events"
+            self.border_subtitle = (f"{self.rate:,.0f} events/s" if self.arrived
+                                    else "last events · waiting for new" if self.events else "waiting for events")
         if self.skipped:
             self.border_subtitle += f" · {self.skipped:,} skipped"
 
@@ -165,6 +182,10 @@ class LiveFeed(ScrollView, can_focus=True):
         else:
             segments.append(Segment(_fit(item.path or "", max(rest, 0)), base))
         return Strip(segments).adjust_cell_length(width, base)
+
+
+def _identity(event: LiveEvent) -> tuple:
+    return event.ts, event.event, event.distinct_id, event.path
 
 
 def _fit(text: str, width: int) -> str:

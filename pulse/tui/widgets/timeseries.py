@@ -21,7 +21,9 @@ class TimeseriesChart(PlotextPlot):
     def show(self, series: Timeseries) -> None:
         self.current = [b.events for b in series.buckets]
         self.previous = [b.events for b in series.previous][:len(self.current)]
-        self.labels = [_label(b.start, series.interval) for b in series.buckets]
+        starts = [datetime.fromisoformat(b.start) for b in series.buckets]
+        spans_days = len({moment.date() for moment in starts}) > 1
+        self.labels = [_label(moment, series.interval, spans_days) for moment in starts]
         self.replot()
 
     def on_resize(self) -> None:
@@ -40,7 +42,8 @@ class TimeseriesChart(PlotextPlot):
         if any(self.previous):
             plt.plot(xs[:len(self.previous)], self.previous, marker="dot", color=before)
         plt.plot(xs, self.current, marker="braille", color=now)
-        ticks = max(2, min(len(xs), self.size.width // 12 or 2))
+        label_width = max((len(label) for label in self.labels), default=6) + 4
+        ticks = max(2, min(len(xs), self.size.width // label_width or 2))
         step = max(1, round(len(xs) / ticks))
         chosen = xs[::step]
         plt.xticks(chosen, [self.labels[x - 1] for x in chosen])
@@ -56,6 +59,8 @@ def _rgb(value: str | None) -> tuple[int, int, int]:
     return color.rgb
 
 
-def _label(start: str, interval: str) -> str:
-    moment = datetime.fromisoformat(start)
-    return moment.strftime("%H:%M") if interval == "hour" else moment.strftime("%b %d")
+def _label(moment: datetime, interval: str, spans_days: bool) -> str:
+    """Hours alone while the chart shows one day; with the date once it spans more, so no two ticks read alike."""
+    if interval != "hour":
+        return moment.strftime("%b %d")
+    return moment.strftime("%b %d %H:%M") if spans_days else moment.strftime("%H:%M")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from textual.content import Content
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
 from pulse.protocol import Ranked
 from pulse.tui.messages import TopEventSelected
-from pulse.tui.state import clean, count
+from pulse.tui.state import clean, count, cut_apart
 
 
 class TopEventsChart(OptionList):
@@ -28,17 +29,17 @@ class TopEventsChart(OptionList):
         highlighted = self.highlighted_option.id if self.highlighted_option is not None else None
         width = max(self.scrollable_content_region.width, 20)
         top = max((r.count for r in self.rows), default=1) or 1
-        name_width = min(max((len(r.value) for r in self.rows), default=8), max(8, width * 2 // 5))
+        name_width = min(max((cell_len(clean(r.value)) for r in self.rows), default=8), max(8, width * 2 // 5))
         value_width = max((len(count(r.count)) for r in self.rows), default=1)
+        names = cut_apart([clean(r.value) for r in self.rows], name_width)
         options = []
-        for row in self.rows:
+        for row, name in zip(self.rows, names):
             value = count(row.count).rjust(value_width)
             bar_width = max(width - name_width - value_width - 3, 1)
             filled = row.count / top * bar_width
             bar = "█" * int(filled) + ("▌" if filled - int(filled) >= 0.5 else "")
-            name = clean(row.value)
             text = Content.assemble(
-                (name[:name_width].ljust(name_width), "bold" if row.value == self.selected_event else ""),
+                (name + " " * (name_width - cell_len(name)), "bold" if row.value == self.selected_event else ""),
                 " ", value, " ", (bar, "$primary" if row.value != self.selected_event else "$accent"),
             )
             options.append(Option(text, id=row.value))
