@@ -3,7 +3,8 @@
 Users (some of whom sign up and identify with traits: age group and gender) come back in sessions of page
 views over a small site map, click, submit forms, sign up and buy; they arrive from search, social sites,
 campaigns (UTM) or directly, on desktop and mobile browsers, more by day than by night and on weekdays than
-at weekends. The same --seed gives the same traffic.
+at weekends; from many countries (their IP addresses), in several languages and screen sizes; and a few
+crawlers visit every day, which every number leaves out. The same --seed gives the same traffic.
 
     python scripts/seed_events.py --url http://127.0.0.1:8000 --key pk_… [--days 7] [--users 1500 | --events N] [--seed 1]
 """
@@ -44,6 +45,23 @@ AGENTS = [  # (user agent, weight)
     ("Mozilla/5.0 (iPad; CPU OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 "
      "Mobile/15E148 Safari/604.1", 4),
 ]
+# the screen width each of AGENTS' devices reports, in the same order
+WIDTHS = [1920, 1440, 1366, 390, 412, 820]
+# where visitors come from: the first byte of their IPv4 address (the rest drawn at random), by weight; these
+# networks lie mostly in the United States, Canada, the United Kingdom, Germany, Western Europe, Brazil,
+# Asia and Latin America in the country data pulse ships
+NETWORKS = [(3, 22), (24, 12), (81, 6), (5, 8), (2, 10), (85, 8), (145, 5), (177, 7), (49, 6), (126, 5),
+            (190, 6), (41, 3), (101, 2)]
+LANGUAGES = [("en-US", 40), ("en-GB", 10), ("de-DE", 12), ("fr-FR", 9), ("es-ES", 8), ("pt-BR", 8),
+             ("ja-JP", 5), ("it-IT", 4), ("nl-NL", 4)]
+# crawlers' user agents: a few of their page views a day, which every number leaves out (the bots report
+# shows them)
+CRAWLERS = [
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+    "Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)",
+]
+CRAWLS_PER_DAY = 6
 HOUR_SHAPE = [0.2, 0.12, 0.08, 0.06, 0.06, 0.1, 0.25, 0.5, 0.8, 1.0, 1.0, 0.95,
               0.9, 0.95, 1.0, 1.0, 0.95, 0.85, 0.75, 0.7, 0.65, 0.55, 0.45, 0.3]
 WEEKDAY_SHAPE = [1.0, 1.05, 1.05, 1.0, 0.9, 0.6, 0.55]  # Monday first
@@ -56,12 +74,17 @@ class Person:
     user_id: str
     agent: str
     traits: dict
+    ip: str = ""
+    language: str = ""
+    screen_width: int = 0
     identified: bool = False
+    crawler: bool = False
 
 
 @dataclass
 class Report:
-    events: int = 0
+    events: int = 0  # every number below leaves out crawlers' events, as pulse's numbers do
+    crawler_events: int = 0
     sessions: int = 0
     users: set = field(default_factory=set)
     by_event: dict = field(default_factory=dict)
@@ -90,13 +113,30 @@ def generate(seed: int, days: int, users: int, now_ms: int, site: str = "https:/
                 "gender": rng.choices(["Male", "Female", "Other"], weights=[47, 47, 6])[0]})
         for i in range(users)
     ]
+    for person in people:
+        agent = next(i for i, (ua, _) in enumerate(AGENTS) if ua == person.agent)
+        person.screen_width = WIDTHS[agent]
+        first = _weighted(rng, NETWORKS)[0]
+        person.ip = f"{first}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        person.language = _weighted(rng, LANGUAGES)[0]
     start_ms = now_ms - days * 86_400_000
     sessions = []
     for person in people:
         for _ in range(max(1, min(12, int(rng.expovariate(1 / 2.2)) + 1))):
             sessions.append((_session_start(rng, start_ms, days), person))
+    for day in range(days):
+        for crawl in range(CRAWLS_PER_DAY):
+            crawler = Person(f"crawler-{day}-{crawl}", "", rng.choice(CRAWLERS), {}, crawler=True)
+            crawler.ip = f"66.249.{rng.randrange(64, 96)}.{rng.randrange(1, 255)}"
+            sessions.append((start_ms + day * 86_400_000 + rng.randrange(86_400_000), crawler))
     sessions.sort(key=lambda item: item[0])
     for ts, person in sessions:
+        if person.crawler:
+            yield person, person.agent, [
+                {"event": "page_view", "page_url": f"{site}{path}", "timestamp": ts + i * 1500, "ip": person.ip,
+                 "uuid": str(uuid.UUID(int=rng.getrandbits(128)))}
+                for i, path in enumerate(rng.sample(PAGES, 4)) if ts + i * 1500 < now_ms]
+            continue
         referrer, source, medium, campaign, _ = _weighted(rng, SOURCES)
         session_id = f"s-{uuid.UUID(int=rng.getrandbits(128))}"
         path = rng.choice(PAGES[:6])
@@ -142,7 +182,8 @@ def generate(seed: int, days: int, users: int, now_ms: int, site: str = "https:/
                                "uuid": str(uuid.UUID(int=rng.getrandbits(128)))})
                 ts += 2000
             path = rng.choice(PAGES)
-        yield person, person.agent, [e for e in events if e["timestamp"] < now_ms]
+        visitor = {"ip": person.ip, "language": person.language, "screen_width": person.screen_width}
+        yield person, person.agent, [{**e, **visitor} for e in events if e["timestamp"] < now_ms]
 
 
 async def seed(url: str, key: str, *, days: int = 7, users: int = 1500, seed_value: int = 1,
@@ -181,11 +222,14 @@ async def seed(url: str, key: str, *, days: int = 7, users: int = 1500, seed_val
         for person, agent, events in generate(seed_value, days, users, now_ms):
             if not events:
                 continue
-            report.sessions += 1
-            report.users.add(person.user_id)
-            for event in events:
-                report.events += 1
-                report.by_event[event["event"]] = report.by_event.get(event["event"], 0) + 1
+            if person.crawler:
+                report.crawler_events += len(events)
+            else:
+                report.sessions += 1
+                report.users.add(person.user_id)
+                for event in events:
+                    report.events += 1
+                    report.by_event[event["event"]] = report.by_event.get(event["event"], 0) + 1
             if agent not in queues:
                 queues[agent] = asyncio.Queue(maxsize=4)
                 workers.append(asyncio.create_task(sender(session, agent, queues[agent])))
@@ -203,7 +247,7 @@ async def seed(url: str, key: str, *, days: int = 7, users: int = 1500, seed_val
     if progress:
         elapsed = time.monotonic() - started
         print(f"\r  {report.events:,} events, {report.sessions:,} sessions, {len(report.users):,} users "
-              f"in {elapsed:.1f}s", file=sys.stderr)
+              f"(and {report.crawler_events:,} crawlers' events) in {elapsed:.1f}s", file=sys.stderr)
     return report
 
 
@@ -241,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(wait_for(args.url, args.wait))
     report = asyncio.run(seed(args.url, args.key, days=args.days, users=args.users, seed_value=args.seed))
     summary = {"events": report.events, "sessions": report.sessions, "users": len(report.users),
-               "requests": report.requests, "by_event": dict(sorted(report.by_event.items()))}
+               "crawler_events": report.crawler_events, "requests": report.requests, "by_event": dict(sorted(report.by_event.items()))}
     if args.json:
         import json
 

@@ -35,15 +35,26 @@ async def test_seed_script_totals_equal_the_api(tmp_path):
             async with session.get(f"{server.url}/api/v1/projects/{project['id']}/overview", params={"range": "30d"},
                                    headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
                 overview = await response.json()
-            async with session.get(f"{server.url}/api/v1/projects/{project['id']}/top-events",
-                                   params={"range": "30d", "limit": "20"},
-                                   headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
-                top = await response.json()
+            found = {}
+            for name in ("top-events", "languages", "screens", "countries", "bots"):
+                async with session.get(f"{server.url}/api/v1/projects/{project['id']}/{name}",
+                                       params={"range": "30d", "limit": "100"},
+                                       headers={"Authorization": f"Bearer {project['read_token']}"}) as response:
+                    found[name] = (await response.json())["rows"]
     finally:
         server.stop(15)
     assert (overview["events"], overview["unique_users"], overview["sessions"]) == (
         summary["events"], summary["users"], summary["sessions"])
-    assert {row["value"]: row["count"] for row in top["rows"]} == summary["by_event"]
+    assert {row["value"]: row["count"] for row in found["top-events"]} == summary["by_event"]
+    # every visitor has a language and a screen; nearly all have a country (a few addresses are in none)
+    assert sum(row["count"] for row in found["languages"]) == summary["events"]
+    assert sum(row["count"] for row in found["screens"]) == summary["events"]
+    assert {row["value"] for row in found["screens"]} == {"mobile", "tablet", "laptop", "desktop"}
+    countries = sum(row["count"] for row in found["countries"])
+    assert len(found["countries"]) >= 10 and 0.9 * summary["events"] <= countries <= summary["events"]
+    # crawlers are in no number above, and all in the bots report
+    assert summary["crawler_events"] > 0
+    assert sum(row["count"] for row in found["bots"]) == summary["crawler_events"]
 
 
 def test_same_seed_same_traffic():
