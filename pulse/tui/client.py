@@ -21,7 +21,7 @@ import msgspec
 
 from pulse.config import SERVER_FILENAME
 from pulse.protocol import (
-    CLOSE_TOKEN_REVOKED, ErrorBody, EventsPage, LiveDropped, LiveEvent, LiveEvents, Overview, ProjectList, ProjectRow,
+    CLOSE_TOKEN_REVOKED, ErrorBody, EventsPage, Goals, LiveDropped, LiveEvent, LiveEvents, Overview, ProjectList, ProjectRow,
     RankedRows, SessionsPage, Timeseries, UsersPage, UserTimeline, live_decoder,
 )
 
@@ -36,6 +36,7 @@ USERS_PAGE = msgspec.json.Decoder(UsersPage)
 SESSIONS_PAGE = msgspec.json.Decoder(SessionsPage)
 EVENTS_PAGE = msgspec.json.Decoder(EventsPage)
 USER_TIMELINE = msgspec.json.Decoder(UserTimeline)
+GOALS = msgspec.json.Decoder(Goals)
 ERROR = msgspec.json.Decoder(ErrorBody)
 
 

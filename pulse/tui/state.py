@@ -18,7 +18,8 @@ from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 
 RANGES = ("24h", "7d", "30d", "90d")
-FILTER_KEYS = ("event", "path", "referrer", "utm_source", "utm_medium", "utm_campaign", "browser", "os", "device")
+FILTER_KEYS = ("event", "path", "referrer", "utm_source", "utm_medium", "utm_campaign", "browser", "os", "device",
+               "country", "language", "screen")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class DashboardQuery:
     filters: tuple[tuple[str, str], ...] = ()  # ("event", "signup"), ("trait.gender", "Female"), …
     interval: str = "auto"  # "auto" | "hour" | "day"
     chart_event: str | None = None  # the selected top-events bar: the time chart shows that event only
+    labels: tuple[tuple[str, str], ...] = ()  # (filter key, the name of its value): ("country", "United Kingdom")
 
     def window_params(self) -> dict[str, str]:
         if self.range == "custom" and self.start and self.end:
@@ -64,16 +66,24 @@ class DashboardQuery:
             return f"{self.start} → {self.end}"
         return f"last {self.range}"
 
-    def with_filter(self, key: str, value: str) -> DashboardQuery:
-        kept = tuple((k, v) for k, v in self.filters if k != key)  # one value per key, as the API takes it
-        return dataclasses.replace(self, filters=(*kept, (key, value)))
+    def with_filter(self, key: str, value: str, label: str | None = None) -> DashboardQuery:
+        """`key=value` in place of any other value of `key` (the API takes one per key), named `label` if given."""
+        kept = tuple((k, v) for k, v in self.filters if k != key)
+        labels = tuple((k, n) for k, n in self.labels if k != key) + (((key, label),) if label else ())
+        return dataclasses.replace(self, filters=(*kept, (key, value)), labels=labels)
 
     def without_filter(self, key: str) -> DashboardQuery:
-        return dataclasses.replace(self, filters=tuple((k, v) for k, v in self.filters if k != key))
+        return dataclasses.replace(self, filters=tuple((k, v) for k, v in self.filters if k != key),
+                                   labels=tuple((k, n) for k, n in self.labels if k != key))
+
+    def filter_text(self, key: str, value: str) -> str:
+        """A filter as its chip says it: `country=GB United Kingdom`, the value's name after its code."""
+        label = dict(self.labels).get(key)
+        return clean(f"{key}={value}" + (f" {label}" if label and label != value else ""))
 
     def to_json(self) -> dict:
         return {"range": self.range, "start": self.start, "end": self.end, "filters": [list(f) for f in self.filters],
-                "interval": self.interval, "chart_event": self.chart_event}
+                "interval": self.interval, "chart_event": self.chart_event, "labels": dict(self.labels)}
 
     @classmethod
     def from_json(cls, raw: object) -> DashboardQuery:
@@ -86,11 +96,13 @@ class DashboardQuery:
         elif raw.get("range") == "custom" and valid_date(raw.get("start")) and valid_date(raw.get("end")):
             query = dataclasses.replace(query, range="custom", start=raw["start"], end=raw["end"])
         filters = raw.get("filters")
+        labels = raw.get("labels") if isinstance(raw.get("labels"), dict) else {}
         if isinstance(filters, list):
             for item in filters:
                 if (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
                         and valid_filter_key(item[0])):
-                    query = query.with_filter(item[0], item[1])
+                    label = labels.get(item[0])
+                    query = query.with_filter(item[0], item[1], label if isinstance(label, str) else None)
         if raw.get("interval") in ("auto", "hour", "day"):
             query = dataclasses.replace(query, interval=raw["interval"])
         if isinstance(raw.get("chart_event"), str):

@@ -309,7 +309,7 @@ class DashboardScreen(Screen):
         self.app.push_screen(DateRangeScreen(start, end), chosen)
 
     def action_add_filter(self) -> None:
-        def chosen(found: tuple[str, str] | None) -> None:
+        def chosen(found: tuple[str, str, str | None] | None) -> None:
             if found is not None:
                 self.query_state = self.query_state.with_filter(*found)
                 self.app.track("filter_changed", action="add", key=found[0])
@@ -321,7 +321,7 @@ class DashboardScreen(Screen):
             self.remove_filter(self.query_state.filters[-1][0])
 
     def action_clear_filters(self) -> None:
-        self.query_state = dataclasses.replace(self.query_state, filters=())
+        self.query_state = dataclasses.replace(self.query_state, filters=(), labels=())
         self.app.track("filter_changed", action="clear")
 
     def remove_filter(self, key: str) -> None:
@@ -391,7 +391,7 @@ class DashboardScreen(Screen):
         self.load_breakdown(self.query_state, message.pane, message.cursor)
 
     def on_breakdown_pane_filter_chosen(self, message: BreakdownPane.FilterChosen) -> None:
-        self.query_state = self.query_state.with_filter(message.key, message.value)
+        self.query_state = self.query_state.with_filter(message.key, message.value, message.label)
         self.app.track("filter_changed", action="add", key=message.key)
 
     def on_breakdown_pane_visitor_chosen(self, message: BreakdownPane.VisitorChosen) -> None:

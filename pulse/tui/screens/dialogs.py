@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+from rich.cells import cell_len
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,8 +16,9 @@ from textual.widgets.option_list import Option
 
 from pulse.protocol import LiveEvent
 from pulse.tui.client import ApiFailure, PulseClient
-from pulse.tui.state import DashboardQuery, clean, count, plain, valid_date
+from pulse.tui.state import DashboardQuery, clean, count, cut, plain, valid_date
 
+VALUE_WIDTH = 30  # cells of a value's name in the list, beside its count; longer ones end in …
 # filter key -> (endpoint that lists its values, extra parameters); prop.* and trait.* are added per key
 VALUE_SOURCES = {
     "event": ("top-events", {}),
@@ -28,11 +30,17 @@ VALUE_SOURCES = {
     "browser": ("browsers", {}),
     "os": ("os", {}),
     "device": ("devices", {}),
+    "country": ("countries", {}),
+    "language": ("languages", {}),
+    "screen": ("screens", {}),
 }
 
 
-class FilterPickerScreen(ModalScreen[tuple[str, str] | None]):
-    """Pick a key (traits first), then one of its values (or type one); returns (key, value)."""
+class FilterPickerScreen(ModalScreen[tuple[str, str, str | None] | None]):
+    """Pick a key (traits first), then one of its values (or type one); returns (key, value, the value's name).
+
+    Values are counted under the filters already applied but the key's own (which the pick replaces).
+    """
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
@@ -42,6 +50,7 @@ class FilterPickerScreen(ModalScreen[tuple[str, str] | None]):
         self.project_id = project_id
         self.dashboard_query = query
         self.key: str | None = None
+        self.labels: dict[str, str] = {}  # value -> its name ("GB" -> "United Kingdom"), of the key's values shown
 
     def compose(self) -> ComposeResult:
         with Vertical(id="picker-box", classes="dialog"):
@@ -97,7 +106,7 @@ class FilterPickerScreen(ModalScreen[tuple[str, str] | None]):
         values = self.query_one("#picker-values", OptionList)
         values.clear_options()
         self._status(f"loading values of {clean(key)}…")
-        params = {**self.dashboard_query.window_params(), "limit": "50"}
+        params = {**self.dashboard_query.without_filter(key).params(), "limit": "50"}
         if key.startswith("trait."):
             endpoint = f"traits/{key[6:]}"
         elif key.startswith("prop."):
@@ -110,20 +119,23 @@ class FilterPickerScreen(ModalScreen[tuple[str, str] | None]):
         except ApiFailure as exc:
             self._status(exc.message)
             return
-        width = max((len(clean(r.value)) for r in rows if r.value is not None), default=4)
-        values.add_options([Option(plain(f"{clean(r.value).ljust(width)}  {count(r.count):>8}"), id=r.value)
-                            for r in rows if r.value is not None])
+        rows = [r for r in rows if r.value is not None]
+        self.labels = {r.value: r.label for r in rows if r.label}
+        names = [clean(r.value if r.label is None or r.label == r.value else f"{r.value} {r.label}") for r in rows]
+        width = min(max((cell_len(n) for n in names), default=4), VALUE_WIDTH)
+        values.add_options([Option(plain(f"{cut(name, width).ljust(width)}  {count(r.count):>8}"), id=r.value)
+                            for name, r in zip(names, rows)])
         self._status(f"{len(rows)} values of {clean(key)}" if rows else f"no values of {clean(key)} in this range")
 
     @on(OptionList.OptionSelected, "#picker-values")
     def value_selected(self, message: OptionList.OptionSelected) -> None:
         if self.key is not None and message.option.id is not None:
-            self.dismiss((self.key, message.option.id))
+            self.dismiss((self.key, message.option.id, self.labels.get(message.option.id)))
 
     @on(Input.Submitted, "#picker-input")
     def value_typed(self, message: Input.Submitted) -> None:
         if self.key is not None and message.value.strip():
-            self.dismiss((self.key, message.value.strip()))
+            self.dismiss((self.key, message.value.strip(), None))
         elif self.key is None:
             self._status("pick a key on the left first")
 

@@ -1,9 +1,11 @@
 """Breakdowns in tabs, one entry of BREAKDOWNS each: what it asks the API, how it shows the answer.
 
 Only the visible tab is queried. Rows are updated by key, keeping the cursor where it was. Most tabs
-are a ranked list (`Breakdown("browsers", "Browsers", "browsers", "Events")` is all a new one takes);
-UTM adds a source/medium/campaign switch, Properties a key then its values, Sessions and Visitors
-are lists paged by `next_cursor` where Enter opens a visitor.
+are a ranked list (`Breakdown("browsers", "Browsers", "browsers", "Events", filter="browser")` is all a
+new one takes) where Enter adds the row's value as that filter; UTM adds a source/medium/campaign
+switch, Properties a key then its values, Sessions and Visitors are lists paged by `next_cursor` where
+Enter opens a visitor, Goals shows conversions and revenue, and Bots the crawlers every other number
+leaves out (under no filter: the API takes none there).
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Button, DataTable, TabbedContent, TabPane
+from textual.widgets import Button, DataTable, Label, TabbedContent, TabPane
 
-from pulse.protocol import RankedRows, SessionsPage, UsersPage
-from pulse.tui.client import RANKED_ROWS, SESSIONS_PAGE, USERS_PAGE
-from pulse.tui.state import DashboardQuery, duration, number, plain
+from pulse.protocol import Goals, Ranked, RankedRows, Revenue, SessionsPage, UsersPage
+from pulse.tui.client import GOALS, RANKED_ROWS, SESSIONS_PAGE, USERS_PAGE
+from pulse.tui.state import DashboardQuery, duration, number, percent, plain
 
 PAGE_ROWS = "20"
+GOAL_ROWS = "100"  # the API's own default: every declared goal shows, reached or not
 UTM_DIMENSIONS = ("source", "medium", "campaign")
 BACK_ROW = "\x00back"  # the row key of "‹ all keys" on the properties tab; no property key can be it
+NONE_ROW = "\x00none"  # the row key of a ranked list's "(none)": events without the value, which no filter selects
 
 
 class BreakdownPane(Vertical):
@@ -41,10 +45,11 @@ class BreakdownPane(Vertical):
             self.cursor = cursor
 
     class FilterChosen(Message):
-        def __init__(self, key: str, value: str) -> None:
+        def __init__(self, key: str, value: str, label: str | None = None) -> None:
             super().__init__()
             self.key = key
             self.value = value
+            self.label = label  # the value's name, for the chip ("United Kingdom" for GB)
 
     class VisitorChosen(Message):
         def __init__(self, distinct_id: str) -> None:
@@ -54,6 +59,7 @@ class BreakdownPane(Vertical):
     def __init__(self, breakdown: Breakdown) -> None:
         super().__init__(id=f"pane-{breakdown.id}", classes="breakdown-pane")
         self.breakdown = breakdown
+        self.labels: dict[str, str] = {}  # row key -> the value's name, for the filter's chip
 
     @property
     def table(self) -> DataTable:
@@ -83,8 +89,35 @@ class BreakdownPane(Vertical):
 
     def show(self, found, *, more: bool = False) -> None:
         rows: RankedRows = found
-        update_rows(self.table, {str(row.value): (plain(row.value if row.value is not None else "(none)"),
-                                                  number(row.count), number(row.unique_users)) for row in rows.rows})
+        self.labels = {row.value: row.label for row in rows.rows if row.value is not None and row.label}
+        update_rows(self.table, {row_key(row): (plain(self.shown(row)), number(row.count), number(row.unique_users))
+                                 for row in rows.rows})
+
+    def shown(self, row: Ranked) -> str:
+        """A row's value as the table shows it: the code and its name, or the name alone, as the tab says."""
+        if row.value is None:
+            return "(none)"
+        if self.breakdown.named == "code" and row.label:
+            return f"{row.value} {row.label}"
+        if self.breakdown.named == "name" and row.label:
+            return row.label
+        return row.value
+
+    def filter_key(self) -> str | None:
+        """The filter Enter on a row adds, none where a row is no value of a filter."""
+        return self.breakdown.filter
+
+    @on(DataTable.RowSelected)
+    def selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        if event.row_key.value is not None:
+            self.choose(event.row_key.value)
+
+    def choose(self, key: str) -> None:
+        """Enter on the row `key`: its value as a filter, where the tab has one."""
+        filter_key = self.filter_key()
+        if filter_key is not None and key != NONE_ROW:
+            self.post_message(self.FilterChosen(filter_key, key, self.labels.get(key)))
 
 
 class UtmPane(BreakdownPane):
@@ -105,6 +138,9 @@ class UtmPane(BreakdownPane):
 
     def columns(self) -> list[tuple[str, str]]:
         return [("value", f"UTM {self.dimension}"), ("count", "Sessions"), ("unique_users", "Users")]
+
+    def filter_key(self) -> str | None:
+        return f"utm_{self.dimension}"
 
     def request(self, query: DashboardQuery, cursor: str | None = None) -> tuple[str, dict[str, str], msgspec.json.Decoder]:
         return "utm", {**query.params(), "limit": PAGE_ROWS, "dimension": self.dimension}, RANKED_ROWS
@@ -149,16 +185,13 @@ class PropertiesPane(BreakdownPane):
         self.relabel()
         self.post_message(self.Reload(self))
 
-    @on(DataTable.RowSelected)
-    def selected(self, event: DataTable.RowSelected) -> None:
-        event.stop()
-        value = event.row_key.value
-        if value == BACK_ROW:
+    def choose(self, key: str) -> None:
+        if key == BACK_ROW:
             self.open(None)
         elif self.key is None:
-            self.open(value)
-        elif value is not None:
-            self.post_message(self.FilterChosen(f"prop.{self.key}", value))
+            self.open(key)
+        else:
+            self.post_message(self.FilterChosen(f"prop.{self.key}", key))
 
 
 class PagedPane(BreakdownPane):
@@ -195,13 +228,10 @@ class PagedPane(BreakdownPane):
     def visitor_of(self, key: str) -> str | None:
         return key
 
-    @on(DataTable.RowSelected)
-    def selected(self, event: DataTable.RowSelected) -> None:
-        event.stop()
-        if event.row_key.value is not None:
-            distinct_id = self.visitor_of(event.row_key.value)
-            if distinct_id is not None:
-                self.post_message(self.VisitorChosen(distinct_id))
+    def choose(self, key: str) -> None:
+        distinct_id = self.visitor_of(key)
+        if distinct_id is not None:
+            self.post_message(self.VisitorChosen(distinct_id))
 
 
 class SessionsPane(PagedPane):
@@ -245,6 +275,54 @@ class VisitorsPane(PagedPane):
                 for row in page.rows]
 
 
+class GoalsPane(BreakdownPane):
+    """Each goal's visitors, events, conversion rate and revenue; Enter filters on an event goal, or an exact page."""
+
+    def __init__(self, breakdown: Breakdown) -> None:
+        super().__init__(breakdown)
+        self.goals: dict[str, tuple[str, str]] = {}  # row key -> (kind, goal)
+
+    def columns(self) -> list[tuple[str, str]]:
+        return [("value", "Goal"), ("count", "Visitors"), ("events", "Events"), ("rate", "Conv. %"),
+                ("revenue", "Revenue")]
+
+    def request(self, query: DashboardQuery, cursor: str | None = None) -> tuple[str, dict[str, str], msgspec.json.Decoder]:
+        return "goals", {**query.params(), "limit": GOAL_ROWS}, GOALS
+
+    def show(self, found, *, more: bool = False) -> None:
+        goals: Goals = found
+        self.goals = {f"{row.kind}:{row.goal}": (row.kind, row.goal) for row in goals.rows}
+        update_rows(self.table, {f"{row.kind}:{row.goal}": (
+            plain(row.goal), number(row.visitors), number(row.events),
+            Text(percent(row.conversion_rate), justify="right"), plain(revenue(row.revenue)))
+            for row in goals.rows})
+
+    def choose(self, key: str) -> None:
+        kind, goal = self.goals.get(key, ("", ""))
+        if kind == "event":
+            self.post_message(self.FilterChosen("event", goal))
+        elif kind == "page" and not goal.endswith("*"):  # a prefix goal is no one path
+            self.post_message(self.FilterChosen("path", goal))
+
+
+class BotsPane(BreakdownPane):
+    """Crawlers' events: left out of every other number, and asked under no filter (the API takes none)."""
+
+    def compose(self) -> ComposeResult:
+        yield Label("Left out of every other number; no filter applies.", classes="pane-note")
+        yield from super().compose()
+
+    def columns(self) -> list[tuple[str, str]]:
+        return [("value", "Bot"), ("count", "Events")]
+
+    def request(self, query: DashboardQuery, cursor: str | None = None) -> tuple[str, dict[str, str], msgspec.json.Decoder]:
+        return "bots", {**query.window_params(), "limit": PAGE_ROWS}, RANKED_ROWS
+
+    def show(self, found, *, more: bool = False) -> None:
+        rows: RankedRows = found
+        update_rows(self.table, {row_key(row): (plain(self.shown(row)), number(row.count)) for row in rows.rows})
+
+
 @dataclass(frozen=True)
 class Breakdown:
     id: str
@@ -253,20 +331,27 @@ class Breakdown:
     counts: str  # what the count column counts: "Events", "Sessions" (session breakdowns) or "Persons" (traits)
     pane: type[BreakdownPane] = BreakdownPane
     extra: dict[str, str] = field(default_factory=dict)  # further parameters of the endpoint
+    filter: str | None = None  # the filter Enter on a row adds (its value), if any
+    named: str = ""  # rows with a label: "code" shows the value then its name (GB United Kingdom), "name" the name
 
 
 BREAKDOWNS = [
-    Breakdown("pages", "Pages", "pages", "Events"),
+    Breakdown("pages", "Pages", "pages", "Events", filter="path"),
     Breakdown("entry-pages", "Entry", "entry-pages", "Sessions"),
     Breakdown("exit-pages", "Exit", "exit-pages", "Sessions"),
-    Breakdown("referrers", "Referrers", "referrers", "Sessions"),
+    Breakdown("referrers", "Referrers", "referrers", "Sessions", filter="referrer"),
     Breakdown("utm", "UTM", "utm", "Sessions", UtmPane),
-    Breakdown("browsers", "Browsers", "browsers", "Events"),
-    Breakdown("os", "OS", "os", "Events"),
-    Breakdown("devices", "Devices", "devices", "Events"),
+    Breakdown("browsers", "Browsers", "browsers", "Events", filter="browser"),
+    Breakdown("os", "OS", "os", "Events", filter="os"),
+    Breakdown("devices", "Devices", "devices", "Events", filter="device"),
+    Breakdown("countries", "Countries", "countries", "Events", filter="country", named="code"),
+    Breakdown("languages", "Languages", "languages", "Events", filter="language", named="name"),
+    Breakdown("screens", "Screens", "screens", "Events", filter="screen"),
     Breakdown("properties", "Properties", "properties", "Events", PropertiesPane),
+    Breakdown("goals", "Goals", "goals", "Visitors", GoalsPane),
     Breakdown("sessions", "Sessions", "sessions", "Sessions", SessionsPane),
     Breakdown("users", "Visitors", "users", "Events", VisitorsPane),
+    Breakdown("bots", "Bots (excluded)", "bots", "Events", BotsPane),
 ]
 TABS = {breakdown.id: breakdown for breakdown in BREAKDOWNS}
 
@@ -306,6 +391,15 @@ def update_rows(table: DataTable, cells: dict[str, tuple]) -> None:
             table.add_row(*values, key=key)
         if cursor_key in cells:
             table.move_cursor(row=list(cells).index(cursor_key), animate=False)
+
+
+def row_key(row: Ranked) -> str:
+    return NONE_ROW if row.value is None else row.value
+
+
+def revenue(amounts: list[Revenue]) -> str:
+    """`EUR 123.45, USD 40.65`: the sums per currency, an amount without a currency alone."""
+    return ", ".join(f"{r.currency} {r.amount:,.2f}" if r.currency else f"{r.amount:,.2f}" for r in amounts)
 
 
 def traits(found: object) -> Text | str:

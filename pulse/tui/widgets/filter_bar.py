@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Label
 
 from pulse.tui.messages import FilterRemoved, RangeChosen
-from pulse.tui.state import RANGES, DashboardQuery, clean, plain
+from pulse.tui.state import RANGES, DashboardQuery, cut, plain
 
 CHIP_GAP = 1  # cells between chips (their right margin)
 
@@ -34,7 +34,7 @@ class FilterBar(Vertical):
         for button in self.query(".range").results(Button):
             button.set_class(button.id == f"range-{query.range}", "-active")
         self.query_one("#range-label", Label).update(query.label if query.range == "custom" else "")
-        self.chips = [(key, clean(f"{key}={value}") + " ×") for key, value in query.filters]
+        self.chips = [(key, query.filter_text(key, value) + " ×") for key, value in query.filters]
         self.lay_out()
 
     def on_resize(self) -> None:
@@ -56,6 +56,7 @@ class FilterBar(Vertical):
         lines: list[list[Button]] = [[]]
         room = width - taken
         for key, text in self.chips:
+            text = cut(text[:-2], width - 2 - CHIP_GAP - 2) + " ×"  # a chip longer than the bar is cut, its × kept
             needed = cell_len(text) + 2 + CHIP_GAP  # compact buttons pad one cell each side
             if needed > room and (lines[-1] or len(lines) == 1):
                 lines.append([])
