@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
+from rich.cells import cell_len
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -375,7 +376,11 @@ class BreakdownTabs(Widget):
 
 
 def update_rows(table: DataTable, cells: dict[str, tuple]) -> None:
-    """Make the table show `cells` (row key -> values) in order, changing only what changed; keep the cursor."""
+    """Make the table show `cells` (row key -> values) in order, changing only what changed; keep the cursor.
+
+    Each column is as wide as what it shows now: DataTable only ever widens a column, so a table that once
+    held a longer value would otherwise keep its width, and the same rows would look different depending on
+    what came before them."""
     keys = [row.key.value for row in table.ordered_rows]
     with table.app.batch_update():
         if keys == list(cells):
@@ -383,14 +388,23 @@ def update_rows(table: DataTable, cells: dict[str, tuple]) -> None:
             for key, values in cells.items():
                 for column, value in zip(columns, values):
                     if table.get_cell(key, column) != value:
-                        table.update_cell(key, column, value)
-            return
-        cursor_key = keys[table.cursor_row] if 0 <= table.cursor_row < len(keys) else None
-        table.clear()
-        for key, values in cells.items():
-            table.add_row(*values, key=key)
-        if cursor_key in cells:
-            table.move_cursor(row=list(cells).index(cursor_key), animate=False)
+                        table.update_cell(key, column, value, update_width=True)
+        else:
+            cursor_key = keys[table.cursor_row] if 0 <= table.cursor_row < len(keys) else None
+            table.clear()
+            for key, values in cells.items():
+                table.add_row(*values, key=key)
+            if cursor_key in cells:
+                table.move_cursor(row=list(cells).index(cursor_key), animate=False)
+        for index, column in enumerate(table.ordered_columns):
+            if column.auto_width:
+                column.content_width = max([_width(column.label), *(_width(values[index]) for values in cells.values())])
+        table.refresh()
+
+
+def _width(value: object) -> int:
+    text = value.plain if isinstance(value, Text) else str(value)
+    return max((cell_len(line) for line in text.splitlines()), default=0)
 
 
 def row_key(row: Ranked) -> str:

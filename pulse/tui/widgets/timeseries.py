@@ -11,6 +11,10 @@ from pulse.protocol import Timeseries
 from pulse.tui.state import count
 
 
+SHORT = 10  # rows of the chart below which its y axis is labelled at 0 and at the top only
+TALL = 14  # and below which at the middle too; at four steps from TALL on
+
+
 class TimeseriesChart(PlotextPlot):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -49,7 +53,9 @@ class TimeseriesChart(PlotextPlot):
         plt.xticks(chosen, [self.labels[x - 1] for x in chosen])
         top = max(max(self.current), max(self.previous, default=0), 1)
         plt.ylim(0, top * 1.05)
-        steps = 2 if self.size.height < 14 else 4
+        # one label per row at most: on a short chart two labels would share a row, and which of them shows
+        # is up to plotext (it changed from run to run)
+        steps = 1 if self.size.height < SHORT else 2 if self.size.height < TALL else 4
         plt.yticks([top * i / steps for i in range(steps + 1)], [count(round(top * i / steps)) for i in range(steps + 1)])
         self.refresh()
 
