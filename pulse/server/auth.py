@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # such keys are remembered, so unknown keys sent again and again cost one dictionary lookup each
 UNKNOWN_KEY_S = 1.0
 UNKNOWN_KEYS_MAX = 10_000
+# a browser's WebSocket cannot send an Authorization header: the web dashboard offers the subprotocols
+# `pulse.bearer, TOKEN`, so the token stays out of the URL (and out of a proxy's access log)
+BEARER_PROTOCOL = "pulse.bearer"
 
 
 class KeyRing:
@@ -211,6 +214,10 @@ class KeyRing:
     def _readable(self, request: web.Request) -> tuple[bytes, set[int]]:
         header = request.headers.get("Authorization", "")
         secret = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token")
+        if not secret:
+            offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+            if len(offered) == 2 and offered[0] == BEARER_PROTOCOL:
+                secret = offered[1]
         if not secret:
             raise ApiError(401, "missing read token: send Authorization: Bearer sk_…",
                            headers={"WWW-Authenticate": "Bearer"})

@@ -19,6 +19,7 @@ from aiohttp import WSCloseCode, web
 
 from pulse.enrich import parse_agent
 from pulse.protocol import CLOSE_TOKEN_REVOKED, LiveDropped, LiveEvent, LiveEvents, LiveHello, json_encoder
+from pulse.server.auth import BEARER_PROTOCOL
 from pulse.server.errors import ApiError
 from pulse.storage.model import CommittedEvent
 
@@ -152,7 +153,7 @@ class LiveHub:
                     grants: Grants | None = None, shared: bool = False) -> web.WebSocketResponse:
         """Feed one client until it leaves, or `grants` says its token no longer grants the project."""
         event = request.query.get("event") or None
-        ws = web.WebSocketResponse(heartbeat=30.0)
+        ws = web.WebSocketResponse(heartbeat=30.0, protocols=(BEARER_PROTOCOL,))
         await ws.prepare(request)
         self.sockets.add(ws)
         client = LiveClient(ws, project_id, token_digest, event, self.buffer_events, grants, shared)
