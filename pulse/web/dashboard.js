@@ -229,11 +229,13 @@
     const day = start.slice(5, 10).replace("-", "/");
     return each === "hour" ? start.slice(11, 16) : day;
   }
-  let drawn = null; // the series on the chart, drawn again when its width changes
-  window.addEventListener("resize", () => { if (drawn) drawChart(drawn); });
+  let drawn = null; // the series on the chart, drawn again when its width changes (a window resized, a scrollbar)
+  let drawnWidth = 0;
+  new ResizeObserver(() => { if (drawn && $("chart").clientWidth !== drawnWidth) drawChart(drawn); }).observe($("chart"));
   function drawChart(series) {
     drawn = series;
-    const W = Math.max(240, $("chart").clientWidth || 800), H = 220, left = 44, right = 12, top = 10, bottom = 24;
+    drawnWidth = $("chart").clientWidth;
+    const W = Math.max(240, drawnWidth || 800), H = 220, left = 44, right = 12, top = 10, bottom = 24;
     const now = series.buckets, before = series.previous;
     const most = Math.max(1, ...now.map((b) => b.events), ...before.map((b) => b.events));
     const step = Math.pow(10, Math.floor(Math.log10(most)));
