@@ -56,11 +56,19 @@ async def stop_reads(app: web.Application) -> None:
     app[STORE].stop_reads()
 
 
+# what a share link's token may read: the web dashboard's aggregates, never rows about single visitors (events,
+# users, sessions) nor the property and trait lists, whose values may name people
+SHARED = frozenset(f"/api/v1/projects/{{project}}/{name}" for name in (
+    "overview", "timeseries", "top-events", *EVENT_BREAKDOWNS, "entry-pages", "exit-pages", "referrers", "utm",
+    "goals"))
+
+
 def _project(request: web.Request) -> Project:
     raw = request.match_info["project"]
     if not raw.isdigit():
         raise ApiError(404, f"no project {raw!r}: projects are addressed by numeric id")
-    return request.app[KEYRING].read(request, int(raw))
+    shared = request.match_info.route.resource.canonical in SHARED
+    return request.app[KEYRING].read(request, int(raw), shared=shared)
 
 
 def _range(project: Project, window: Window) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from pulse.server.errors import ApiError
 from pulse.storage.base import Store
-from pulse.storage.model import INGEST, READ, KeyGrant, Project, digest, now_ms
+from pulse.storage.model import INGEST, READ, SHARE, KeyGrant, Project, digest, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # such keys are remembered, so unknown keys sent again and again cost one dictionary lookup each
 UNKNOWN_KEY_S = 1.0
 UNKNOWN_KEYS_MAX = 10_000
+# a browser's WebSocket cannot send an Authorization header: the web dashboard offers the subprotocols
+# `pulse.bearer, TOKEN`, so the token stays out of the URL (and out of a proxy's access log)
+BEARER_PROTOCOL = "pulse.bearer"
 
 
 class KeyRing:
@@ -93,8 +96,13 @@ class KeyRing:
         if self.is_operator(token_digest):
             return project_id in self.projects
         found = self.grants.get(token_digest)
-        return (found is not None and found.kind == READ and found.project_id == project_id
+        return (found is not None and found.kind in (READ, SHARE) and found.project_id == project_id
                 and found.valid(now_ms()) and project_id in self.projects)
+
+    def is_share(self, token_digest: bytes) -> bool:
+        """Whether this token is a share link's (it reads the dashboard's aggregates only)."""
+        found = self.grants.get(token_digest)
+        return found is not None and found.kind == SHARE
 
     async def watch(self, interval: float) -> None:
         """Reload whenever another process (the CLI) changes projects or keys."""
@@ -181,17 +189,21 @@ class KeyRing:
         except Exception:  # the key is refused as it would have been without the look
             log.exception("reloading keys failed")
 
-    def read(self, request: web.Request, project_id: int) -> Project:
-        """The project a read request may see, from `Authorization: Bearer sk_…` (or `?token=`)."""
-        return self.read_grant(request, project_id)[0]
+    def read(self, request: web.Request, project_id: int, *, shared: bool = False) -> Project:
+        """The project a read request may see, from `Authorization: Bearer sk_…` (or `?token=`); a share link's
+        token only where `shared` (the dashboard's aggregates)."""
+        return self.read_grant(request, project_id, shared=shared)[0]
 
-    def read_grant(self, request: web.Request, project_id: int) -> tuple[Project, bytes]:
+    def read_grant(self, request: web.Request, project_id: int, *, shared: bool = False) -> tuple[Project, bytes]:
         """The project a read request may see, and the digest of the token that allows it."""
         token_digest, visible = self._readable(request)
         if project_id not in visible:
             if self.is_operator(token_digest):
                 raise ApiError(404, f"no project {project_id}")
             raise ApiError(403, f"this token does not grant access to project {project_id}")
+        if not shared and self.is_share(token_digest):
+            raise ApiError(403, "a share link reads only the dashboard's numbers; this needs the project's read"
+                                " token (sk_…)")
         return self.projects[project_id], token_digest
 
     def readable(self, request: web.Request) -> list[Project]:
@@ -203,6 +215,10 @@ class KeyRing:
         header = request.headers.get("Authorization", "")
         secret = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token")
         if not secret:
+            offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+            if len(offered) == 2 and offered[0] == BEARER_PROTOCOL:
+                secret = offered[1]
+        if not secret:
             raise ApiError(401, "missing read token: send Authorization: Bearer sk_…",
                            headers={"WWW-Authenticate": "Bearer"})
         token_digest = digest(secret)
@@ -211,6 +227,6 @@ class KeyRing:
         found = self.grant(secret)
         if found is None:
             raise ApiError(401, "invalid or revoked read token", headers={"WWW-Authenticate": "Bearer"})
-        if found.kind != READ:
+        if found.kind == INGEST:
             raise ApiError(403, "ingest keys cannot read; use the project's read token (sk_…)")
         return token_digest, {found.project_id}

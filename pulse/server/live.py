@@ -19,6 +19,7 @@ from aiohttp import WSCloseCode, web
 
 from pulse.enrich import parse_agent
 from pulse.protocol import CLOSE_TOKEN_REVOKED, LiveDropped, LiveEvent, LiveEvents, LiveHello, json_encoder
+from pulse.server.auth import BEARER_PROTOCOL
 from pulse.server.errors import ApiError
 from pulse.storage.model import CommittedEvent
 
@@ -32,8 +33,9 @@ Grants = Callable[[bytes, int], bool]
 
 class LiveClient:
     def __init__(self, ws: web.WebSocketResponse, project_id: int, token_digest: bytes, event: str | None,
-                 buffer_events: int, grants: Grants | None = None) -> None:
+                 buffer_events: int, grants: Grants | None = None, shared: bool = False) -> None:
         self.ws = ws
+        self.shared = shared  # a share link's feed: each event's name, path and time only
         self.project_id = project_id
         self.token_digest = token_digest
         self.grants = grants
@@ -81,12 +83,14 @@ class LiveClient:
                 if not self.granted():
                     await self.end()
                     return
-                batch = [_live_event(self.buffer.popleft())
+                batch = [_live_event(self.buffer.popleft(), self.shared)
                          for _ in range(min(len(self.buffer), MAX_EVENTS_PER_MESSAGE))]
                 await ws.send_str(json_encoder.encode(LiveEvents(batch)).decode())
 
 
-def _live_event(item: CommittedEvent) -> LiveEvent:
+def _live_event(item: CommittedEvent, shared: bool = False) -> LiveEvent:
+    if shared:  # nothing that tells one visitor from another
+        return LiveEvent(event=item.event, ts=item.ts, path=item.path)
     agent = parse_agent(item.user_agent)
     return LiveEvent(
         event=item.event, ts=item.ts, distinct_id=item.distinct_id, path=item.path,
@@ -111,8 +115,9 @@ async def live_events(request: web.Request) -> web.StreamResponse:
     if not raw.isdigit():
         raise ApiError(404, f"no project {raw!r}: projects are addressed by numeric id")
     keyring = request.app[KEYRING]
-    project, token_digest = keyring.read_grant(request, int(raw))
-    return await request.app[LIVE].serve(request, project.id, token_digest, keyring.grants_read)
+    project, token_digest = keyring.read_grant(request, int(raw), shared=True)
+    return await request.app[LIVE].serve(request, project.id, token_digest, keyring.grants_read,
+                                         shared=keyring.is_share(token_digest))
 
 
 class LiveHub:
@@ -145,13 +150,13 @@ class LiveHub:
                 self.dropped_total += client.dropped - before
 
     async def serve(self, request: web.Request, project_id: int, token_digest: bytes,
-                    grants: Grants | None = None) -> web.WebSocketResponse:
+                    grants: Grants | None = None, shared: bool = False) -> web.WebSocketResponse:
         """Feed one client until it leaves, or `grants` says its token no longer grants the project."""
         event = request.query.get("event") or None
-        ws = web.WebSocketResponse(heartbeat=30.0)
+        ws = web.WebSocketResponse(heartbeat=30.0, protocols=(BEARER_PROTOCOL,))
         await ws.prepare(request)
         self.sockets.add(ws)
-        client = LiveClient(ws, project_id, token_digest, event, self.buffer_events, grants)
+        client = LiveClient(ws, project_id, token_digest, event, self.buffer_events, grants, shared)
         self.clients.setdefault(project_id, set()).add(client)
         pump = asyncio.create_task(client.pump(), name="pulse-live-pump")
         try:

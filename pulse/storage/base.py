@@ -121,6 +121,19 @@ class Store(abc.ABC):
     async def remove_goal(self, project: Project, goal: str) -> None:
         """Raises ProjectError when the project has no such goal."""
 
+    @abc.abstractmethod
+    async def create_share(self, project: Project, *, expires_in_s: int | None = None) -> tuple[dict[str, Any], str]:
+        """A new share token (kind SHARE in the catalog's grants): its row as `list_shares` gives it, and the
+        secret, shown once."""
+
+    @abc.abstractmethod
+    async def list_shares(self, project: Project) -> list[dict[str, Any]]:
+        """The project's share tokens (`id`, `prefix`, `created_at`, `expires_at`, `active`), oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_share(self, project: Project, ref: str) -> dict[str, Any]:
+        """Delete the share token named by its id, prefix or secret; ProjectError when none or several match."""
+
     # -- the read questions ----------------------------------------------------------------------------
 
     @abc.abstractmethod

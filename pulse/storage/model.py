@@ -17,6 +17,7 @@ PAGE_VIEW = "page_view"
 
 INGEST = "ingest"
 READ = "read"
+SHARE = "share"  # a share link's token: reads only the dashboard's aggregates of one project
 
 # the breakdowns every store answers: of events (page views by path, user agents, the visitor's country, the
 # browser's language, the screen's class) and of sessions, by the values of the page view that started them

@@ -261,6 +261,19 @@ def _visitor_dimensions(conn: apsw.Connection) -> None:
 
 MIGRATIONS.append(_visitor_dimensions)
 
+# 11: share links: tokens that read one project's dashboard aggregates (`pulse share create`), kept as digests
+# like keys; `prefix` names one to the operator (`pulse share list`, `revoke`)
+MIGRATIONS.append("""
+CREATE TABLE IF NOT EXISTS shares (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    digest BLOB NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+""")
+
 
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]

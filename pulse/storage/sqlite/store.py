@@ -24,7 +24,7 @@ from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, Histogram, IngestJob, IngestStats, Project, Window,
     StoreInUse, WriterStalled,
 )
-from pulse.storage.sqlite import breakdowns, goals, lists, maintenance, periods, projects
+from pulse.storage.sqlite import breakdowns, goals, lists, maintenance, periods, projects, shares
 from pulse.files import FILE_MODE, make_private
 from pulse.storage.sqlite.connection import connect
 from pulse.storage.sqlite.reader import Reader
@@ -36,7 +36,8 @@ T = TypeVar("T")
 
 
 def _catalog(snap) -> Catalog:
-    return Catalog(projects.catalog_version(snap.conn), projects.load_grants(snap.conn),
+    return Catalog(projects.catalog_version(snap.conn),
+                   {**projects.load_grants(snap.conn), **shares.load_grants(snap.conn)},
                    {p.id: p for p in projects.list_projects(snap.conn)})
 
 
@@ -210,6 +211,15 @@ class SQLiteStore(Store):
 
     async def remove_goal(self, project: Project, goal: str) -> None:
         await self._write(goals.remove_goal, project, goal)
+
+    async def create_share(self, project: Project, *, expires_in_s: int | None = None) -> tuple[dict[str, Any], str]:
+        return await self._write(shares.create_share, project, expires_in_s=expires_in_s)
+
+    async def list_shares(self, project: Project) -> list[dict[str, Any]]:
+        return await self._read(shares.list_shares, project)
+
+    async def revoke_share(self, project: Project, ref: str) -> dict[str, Any]:
+        return await self._write(shares.revoke_share, project, ref)
 
     async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
         """A read question: after the writer has written what it keeps, stopped by stop_reads() or by
