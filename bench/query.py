@@ -5,7 +5,8 @@
 Loads the events through the real writer (30 days, ~50 event names, 100k users with traits, 300k sessions),
 starts `pulse serve` on that database and waits for its start-up warm-up, times each endpoint over HTTP for
 range=30d, unfiltered and with trait.gender=Female (the first request apart: nothing is cached for a new
-filter), and times a plain SQL scan of the raw events giving the same answer in the same run. Prints p50
+filter), the journeys among them (a 3-step funnel over the month, 8 weeks of retention, the paths from a page),
+and times a plain SQL scan of the raw events giving the same answer in the same run. Prints p50
 and p95 (ms) and the ratio raw scan / endpoint. Loopback only; stops by itself.
 """
 
@@ -99,11 +100,17 @@ async def load(path: Path, events: int, days: int = 30, users: int = 100_000, se
     return written / (time.monotonic() - began)
 
 
+# the journeys: a 3-step funnel over the month, 8 weeks of retention, the paths from a page
+FUNNEL = "funnel?steps=page_view:/page/1,event_01,event_02&window=1d"
+RETENTION = "retention?period=week&periods=8"
+PATHS = "paths?start=/page/1&depth=3&limit=5"
+
 ENDPOINTS = ["overview", "timeseries?interval=day", "top-events", "pages", "entry-pages", "exit-pages", "referrers",
              "utm?dimension=source", "browsers", "os", "devices", "sessions", "users", "users/u123", "events",
-             "properties", "properties/plan"]
+             "properties", "properties/plan", FUNNEL, RETENTION, PATHS]
 
 # the same answers from a plain scan of the raw events (what a store without rollups would run)
+_ID = "(SELECT id FROM strings WHERE value = '{}')"
 _E = "FROM events e LEFT JOIN agents a ON a.id = e.agent_id WHERE e.project_id = 1 AND e.ts >= ? AND e.ts < ?"
 RAW = {
     "overview": f"SELECT count(*), count(DISTINCT e.person_id), count(DISTINCT e.session_id) {_E}",
@@ -113,6 +120,31 @@ RAW = {
     "browsers": f"SELECT a.browser, count(*), count(DISTINCT e.person_id) {_E} GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
     "users/u123": f"SELECT e.* {_E} AND e.person_id = (SELECT person_id FROM person_ids WHERE distinct_id = 'u123')"
                   " ORDER BY e.ts DESC, e.id DESC LIMIT 51",
+    # persons at each step: every first step's next steps found by joins of the step events (SQLite indexes the
+    # materialized steps itself)
+    FUNNEL: f"""WITH st AS MATERIALIZED (SELECT e.person_id AS p, e.ts AS ts, e.name_id AS n, e.path_id AS path {_E}
+            AND e.name_id IN (SELECT id FROM strings WHERE value IN ('page_view', 'event_01', 'event_02'))),
+        s1 AS (SELECT p, ts FROM st WHERE n = {_ID.format('page_view')} AND path = {_ID.format('/page/1')}),
+        s2 AS (SELECT p, ts FROM st WHERE n = {_ID.format('event_01')}),
+        s3 AS (SELECT p, ts FROM st WHERE n = {_ID.format('event_02')}),
+        r2 AS (SELECT s1.p, s1.ts AS t1, min(s2.ts) AS t2 FROM s1 JOIN s2 ON s2.p = s1.p AND s2.ts > s1.ts
+               AND s2.ts <= s1.ts + 86400000 GROUP BY s1.p, s1.ts),
+        r3 AS (SELECT r2.p FROM r2 JOIN s3 ON s3.p = r2.p AND s3.ts > r2.t2 AND s3.ts <= r2.t1 + 86400000)
+        SELECT (SELECT count(DISTINCT p) FROM s1), (SELECT count(DISTINCT p) FROM r2),
+               (SELECT count(DISTINCT p) FROM r3)""",
+    # per person the Monday-week of their first event, and who of each such cohort had an event each week after
+    RETENTION: f"""WITH ev AS MATERIALIZED (SELECT e.person_id AS p, (e.ts / 86400000 + 3) / 7 AS w {_E}),
+        cohort AS (SELECT p, min(w) AS w0 FROM ev GROUP BY p)
+        SELECT c.w0, ev.w - c.w0, count(DISTINCT ev.p) FROM cohort c JOIN ev ON ev.p = c.p
+        WHERE ev.w - c.w0 < 8 GROUP BY 1, 2""",
+    # per session with the page, the next three steps after its first view of it, counted per sequence
+    PATHS: f"""WITH ev AS MATERIALIZED (SELECT e.session_id AS s, e.name_id AS n, e.path_id AS path,
+            row_number() OVER (PARTITION BY e.session_id ORDER BY e.ts, e.id) AS k {_E} AND e.session_id IN
+            (SELECT e.session_id {_E} AND e.name_id = {_ID.format('page_view')} AND e.path_id = {_ID.format('/page/1')})),
+        st AS (SELECT s, min(k) AS k0 FROM ev WHERE n = {_ID.format('page_view')} AND path = {_ID.format('/page/1')}
+               GROUP BY s)
+        SELECT seq, count(*) FROM (SELECT ev.s, group_concat(ev.n || ':' || coalesce(ev.path, ''), '>') AS seq
+            FROM ev JOIN st ON st.s = ev.s AND ev.k > st.k0 AND ev.k <= st.k0 + 3 GROUP BY ev.s) GROUP BY seq""",
 }
 
 
@@ -165,11 +197,14 @@ def time_raw(path: Path, runs: int) -> dict[str, float]:
         times = []
         for _ in range(runs):
             began = time.perf_counter()
-            conn.execute(sql, (now - 30 * DAY_MS, now)).fetchall()
+            conn.execute(sql, (now - 30 * DAY_MS, now) * (sql.count("?") // 2)).fetchall()  # once per scan
             times.append((time.perf_counter() - began) * 1000)
         found[endpoint] = statistics.median(times)
     conn.close()
     return found
+
+
+WIDTH = max(len(endpoint) for endpoint in ENDPOINTS)
 
 
 def p(values: list[float], q: float) -> float:
@@ -230,13 +265,13 @@ def main() -> None:
     raw = time_raw(db, max(1, args.runs // 2))
     print(f"\nrange=30d, {args.runs} requests each over HTTP after the start-up warm-up; filtered: the first"
           " request (nothing cached for that filter) and the repeats; raw: the same answer from a plain scan (median)")
-    print(f"{'endpoint':<26} {'p50 ms':>8} {'p95 ms':>8}   {'filtered 1st':>12} {'p50':>8} {'p95':>8}"
+    print(f"{'endpoint':<{WIDTH}} {'p50 ms':>8} {'p95 ms':>8}   {'filtered 1st':>12} {'p50':>8} {'p95':>8}"
           f"   {'raw scan ms':>11} {'raw/p50':>8}")
     for endpoint in ENDPOINTS:
         a, b = plain[endpoint], filtered[endpoint]
         scan = raw.get(endpoint)
         ratio = f"{scan / p(a, 0.5):>7.0f}x" if scan else ""
-        print(f"{endpoint:<26} {p(a, 0.5):>8.1f} {p(a, 0.95):>8.1f}   {b[0]:>12.1f} {p(b[1:], 0.5):>8.1f} "
+        print(f"{endpoint:<{WIDTH}} {p(a, 0.5):>8.1f} {p(a, 0.95):>8.1f}   {b[0]:>12.1f} {p(b[1:], 0.5):>8.1f} "
               f"{p(b[1:], 0.95):>8.1f}   {'' if scan is None else f'{scan:.0f}':>11} {ratio:>8}")
     print("\nthe first overview under other new filters (ms): "
           + ", ".join(f"{name} {ms:,.0f}" for name, ms in others.items()))

@@ -342,3 +342,56 @@ class GoalRow(Struct, kw_only=True):
 class Goals(Ranged, kw_only=True):
     visitors: int  # every visitor of the window, under the same filters
     rows: list[GoalRow]  # most visitors first
+
+
+# -- journeys: funnels, retention, paths (GET …/funnel, …/retention, …/paths) -----------------------------
+
+
+class FunnelStep(Struct, kw_only=True):
+    step: str  # as asked: an event name, or `event:/path`
+    persons: int  # persons who reached this step
+    conversion: float  # persons / the first step's persons, a fraction, 0..1
+    from_previous: float  # persons / the previous step's persons
+    median_seconds: float | None  # from the previous step, of the persons who reached this one; null for step 1
+
+
+class FunnelGroup(Struct, kw_only=True):
+    value: str | None  # the breakdown's value on the first step's event; null when it has none
+    steps: list[FunnelStep]
+
+
+class Funnel(Ranged, kw_only=True):
+    window: str  # "1h" | "1d" | "7d" | "30d"
+    steps: list[FunnelStep]
+    breakdown: list[FunnelGroup] | None  # per value of the breakdown asked for, most first-step persons first
+
+
+class CohortCounts(Struct):
+    persons: int  # whose first start event ever fell in the cohort's period
+    returned: list[int]  # of them, who did the return event in the cohort's period (0) and each one after
+
+
+class Cohort(Struct, kw_only=True):
+    start: str  # RFC 3339 in the project's time zone: the period's first moment
+    persons: int
+    returned: list[int]
+
+
+class Retention(Ranged, kw_only=True):
+    period: str  # "day" | "week"
+    cohorts: list[Cohort]
+
+
+class PathNode(Struct, kw_only=True):
+    """A step of the paths tree: sessions that came this way, of which `dropped` ended here, `other` went on
+    to a step not shown below (past the limit, or past the depth), and the rest to the steps in `next`."""
+
+    step: str  # `page_view:/path` for a page view, else the event name
+    sessions: int
+    dropped: int
+    other: int
+    next: list[PathNode]
+
+
+class Paths(Ranged, kw_only=True):
+    root: PathNode

@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pulse.config import LOCK_FILENAME, SERVER_FILENAME, Settings
 from pulse.enrich import load_agent_rules
 from pulse.files import DATA_DIR_MODE, make_private
-from pulse.server import analytics, dashboard, dropin, ingest, live, metrics, static
+from pulse.server import analytics, dashboard, dropin, ingest, journeys, live, metrics, static
 from pulse.server.auth import KeyRing
 from pulse.server.geo import Countries, load_names
 from pulse.server.keys import COUNTRIES, KEYRING, LIVE, METRICS, RATE_BY_IP, RATE_BY_KEY, SETTINGS, STORE, WARM_UP
@@ -102,6 +102,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(routes)
     app.add_routes(ingest.routes)
     app.add_routes(analytics.routes)
+    app.add_routes(journeys.routes)
     app.add_routes(live.routes)
     app.add_routes(static.routes)
     app.add_routes(dashboard.routes)

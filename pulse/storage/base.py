@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pulse.protocol import (
-    Counts, EventRow, GoalRow, OverviewStats, ProjectSummary, Ranked, SessionRow, SessionStats, UserRow,
+    CohortCounts, Counts, EventRow, FunnelGroup, FunnelStep, GoalRow, OverviewStats, PathNode, ProjectSummary, Ranked,
+    SessionRow, SessionStats, UserRow,
 )
 from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, IngestJob, IngestStats, Project, Window,
@@ -198,6 +199,32 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def bots(self, project_id: int, window: Window, limit: int) -> list[Ranked]:
         """Bots' events and users per crawler: what every other read leaves out."""
+
+    # -- journeys: funnels, retention, paths --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def funnel(self, project_id: int, window: Window, filters: Filters, steps: list[tuple[str, str | None]],
+                     names: list[str], window_ms: int, breakdown: str | None, limit: int
+                     ) -> tuple[list[FunnelStep], list[FunnelGroup] | None]:
+        """Persons per step ((event, path or None) each, shown as `names`): a person reaches step k when one of
+        their first-step events in the window is followed, in time order, by steps 2 … k, each no later than
+        `window_ms` after that first step, all in the window and matching the filters. With `breakdown`
+        (browser, os, device, referrer, utm_source, country, language, screen, prop.KEY, trait.KEY) also per
+        value of the first-step event, at most `limit` values."""
+
+    @abc.abstractmethod
+    async def retention(self, project_id: int, edges: list[int], cohorts: int, periods: int,
+                        start_event: str | None, return_event: str | None, filters: Filters, now_ms: int
+                        ) -> list[CohortCounts]:
+        """Per cohort period [edges[c], edges[c + 1]), c < `cohorts`: the persons whose first `start_event` ever
+        (None: any event) falls in it, and of them those with a `return_event` in the cohort's period and each
+        of the `periods` - 1 after it that have begun by `now_ms`; only events matching the filters count."""
+
+    @abc.abstractmethod
+    async def paths(self, project_id: int, window: Window, filters: Filters, start: tuple[str, str | None],
+                    label: str, depth: int, limit: int) -> PathNode:
+        """The steps sessions took after `start` in the window (matching the filters), as a tree `depth` steps
+        deep with the `limit` most taken next steps of each."""
 
     @abc.abstractmethod
     def stop_reads(self) -> None:

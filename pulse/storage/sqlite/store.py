@@ -24,7 +24,9 @@ from pulse.storage.model import (
     Catalog, CommittedEvent, Cursor, Difference, Filters, Histogram, IngestJob, IngestStats, Project, Window,
     StoreInUse, WriterStalled,
 )
-from pulse.storage.sqlite import breakdowns, goals, lists, maintenance, periods, projects, shares
+from pulse.storage.sqlite import (
+    breakdowns, funnels, goals, lists, maintenance, paths, periods, projects, retention, shares,
+)
 from pulse.files import FILE_MODE, make_private
 from pulse.storage.sqlite.connection import connect
 from pulse.storage.sqlite.reader import Reader
@@ -278,6 +280,19 @@ class SQLiteStore(Store):
 
     async def bots(self, project_id: int, window: Window, limit: int) -> Any:
         return await self._ask(breakdowns.bots, project_id, window, limit)
+
+    async def funnel(self, project_id: int, window: Window, filters: Filters, steps: list[tuple[str, str | None]],
+                     names: list[str], window_ms: int, breakdown: str | None, limit: int) -> Any:
+        return await self._ask(funnels.funnel, project_id, window, filters, steps, names, window_ms, breakdown, limit)
+
+    async def retention(self, project_id: int, edges: list[int], cohorts: int, periods: int,
+                        start_event: str | None, return_event: str | None, filters: Filters, now_ms: int) -> Any:
+        return await self._ask(retention.retention, project_id, edges, cohorts, periods, start_event, return_event,
+                               filters, now_ms)
+
+    async def paths(self, project_id: int, window: Window, filters: Filters, start: tuple[str, str | None],
+                    label: str, depth: int, limit: int) -> Any:
+        return await self._ask(paths.paths, project_id, window, filters, start, label, depth, limit)
 
     async def warm_up(self, days: int) -> None:
         await warm(self.reader, days)
