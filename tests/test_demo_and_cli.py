@@ -75,7 +75,7 @@ async def test_root_is_a_page_linking_the_demo_health_and_tui(client):
     assert response.content_type == "text/html"
     page = await response.text()
     assert 'href="/demo/"' in page and 'href="/health"' in page
-    assert "README.md" in page and "pulse tui --data-dir" in page
+    assert 'href="/docs"' in page and "pulse tui --data-dir" in page
     assert "<script" not in page
 
 

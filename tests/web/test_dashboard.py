@@ -5,10 +5,12 @@ hostile values stay text, and screenshots at desktop and phone widths."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import aiohttp
 import pytest
+from PIL import Image, ImageChops
 from syrupy.extensions.image import PNGImageSnapshotExtension
 
 from tests.servers import chromium, pulse, serving
@@ -214,9 +216,28 @@ async def test_hostile_names_render_as_text_and_run_nothing(served, browser):
     assert page.errors == []
 
 
+STRAY_PIXELS = 16
+
+
 @pytest.fixture
 def png(snapshot):
-    return snapshot.use_extension(PNGImageSnapshotExtension)
+    return snapshot.use_extension(NearlyTheSamePNG)
+
+
+class NearlyTheSamePNG(PNGImageSnapshotExtension):
+    """A screenshot matches its snapshot when at most STRAY_PIXELS pixels differ: on a loaded machine Chromium's
+    rasterizer once shaded two pixels of a rounded corner differently, which is no change of the page."""
+
+    def matches(self, *, serialized_data, snapshot_data) -> bool:
+        if serialized_data == snapshot_data:
+            return True
+        if not isinstance(serialized_data, bytes) or not isinstance(snapshot_data, bytes):
+            return False
+        shot, kept = (Image.open(io.BytesIO(data)).convert("RGB") for data in (serialized_data, snapshot_data))
+        if shot.size != kept.size:
+            return False
+        same = ImageChops.difference(shot, kept).convert("L").histogram()[0]
+        return shot.width * shot.height - same <= STRAY_PIXELS
 
 
 @pytest.mark.parametrize("width, height", [(1280, 800), (360, 740)])
@@ -229,11 +250,13 @@ async def test_screenshot(served, browser, png, width, height):
     await page.wait_for_function("document.getElementById('project').textContent === 'site'")
     await page.evaluate("document.fonts.ready")
     await page.mouse.move(0, 0)  # the pointer left over the login button would hover whatever is there now
+    # and nothing focused: a busy machine caught the Apply button's edge mid-way through its focus ring
+    await page.evaluate("document.activeElement && document.activeElement.blur()")
     # the page as it stays: two screenshots in a row alike (a frame still painting on a busy machine differs)
-    shot, before = await page.screenshot(), None
+    shot, before = await page.screenshot(animations='disabled', caret='hide'), None
     for _ in range(SETTLE_TRIES):
         if shot == before:
             break
         await page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
-        shot, before = await page.screenshot(), shot
+        shot, before = await page.screenshot(animations='disabled', caret='hide'), shot
     assert shot == png
