@@ -7,7 +7,6 @@ import dataclasses
 
 from pulse.tui.app import PulseApp
 from pulse.tui.client import PulseClient
-from pulse.tui.screens.dashboard import DashboardScreen
 from pulse.tui.screens.dialogs import FilterPickerScreen
 from pulse.tui.screens.journeys import (FunnelScreen, FunnelSteps, PathsScreen, RetentionScreen, breakdown_cell,
                                         path_label, retention_text, step_detail)
@@ -231,7 +230,8 @@ def api_nodes(root: dict) -> list:
 
 
 def assert_paths_show(view: PathsScreen, answer: dict) -> None:
-    shown = [(d, label, (n.step, n.sessions, n.dropped, n.other)) for d, label, n in tree_nodes(view.query_one("#paths-tree").root)]
+    tree = view.query_one("#paths-tree")
+    shown = [(d, label, (n.step, n.sessions, n.dropped, n.other)) for d, label, n in tree_nodes(tree.root)]
     assert shown == api_nodes(answer["root"])
     for depth, label, (step, sessions, dropped, other) in shown:
         assert label.startswith(step) and f"{count(sessions)} sessions" in label and f"{count(dropped)} ended" in label

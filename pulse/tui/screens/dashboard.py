@@ -67,8 +67,9 @@ class DashboardScreen(Screen):
         Binding("P", "journey('paths')", "Paths", tooltip="Paths: where sessions went from a step"),
         Binding("q", "app.quit", "Quit", show=False),
     ]
+    # in help, and in the footer when wide
     WIDE_ONLY = frozenset({"custom_dates", "toggle_interval", "reload",
-                           "journey('funnel')", "journey('retention')", "journey('paths')"})  # in help, and in the footer when wide
+                           "journey('funnel')", "journey('retention')", "journey('paths')"})
 
     query_state: reactive[DashboardQuery] = reactive(DashboardQuery, init=False)
 

@@ -224,8 +224,8 @@ class FunnelScreen(JourneyScreen):
 
     def switches(self) -> Content:
         query = self.view_query
-        return Content.assemble(("window ", "$foreground-muted"), choices(FUNNEL_WINDOWS, query.window), ("(w)  ", "$foreground-muted"),
-                                switch("breakdown", "b", query.breakdown or "none"))
+        return Content.assemble(("window ", "$foreground-muted"), choices(FUNNEL_WINDOWS, query.window),
+                                ("(w)  ", "$foreground-muted"), switch("breakdown", "b", query.breakdown or "none"))
 
     def reload(self) -> None:
         query = self.view_query
