@@ -21,8 +21,8 @@ import msgspec
 
 from pulse.config import SERVER_FILENAME
 from pulse.protocol import (
-    CLOSE_TOKEN_REVOKED, ErrorBody, EventsPage, Goals, LiveDropped, LiveEvent, LiveEvents, Overview, ProjectList, ProjectRow,
-    RankedRows, SessionsPage, Timeseries, UsersPage, UserTimeline, live_decoder,
+    CLOSE_TOKEN_REVOKED, ErrorBody, EventsPage, Funnel, Goals, LiveDropped, LiveEvent, LiveEvents, Overview, Paths,
+    ProjectList, ProjectRow, RankedRows, Retention, SessionsPage, Timeseries, UsersPage, UserTimeline, live_decoder,
 )
 
 T = TypeVar("T")
@@ -37,6 +37,9 @@ SESSIONS_PAGE = msgspec.json.Decoder(SessionsPage)
 EVENTS_PAGE = msgspec.json.Decoder(EventsPage)
 USER_TIMELINE = msgspec.json.Decoder(UserTimeline)
 GOALS = msgspec.json.Decoder(Goals)
+FUNNEL = msgspec.json.Decoder(Funnel)
+RETENTION = msgspec.json.Decoder(Retention)
+PATHS = msgspec.json.Decoder(Paths)
 ERROR = msgspec.json.Decoder(ErrorBody)
 
 

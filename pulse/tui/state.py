@@ -110,6 +110,107 @@ class DashboardQuery:
         return query
 
 
+FUNNEL_WINDOWS = ("1h", "1d", "7d", "30d")
+FUNNEL_BREAKDOWNS = (None, "browser", "os", "device", "referrer", "utm_source", "country")
+MAX_FUNNEL_STEPS = 10  # what the funnel endpoint takes
+RETENTION_PERIODS = ("day", "week")
+PATH_DEPTHS = (1, 2, 3, 4, 5)
+PAGE_STEP = "page_view:"  # a funnel step on one path: `page_view:/pricing`
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelQuery:
+    steps: tuple[str, ...] = ()  # event names, or `page_view:/path`
+    window: str = "1d"  # one of FUNNEL_WINDOWS: how long after step 1 the last step may come
+    breakdown: str | None = None  # one of FUNNEL_BREAKDOWNS
+
+    def params(self) -> dict[str, str]:
+        params = {"steps": ",".join(self.steps), "window": self.window}
+        if self.breakdown is not None:
+            params["breakdown"] = self.breakdown
+        return params
+
+    def moved(self, index: int, by: int) -> FunnelQuery:
+        """Step `index` swapped with its neighbour `by` (-1 up, 1 down); as it was at either end."""
+        other = index + by
+        if not (0 <= index < len(self.steps) and 0 <= other < len(self.steps)):
+            return self
+        steps = list(self.steps)
+        steps[index], steps[other] = steps[other], steps[index]
+        return dataclasses.replace(self, steps=tuple(steps))
+
+    def to_json(self) -> dict:
+        return {"steps": list(self.steps), "window": self.window, "breakdown": self.breakdown}
+
+    @classmethod
+    def from_json(cls, raw: object) -> FunnelQuery:
+        if not isinstance(raw, dict):
+            return cls()
+        steps = raw.get("steps")
+        steps = tuple(s for s in steps if isinstance(s, str) and s)[:MAX_FUNNEL_STEPS] if isinstance(steps, list) else ()
+        return cls(steps=steps, window=raw["window"] if raw.get("window") in FUNNEL_WINDOWS else "1d",
+                   breakdown=raw.get("breakdown") if raw.get("breakdown") in FUNNEL_BREAKDOWNS else None)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionQuery:
+    period: str = "day"  # one of RETENTION_PERIODS
+    start_event: str | None = None  # None: any event
+    return_event: str | None = None
+
+    def params(self) -> dict[str, str]:
+        params = {"period": self.period}
+        if self.start_event is not None:
+            params["start_event"] = self.start_event
+        if self.return_event is not None:
+            params["return_event"] = self.return_event
+        return params
+
+    def to_json(self) -> dict:
+        return {"period": self.period, "start_event": self.start_event, "return_event": self.return_event}
+
+    @classmethod
+    def from_json(cls, raw: object) -> RetentionQuery:
+        if not isinstance(raw, dict):
+            return cls()
+        events = [raw.get(k) if isinstance(raw.get(k), str) and raw.get(k) else None
+                  for k in ("start_event", "return_event")]
+        return cls(raw["period"] if raw.get("period") in RETENTION_PERIODS else "day", *events)
+
+
+@dataclass(frozen=True, slots=True)
+class PathsQuery:
+    start: str | None = None  # an event name, or `/path` for page views of it; None until one is chosen
+    depth: int = 3  # one of PATH_DEPTHS
+
+    def params(self) -> dict[str, str]:
+        return {"start": self.start or "", "depth": str(self.depth)}
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "depth": self.depth}
+
+    @classmethod
+    def from_json(cls, raw: object) -> PathsQuery:
+        if not isinstance(raw, dict):
+            return cls()
+        start = raw.get("start") if isinstance(raw.get("start"), str) and raw.get("start") else None
+        return cls(start, raw["depth"] if raw.get("depth") in PATH_DEPTHS else 3)
+
+
+def step_start(step: str) -> str:
+    """A paths node's step as a paths start: `page_view:/pricing` is `/pricing`, an event name itself."""
+    return step[len(PAGE_STEP):] if step.startswith(PAGE_STEP + "/") else step
+
+
+def picked_step(key: str, value: str) -> str:
+    """A pick of the filter picker as a funnel step: an event name, or `page_view:/path` for a page."""
+    return f"{PAGE_STEP}{value}" if key == "path" else value
+
+
+# what each view remembers per project, beside the dashboard's query, under these keys
+VIEWS = {"funnel": FunnelQuery, "retention": RetentionQuery, "paths": PathsQuery}
+
+
 def valid_date(raw: object) -> bool:
     if not isinstance(raw, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
         return False
@@ -145,8 +246,21 @@ class FilterMemory:
         return DashboardQuery.from_json(self._load().get(f"{server}#{project_id}"))
 
     def put(self, server: str, project_id: int, query: DashboardQuery) -> None:
+        self._save(server, project_id, query.to_json())
+
+    def view(self, server: str, project_id: int, name: str):
+        """What the view `name` (a key of VIEWS) showed last for this project: its steps, period, start…"""
+        kept = self._load().get(f"{server}#{project_id}")
+        return VIEWS[name].from_json(kept.get(name) if isinstance(kept, dict) else None)
+
+    def put_view(self, server: str, project_id: int, name: str, query: FunnelQuery | RetentionQuery | PathsQuery) -> None:
+        self._save(server, project_id, {name: query.to_json()})
+
+    def _save(self, server: str, project_id: int, update: dict) -> None:
+        """`update` over what is kept for the project: the dashboard's query and each view's, side by side."""
         found = self._load()
-        found[f"{server}#{project_id}"] = query.to_json()
+        kept = found.get(f"{server}#{project_id}")
+        found[f"{server}#{project_id}"] = {**(kept if isinstance(kept, dict) else {}), **update}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(".tmp")

@@ -20,9 +20,10 @@ from textual.widgets import DataTable
 from pulse.tui.app import PulseApp
 from pulse.tui.client import PulseClient
 from pulse.tui.screens.dashboard import DashboardScreen
+from pulse.tui.screens.journeys import FunnelScreen, PathsScreen, RetentionScreen
 from pulse.tui.screens.projects import ProjectsScreen
 from pulse.tui.screens.visitor import VisitorScreen
-from pulse.tui.state import FilterMemory
+from pulse.tui.state import FilterMemory, FunnelQuery, PathsQuery, RetentionQuery
 from tests.server.test_analytics import TZ, generate
 from tests.servers import Server, pulse
 from tests.tui.conftest import POPULATION_QUERY
@@ -126,3 +127,30 @@ async def visitor_opened(pilot) -> None:
 
 def test_visitor_timeline(served, tmp_path, snap_compare):
     assert snap_compare(make_app(served, tmp_path), terminal_size=(80, 24), run_before=visitor_opened)
+
+
+async def view_opened(pilot, key: str, screen_type) -> None:
+    await dashboard_loaded(pilot)
+    await pilot.press(key)
+    await until(pilot, lambda: isinstance(pilot.app.screen, screen_type) and pilot.app.screen.loaded, "the view")
+    await pilot.wait_for_scheduled_animations()
+    for table in pilot.app.screen.query(DataTable):  # as on the dashboard: lines drawn at their final width
+        table._clear_caches()
+        table.refresh()
+    await pilot.pause(0.5)
+
+
+@pytest.mark.parametrize("key, screen_type", [("F", FunnelScreen), ("R", RetentionScreen), ("P", PathsScreen)],
+                         ids=["funnel", "retention", "paths"])
+def test_journeys(served, tmp_path, snap_compare, key, screen_type):
+    """Each view at 80x24: a funnel of three steps by browser, daily retention, paths from the home page."""
+    app = make_app(served, tmp_path)
+    server, project_id = served
+    for name, view in (("funnel", FunnelQuery(("page_view", "click", "purchase"), "1d", "browser")),
+                       ("retention", RetentionQuery()), ("paths", PathsQuery("/", 2))):
+        app.memory.put_view(server.url, project_id, name, view)
+
+    async def run_before(pilot) -> None:
+        await view_opened(pilot, key, screen_type)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)

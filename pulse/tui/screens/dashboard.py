@@ -20,6 +20,7 @@ from pulse.tui.client import EVENTS_PAGE, OVERVIEW, RANKED_ROWS, TIMESERIES, Api
 from pulse.tui.messages import (BreakdownLoaded, ConnectionChanged, FilterRemoved, LoadFailed, RangeChosen,
                                 StatsLoaded, TopEventSelected)
 from pulse.tui.screens.dialogs import DateRangeScreen, EventDetailScreen, FilterPickerScreen
+from pulse.tui.screens.journeys import FunnelScreen, PathsScreen, RetentionScreen
 from pulse.tui.state import DashboardQuery, FilterMemory, change, clean, count, duration, percent, plain
 from pulse.tui.screens.visitor import VisitorScreen
 from pulse.tui.widgets.breakdown import BREAKDOWNS, BreakdownPane, BreakdownTabs, PagedPane, UtmPane
@@ -61,9 +62,14 @@ class DashboardScreen(Screen):
         Binding("right_square_bracket", "tab(1)", "Next tab", show=False),
         Binding("left_square_bracket", "tab(-1)", "Previous tab", show=False),
         Binding("u", "utm", "UTM", show=False, tooltip="UTM tab: source, medium, campaign"),
+        Binding("F", "journey('funnel')", "Funnel", tooltip="Funnel: persons through steps, under this range and filters"),
+        Binding("R", "journey('retention')", "Retention", tooltip="Retention: cohorts and who came back"),
+        Binding("P", "journey('paths')", "Paths", tooltip="Paths: where sessions went from a step"),
         Binding("q", "app.quit", "Quit", show=False),
     ]
-    WIDE_ONLY = frozenset({"custom_dates", "toggle_interval", "reload"})  # in help, and in the footer when wide
+    # in help, and in the footer when wide
+    WIDE_ONLY = frozenset({"custom_dates", "toggle_interval", "reload",
+                           "journey('funnel')", "journey('retention')", "journey('paths')"})
 
     query_state: reactive[DashboardQuery] = reactive(DashboardQuery, init=False)
 
@@ -359,6 +365,11 @@ class DashboardScreen(Screen):
         else:
             self.query_one(f"#{pane}").focus()
         self.query_one(f"#{pane}").scroll_visible(animate=False)
+
+    def action_journey(self, view: str) -> None:
+        """A funnel, retention or paths screen over this range and filters; Escape comes back here."""
+        screen = {"funnel": FunnelScreen, "retention": RetentionScreen, "paths": PathsScreen}[view]
+        self.app.push_screen(screen(self.client, self.project, self.memory, self.query_state))
 
     def action_utm(self) -> None:
         self.query_one("#pane-utm", UtmPane).switch()

@@ -35,6 +35,8 @@ VALUE_SOURCES = {
     "screen": ("screens", {}),
 }
 
+ANY_VALUE = "\x00any"  # the option id of `any_value`: no value an event or page can have
+
 
 class FilterPickerScreen(ModalScreen[tuple[str, str, str | None] | None]):
     """Pick a key (traits first), then one of its values (or type one); returns (key, value, the value's name).
@@ -44,17 +46,23 @@ class FilterPickerScreen(ModalScreen[tuple[str, str, str | None] | None]):
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, client: PulseClient, project_id: int, query: DashboardQuery) -> None:
+    def __init__(self, client: PulseClient, project_id: int, query: DashboardQuery, *,
+                 keys: tuple[str, ...] | None = None, title: str = "Add a filter", any_value: str | None = None) -> None:
+        """`keys`: only these keys of VALUE_SOURCES (events and pages for a funnel step), no traits or properties;
+        `any_value`: a first value standing for no value at all (`any event`), picked as ""."""
         super().__init__()
         self.client = client
         self.project_id = project_id
         self.dashboard_query = query
+        self.only_keys = keys
+        self.heading = title
+        self.any_value = any_value
         self.key: str | None = None
         self.labels: dict[str, str] = {}  # value -> its name ("GB" -> "United Kingdom"), of the key's values shown
 
     def compose(self) -> ComposeResult:
         with Vertical(id="picker-box", classes="dialog"):
-            yield Label("Add a filter", classes="dialog-title")
+            yield Label(self.heading, classes="dialog-title")
             with Horizontal(id="picker-lists"):
                 yield OptionList(id="picker-keys")
                 yield OptionList(id="picker-values")
@@ -68,6 +76,11 @@ class FilterPickerScreen(ModalScreen[tuple[str, str, str | None] | None]):
     @work(exclusive=True, group="keys")
     async def load_keys(self) -> None:
         keys = self.query_one("#picker-keys", OptionList)
+        if self.only_keys is not None:
+            keys.add_options([Option(k, id=k) for k in self.only_keys])
+            keys.highlighted = 0
+            keys.focus()
+            return
         params = self.dashboard_query.window_params()
         trait_keys: list[str] = []
         prop_keys: list[str] = []
@@ -123,13 +136,17 @@ class FilterPickerScreen(ModalScreen[tuple[str, str, str | None] | None]):
         self.labels = {r.value: r.label for r in rows if r.label}
         names = [clean(r.value if r.label is None or r.label == r.value else f"{r.value} {r.label}") for r in rows]
         width = min(max((cell_len(n) for n in names), default=4), VALUE_WIDTH)
+        if self.any_value is not None:
+            values.add_option(Option(self.any_value, id=ANY_VALUE))
         values.add_options([Option(plain(f"{cut(name, width).ljust(width)}  {count(r.count):>8}"), id=r.value)
                             for name, r in zip(names, rows)])
         self._status(f"{len(rows)} values of {clean(key)}" if rows else f"no values of {clean(key)} in this range")
 
     @on(OptionList.OptionSelected, "#picker-values")
     def value_selected(self, message: OptionList.OptionSelected) -> None:
-        if self.key is not None and message.option.id is not None:
+        if message.option.id == ANY_VALUE:
+            self.dismiss((self.key or "", "", None))
+        elif self.key is not None and message.option.id is not None:
             self.dismiss((self.key, message.option.id, self.labels.get(message.option.id)))
 
     @on(Input.Submitted, "#picker-input")
