@@ -49,7 +49,7 @@ async def first_paints(url: str, loads: int) -> list[float]:
         for _ in range(loads):
             page = await context.new_page()
             await page.goto(url)
-            await page.wait_for_function("window.pulseFirstPaint !== undefined", timeout=DRAWN_TIMEOUT_MS)
+            await page.wait_for_function("() => window.pulseFirstPaint !== undefined", timeout=DRAWN_TIMEOUT_MS)
             found.append(await page.evaluate("window.pulseFirstPaint"))
             await page.close()
     return found

@@ -130,7 +130,7 @@ async def test_the_page_shows_the_read_apis_numbers_for_two_windows_and_a_filter
     assert as_numbers(found["cards"]) == expected["cards"]
     # the chip's × removes it
     await page.click("#chips [data-filter=event]")
-    await page.wait_for_function("!location.search.includes('event=')")
+    await page.wait_for_function("() => !location.search.includes('event=')")
     assert page.errors == []
 
 
@@ -247,7 +247,7 @@ async def test_screenshot(served, browser, png, width, height):
     server, project = served
     page = await open_board(browser, server, project, WEEK, token=project["read_token"], viewport=(width, height))
     await page.wait_for_selector("#feed-state[data-state=open]")
-    await page.wait_for_function("document.getElementById('project').textContent === 'site'")
+    await page.wait_for_function("() => document.getElementById('project').textContent === 'site'")
     await page.evaluate("document.fonts.ready")
     await page.mouse.move(0, 0)  # the pointer left over the login button would hover whatever is there now
     # and nothing focused: a busy machine caught the Apply button's edge mid-way through its focus ring
