@@ -10,11 +10,12 @@ leaves out (under no filter: the API takes none there).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
-from rich.cells import cell_len
+from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -381,6 +382,7 @@ def update_rows(table: DataTable, cells: dict[str, tuple]) -> None:
     Each column is as wide as what it shows now: DataTable only ever widens a column, so a table that once
     held a longer value would otherwise keep its width, and the same rows would look different depending on
     what came before them."""
+    cells = _fitted(table, cells)
     keys = [row.key.value for row in table.ordered_rows]
     with table.app.batch_update():
         if keys == list(cells):
@@ -400,6 +402,36 @@ def update_rows(table: DataTable, cells: dict[str, tuple]) -> None:
             if column.auto_width:
                 column.content_width = max([_width(column.label), *(_width(values[index]) for values in cells.values())])
         table.refresh()
+
+
+_last_width: weakref.WeakKeyDictionary[DataTable, int] = weakref.WeakKeyDictionary()
+MIN_FIRST_COLUMN = 10  # cells: a first column narrower than this is left whole, the table scrolls instead
+
+
+def _fitted(table: DataTable, cells: dict[str, tuple]) -> dict[str, tuple]:
+    """The first column cut with … where it would push the numbers after it past the table's edge: a country's
+    name or a long path must not hide the Users column at 80 columns."""
+    # a table being laid out again (the dashboard reloading) has no size for a moment: the last one holds
+    if table.size.width > 0:
+        _last_width[table] = table.size.width
+    width = _last_width.get(table, 0) - table.styles.scrollbar_size_vertical  # room for a scrollbar, shown or not
+    columns = table.ordered_columns
+    if width <= 0 or not cells or len(columns) < 2:
+        return cells
+    padding = 2 * table.cell_padding
+    others = sum(max([_width(column.label), *(_width(values[index]) for values in cells.values())]) + padding
+                 for index, column in enumerate(columns) if index)
+    room = width - others - padding
+    if room < MIN_FIRST_COLUMN:
+        return cells
+    return {key: (_cut(values[0], room), *values[1:]) for key, values in cells.items()}
+
+
+def _cut(value: object, room: int) -> object:
+    if _width(value) <= room:
+        return value
+    text = value.plain if isinstance(value, Text) else str(value)
+    return Text(set_cell_size(text, room - 1) + "…")
 
 
 def _width(value: object) -> int:
