@@ -28,6 +28,9 @@ VISITORS = [("8.8.8.8", "en-US", 390), ("8.8.8.8", "en", 1920), ("8.8.8.8", "es"
 PURCHASES = [{"revenue": 19.99, "currency": "eur"}, {"revenue": 5, "currency": "EUR"}, {"amount": 40.65, "currency": "usd"}]
 
 
+LONG_PATH = "/docs/guides/installing-pulse-behind-a-reverse-proxy-with-tls"
+
+
 def visits() -> list[dict]:
     events = []
     for i, (ip, language, width) in enumerate(VISITORS):
@@ -40,6 +43,8 @@ def visits() -> list[dict]:
                            "timestamp": f"2026-03-03T0{i}:05:00Z"})
             events.append({**common, "event": "page_view", "page_url": "https://site.example/thank-you",
                            "timestamp": f"2026-03-03T0{i}:06:00Z"})
+    events.append({"event": "page_view", "distinct_id": "v-0", "ip": VISITORS[0][0], "user_agent": CHROME,
+                   "page_url": f"https://site.example{LONG_PATH}", "timestamp": "2026-03-03T08:00:00Z"})
     events.append({"event": "page_view", "distinct_id": "crawler", "user_agent": GOOGLEBOT, "ip": "8.8.8.8",
                    "page_url": "https://site.example/", "timestamp": "2026-03-03T09:00:00Z"})
     return events
@@ -200,3 +205,20 @@ async def test_chips_name_countries_and_are_cut_to_80_columns(server, memory):
         assert labels[0] == "country=GB United Kingdom ×"
         assert labels[1].startswith("prop.campaign=a-very") and labels[1].endswith("… ×")
         assert all(on_screen(chip) for chip in chips)
+
+
+async def test_a_long_value_is_cut_so_the_counts_stay_in_sight_at_80x24(server, memory):
+    query = DashboardQuery(range="custom", start="2026-03-03", end="2026-03-03")
+    app = make_app(server, memory, query)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await open_dashboard(pilot, app)
+        pane = await open_tab(pilot, screen, "pages")
+        found = (await api(server, "pages", {**query.params(), "limit": "20"}))["rows"]
+        assert LONG_PATH in [r["value"] for r in found]
+        await until(pilot, lambda: [row[1:] for row in shown(pane)]
+                    == [[f"{r['count']:,}", f"{r['unique_users']:,}"] for r in found], "the pages rows")
+        long = shown(pane)[[r["value"] for r in found].index(LONG_PATH)][0]
+        assert long.endswith("…") and LONG_PATH.startswith(long[:-1])
+        await pilot.pause()
+        table = pane.table
+        assert table.virtual_size.width <= table.scrollable_content_region.width  # the Users column in sight

@@ -376,12 +376,15 @@ class BreakdownTabs(Widget):
         self.query_one(TabbedContent).active = f"tab-{tab}"
 
 
-def update_rows(table: DataTable, cells: dict[str, tuple]) -> None:
+def update_rows(table: DataTable, cells: dict[str, tuple], *, again: bool = True) -> None:
     """Make the table show `cells` (row key -> values) in order, changing only what changed; keep the cursor.
 
     Each column is as wide as what it shows now: DataTable only ever widens a column, so a table that once
     held a longer value would otherwise keep its width, and the same rows would look different depending on
     what came before them."""
+    if again and table.size.width == 0 and table not in _last_width:
+        # not laid out yet (the first answer of the tab in view): fit the rows again once it is
+        table.call_after_refresh(update_rows, table, cells, again=False)
     cells = _fitted(table, cells)
     keys = [row.key.value for row in table.ordered_rows]
     with table.app.batch_update():
