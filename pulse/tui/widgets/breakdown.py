@@ -35,6 +35,17 @@ BACK_ROW = "\x00back"  # the row key of "‹ all keys" on the properties tab; no
 NONE_ROW = "\x00none"  # the row key of a ranked list's "(none)": events without the value, which no filter selects
 
 
+class FittedTable(DataTable):
+    """A table whose rows are fitted to its width again when that changes: the first answer of the tab in view
+    can come before the table is laid out, and a terminal can be resized between answers."""
+
+    cells: dict[str, tuple] | None = None
+
+    def on_resize(self) -> None:
+        if self.cells is not None and self.size.width > 0:
+            update_rows(self, self.cells)
+
+
 class BreakdownPane(Vertical):
     """One tab's content: a table, and what it asks the API for."""
 
@@ -68,7 +79,7 @@ class BreakdownPane(Vertical):
         return self.query_one(DataTable)
 
     def compose(self) -> ComposeResult:
-        table: DataTable = DataTable(id=f"table-{self.breakdown.id}", cursor_type="row", zebra_stripes=True)
+        table: DataTable = FittedTable(id=f"table-{self.breakdown.id}", cursor_type="row", zebra_stripes=True)
         for key, label in self.columns():
             table.add_column(label, key=key)
         yield table
@@ -376,15 +387,14 @@ class BreakdownTabs(Widget):
         self.query_one(TabbedContent).active = f"tab-{tab}"
 
 
-def update_rows(table: DataTable, cells: dict[str, tuple], *, again: bool = True) -> None:
+def update_rows(table: DataTable, cells: dict[str, tuple]) -> None:
     """Make the table show `cells` (row key -> values) in order, changing only what changed; keep the cursor.
 
     Each column is as wide as what it shows now: DataTable only ever widens a column, so a table that once
     held a longer value would otherwise keep its width, and the same rows would look different depending on
     what came before them."""
-    if again and table.size.width == 0 and table not in _last_width:
-        # not laid out yet (the first answer of the tab in view): fit the rows again once it is
-        table.call_after_refresh(update_rows, table, cells, again=False)
+    if isinstance(table, FittedTable):
+        table.cells = cells
     cells = _fitted(table, cells)
     keys = [row.key.value for row in table.ordered_rows]
     with table.app.batch_update():
