@@ -1,6 +1,11 @@
 """Ingest benchmark: pulse against a bare aiohttp floor over HTTP, and the writer against plain executemany.
 
-    python bench/ingest.py [--duration 5] [--repeat 3]
+    python bench/ingest.py [--shape site|busy|all] [--duration 5] [--repeat 3]
+
+Two shapes of traffic: `site` (~2000 sessions open at once, returning users: what the writer keeps in memory
+covers most events) and `busy` (each event a random user of 100,000 and a random session of 200,000, one of
+1,000 user agents a request, 8 pages, 5 referrers, reproducible with --seed; wrk with 2 threads and 50
+connections): most events belong to a visitor or session the writer has not seen in a while.
 
 Needs wrk (Debian package `wrk`) as the load generator; everything runs on 127.0.0.1 and stops by itself.
 Figures are medians of --repeat runs; ratios compare with a baseline measured in the same run.
@@ -112,16 +117,24 @@ class PeakSize(threading.Thread):
         self.join()
 
 
-def wrk(port: int, batch: int, key: str, duration: float, connections: int, server_pid: int,
+class Shape:
+    """How wrk sends one shape of traffic (see load.lua)."""
+
+    def __init__(self, name: str, threads: int, connections: int, seed: int) -> None:
+        self.name, self.threads, self.connections, self.seed = name, threads, connections, seed
+
+
+def wrk(port: int, batch: int, key: str, duration: float, shape: Shape, server_pid: int,
         wal: Path | None = None, fmt: str = "native", site: str = "") -> dict:
     """One wrk run; also the CPU time per request of the server and, for pulse, of its writer per event, and
     the peak size of its WAL file during the run. `fmt`: the body's format (see load.lua)."""
-    env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key, "PULSE_FORMAT": fmt, "PULSE_SITE": site}
+    env = {**os.environ, "PULSE_BATCH": str(batch), "PULSE_KEY": key, "PULSE_FORMAT": fmt, "PULSE_SITE": site,
+           "PULSE_SHAPE": shape.name, "PULSE_SEED": str(shape.seed)}
     pids = [server_pid, *children(server_pid)]
     before = [cpu_seconds(pid) for pid in pids]
     with PeakSize(wal) as wal_size:
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "load.lua"),
+            ["wrk", f"-t{shape.threads}", f"-c{shape.connections}", f"-d{duration:g}s", "-s", str(HERE / "load.lua"),
              f"http://127.0.0.1:{port}"],
             capture_output=True, text=True, env=env, check=True,
         ).stdout
@@ -143,7 +156,7 @@ def batches(fmt: str) -> tuple[int, ...]:
     return (1,) if fmt == "plausible" else (1, 10, 50)
 
 
-def http_benchmarks(duration: float, repeat: int, connections: int, fmt: str = "native") -> dict:
+def http_benchmarks(duration: float, repeat: int, shape: Shape, fmt: str = "native") -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="pulse-bench-"))
     created = json.loads(subprocess.run(
         [sys.executable, "-m", "pulse.cli", "projects", "create", "bench", "--domain", "shop.example", "--json",
@@ -160,18 +173,18 @@ def http_benchmarks(duration: float, repeat: int, connections: int, fmt: str = "
         wait_http(pulse_port)
         wait_http(floor_port)
         for port, pid in ((pulse_port, pulse.pid), (floor_port, floor.pid)):  # warm up both
-            wrk(port, 10, key, 1, connections, pid)
+            wrk(port, 10, key, 1, shape, pid)
         for batch in (1, 10, 50):
             runs: dict[str, list[dict]] = {"pulse": [], "floor": []}
             if fmt != "native" and batch in batches(fmt):
                 runs[fmt] = []
             for _ in range(repeat):  # interleaved, so all see the same machine noise
-                runs["pulse"].append(wrk(pulse_port, batch, key, duration, connections, pulse.pid, wal))
+                runs["pulse"].append(wrk(pulse_port, batch, key, duration, shape, pulse.pid, wal))
                 results["wal_peak_mb"] = max(results["wal_peak_mb"], runs["pulse"][-1]["wal_mb"])
                 results["pss_mb"] = max(results.get("pss_mb", 0.0), pss_mb(pulse.pid))
-                runs["floor"].append(wrk(floor_port, batch, key, duration, connections, floor.pid))
+                runs["floor"].append(wrk(floor_port, batch, key, duration, shape, floor.pid))
                 if fmt in runs:
-                    runs[fmt].append(wrk(pulse_port, batch, key, duration, connections, pulse.pid, wal, fmt, site))
+                    runs[fmt].append(wrk(pulse_port, batch, key, duration, shape, pulse.pid, wal, fmt, site))
             results[batch] = {name: median_runs(r) for name, r in runs.items()}
         results["rss_mb"] = peak_rss_mb(pulse.pid)
     finally:
@@ -224,14 +237,42 @@ def make_events(count: int, rng: random.Random, base: int, *, random_uuids: bool
     return events
 
 
-async def writer_rate(path: Path, events: list[IngestEvent], now: int) -> float:
+
+BUSY_REFERRERS = ("https://www.google.com/", "https://news.ycombinator.com/item", "https://t.co/x",
+                  "https://www.bing.com/search", "https://duckduckgo.com/")
+
+
+def busy_agent(n: int) -> str:
+    """One of 1,000 user agents (load.lua's, for the writer alone)."""
+    version = 60 + n // 4 % 250
+    return (f"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+            f"Chrome/{version}.0.{n}.0 Safari/537.36")
+
+
+def make_busy_events(count: int, rng: random.Random, base: int, *, random_uuids: bool = False) -> list[IngestEvent]:
+    """A busy site's traffic: each event a random user of 100,000 and a random session of 200,000."""
+    names = ["page_view", "page_view", "page_view", "click", "signup", "purchase"]
+    events = []
+    for i in range(count):
+        ts = base + i * (6 * HOUR_MS) // count
+        events.append(IngestEvent(
+            event=rng.choice(names), uuid=uuid.uuid4() if random_uuids else uuid.UUID(bytes=time_uuid(ts)),
+            distinct_id=f"u{rng.randrange(100_000)}", session_id=f"s{rng.randrange(200_000)}",
+            page_url=f"https://shop.example/p/{rng.randrange(1, 9)}", referrer=rng.choice(BUSY_REFERRERS),
+            properties={"plan": "pro", "n": i % 50}, timestamp=ts,
+        ))
+    return events
+
+
+async def writer_rate(path: Path, events: list[IngestEvent], now: int, agents: list[str]) -> float:
     conn = connect(path)
     migrate(conn)
     conn.execute("INSERT INTO projects(name, created_at) VALUES ('bench', 0)")
     conn.close()
     writer = EventWriter(path, max_queued_events=len(events) + 1, batch_max_events=20_000)
     await writer.start()
-    jobs = [IngestJob(1, events[i:i + 50], now, 0, "192.0.2.1", CHROME) for i in range(0, len(events), 50)]
+    jobs = [IngestJob(1, events[i:i + 50], now, 0, "192.0.2.1", agents[i // 50 % len(agents)])
+            for i in range(0, len(events), 50)]
     started = time.perf_counter()
     futures = []
     for i, job in enumerate(jobs):
@@ -265,7 +306,7 @@ def plain_rate(path: Path, events: list[IngestEvent], now: int, *, uniques: bool
     names = {name: i + 1 for i, name in enumerate(sorted({e.event for e in events}))}
     rows = [
         (i + 1, 1, e.uuid.bytes, e.timestamp, now, names[e.event], i % 100_000, i % 300_000, i % 40, i % 40, 1, 2, 1,
-         b"\x00" * 8, '{"plan":"pro","n":1}')
+         b"\x00" * 8, '{"plan":"pro","n":1}', None, None, None)
         for i, e in enumerate(events)
     ]
     keys = [(1, e.timestamp // HOUR_MS, names[e.event]) for e in events]
@@ -275,7 +316,7 @@ def plain_rate(path: Path, events: list[IngestEvent], now: int, *, uniques: bool
     for start in range(0, len(rows), 5000):
         end = start + 5000
         with conn:
-            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[start:end])
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[start:end])
             conn.executemany("INSERT INTO plain_hourly VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE SET events = events + 1",
                              keys[start:end])
             if uniques:
@@ -286,22 +327,24 @@ def plain_rate(path: Path, events: list[IngestEvent], now: int, *, uniques: bool
     return len(rows) / elapsed
 
 
-def storage_benchmarks(count: int, repeat: int) -> dict:
+def storage_benchmarks(count: int, repeat: int, shape: str, seed: int) -> dict:
     """The writer against plain executemany on identical rows: once with time-ordered uuids (the server's
     and the SDK's), once with random UUIDv4 from clients (index inserts all over the uuid index)."""
-    rng = random.Random(1)
+    rng = random.Random(seed)
+    make = make_busy_events if shape == "busy" else make_events
+    agents = [busy_agent(n) for n in range(1000)] if shape == "busy" else [CHROME]
     now = int(time.time() * 1000)
     base = now - 6 * HOUR_MS
     runs: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(repeat):
         for kind in ("v7", "v4"):
-            events = make_events(count, rng, base, random_uuids=kind == "v4")
+            events = make(count, rng, base, random_uuids=kind == "v4")
             for uniques in (False, True):
                 with tempfile.TemporaryDirectory() as tmp:
                     runs[f"plain{'+u' * uniques} {kind}"].append(
                         plain_rate(Path(tmp) / "plain.db", events, now, uniques=uniques))
             with tempfile.TemporaryDirectory() as tmp:
-                runs[f"writer {kind}"].append(asyncio.run(writer_rate(Path(tmp) / "writer.db", events, now)))
+                runs[f"writer {kind}"].append(asyncio.run(writer_rate(Path(tmp) / "writer.db", events, now, agents)))
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
@@ -309,23 +352,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median is printed)")
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--shape", choices=("site", "busy", "all"), default="all", help="which traffic to send")
+    parser.add_argument("--seed", type=int, default=1, help="the busy shape's random seed")
     parser.add_argument("--rows", type=int, default=200_000, help="rows for the writer-alone benchmark")
     parser.add_argument("--part", choices=("all", "http", "storage"), default="all", help="which benchmarks to run")
     parser.add_argument("--format", choices=("native", "posthog", "plausible", "umami"), default="native",
                         help="also send the same traffic in this product's format to pulse, next to its own")
     args = parser.parse_args()
-    if args.part != "storage":
-        http_part(args)
-    if args.part != "http":
-        storage_part(args)
+    for shape in (("site", "busy") if args.shape == "all" else (args.shape,)):
+        print(f"== shape {shape}")
+        if args.part != "storage":
+            http_part(args, SHAPES[shape](args.seed))
+        if args.part != "http":
+            storage_part(args, shape)
+        print()
 
 
-def http_part(args: argparse.Namespace) -> None:
+SHAPES = {  # wrk's threads and connections: the site shape as it always was, the busy one as specified
+    "site": lambda seed: Shape("site", 1, 64, seed),
+    "busy": lambda seed: Shape("busy", 2, 50, seed),
+}
+
+
+def http_part(args: argparse.Namespace, shape: Shape) -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench/ingest.py needs wrk: apt-get install wrk")
-    print(f"ingest over HTTP: wrk -t1 -c{args.connections}, {args.duration:g}s per run, median of {args.repeat}")
-    http = http_benchmarks(args.duration, args.repeat, args.connections, args.format)
+    print(f"ingest over HTTP: wrk -t{shape.threads} -c{shape.connections}, {args.duration:g}s per run,"
+          f" median of {args.repeat}")
+    http = http_benchmarks(args.duration, args.repeat, shape, args.format)
     print(f"{'batch':>5}  {'pulse req/s':>11} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-202':>7}"
           f"  {'floor req/s':>11} {'events/s':>9} {'p99 ms':>7}  {'pulse/floor':>11}")
     for batch in (1, 10, 50):
@@ -354,12 +408,12 @@ def http_part(args: argparse.Namespace) -> None:
           + ", ".join(f"{batch}: {http[batch]['pulse']['wal_mb']:.1f} MB" for batch in (1, 10, 50)) + " (median of runs)")
 
 
-def storage_part(args: argparse.Namespace) -> None:
+def storage_part(args: argparse.Namespace, shape: str) -> None:
     print(f"\nstorage alone: {args.rows:,} events in jobs of 50, median of {args.repeat}")
     print("  writer: events + rollup bitmaps + sessions + persons, group commit, in its process")
     print("  plain:  the same rows through executemany, 5000 per transaction, + hourly count upsert per row")
     print("  plain+u: plain, + INSERT OR IGNORE of each row's user and session into the hour's unique members")
-    storage = storage_benchmarks(args.rows, args.repeat)
+    storage = storage_benchmarks(args.rows, args.repeat, shape, args.seed)
     for kind, label in (("v7", "time-ordered uuids"), ("v4", "random client uuids")):
         writer, plain, plain_u = storage[f"writer {kind}"], storage[f"plain {kind}"], storage[f"plain+u {kind}"]
         print(f"  {label:<20}  writer {writer:>9,.0f} events/s   plain {plain:>9,.0f} rows/s ({writer / plain:.0%})"
