@@ -16,6 +16,9 @@ SERVER_FILENAME = "server.json"
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path = Path("pulse-data")
+    # where events are kept: "" the SQLite database in data_dir; clickhouse://HOST:8123/DB (a cluster:
+    # clickhouse://H1:P1,H2:P2/DB?cluster=NAME), or chdb://PATH (ClickHouse in this process)
+    store: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
     # the address sites use to reach this server (for the script tag); default http://host:port

@@ -27,7 +27,18 @@ DEFAULTS = Settings()
 T = TypeVar("T")
 
 
+def _remember_store(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta["pulse.store"] = value
+
+
 def data_dir_option(fn: Callable) -> Callable:
+    """--data-dir, and --store beside it (every command that opens the store takes both; settings_for reads it)."""
+    fn = click.option(
+        "--store", default=None, envvar="PULSE_STORE", expose_value=False, callback=_remember_store,
+        metavar="URL", help="Where events are kept: clickhouse://HOST:8123/DB[?cluster=NAME]; default the SQLite"
+                            " database in --data-dir (env PULSE_STORE).",
+    )(fn)
     return click.option(
         "--data-dir",
         type=click.Path(file_okay=False, path_type=Path),
@@ -44,7 +55,9 @@ def json_option(fn: Callable) -> Callable:
 
 def settings_for(data_dir: Path, **flags: object) -> Settings:
     """The settings a command runs with: defaults, PULSE_* variables, then its flags (None: not given)."""
-    return Settings.from_env(data_dir=data_dir, **flags)
+    context = click.get_current_context(silent=True)
+    store = context.meta.get("pulse.store") if context is not None else None
+    return Settings.from_env(data_dir=data_dir, store=store, **flags)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
@@ -73,7 +86,7 @@ def ask_store(settings: Settings, question: Callable[[Store], Awaitable[T]], *, 
     """`question(store)` on the store of `settings`, opened for it alone and without a writer (a running
     server's writer carries on beside it). With `existing`, a command that only reads or copies what is
     stored refuses a data directory without a database rather than create an empty one there."""
-    if existing and not settings.db_path.exists():
+    if existing and not settings.store and not settings.db_path.exists():
         fail(f"no database at {settings.db_path}; is --data-dir right?")
 
     async def call() -> T:

@@ -262,13 +262,23 @@ class Store(abc.ABC):
 # the store open_store picks, as "module:class", imported when a store is opened: stores import the seam, and
 # the seam imports no store
 DEFAULT_STORE = "pulse.storage.sqlite.store:SQLiteStore"
+# by the scheme of `settings.store`
+STORES = {"clickhouse": "pulse.storage.clickhouse.store:ClickHouseStore",
+          "chdb": "pulse.storage.clickhouse.store:ClickHouseStore"}
 
 
 def open_store(settings: Settings, *, serve: bool = True,
                on_commit: Callable[[list[CommittedEvent]], None] | None = None,
                wants: Callable[[int], bool] | None = None) -> Store:
-    """The store the settings name: today the SQLite database in the data directory. `on_commit` gets every
-    committed batch of the projects `wants` accepts, on the event loop (the live feed)."""
-    module, _, name = DEFAULT_STORE.partition(":")
+    """The store the settings name (`store`, a URL): by default the SQLite database in the data directory,
+    `clickhouse://…` or `chdb://…` the ClickHouse store. `on_commit` gets every committed batch of the projects
+    `wants` accepts, on the event loop (the live feed)."""
+    chosen = DEFAULT_STORE
+    if settings.store:
+        scheme = settings.store.partition("://")[0]
+        if scheme not in STORES:
+            raise ValueError(f"store: expected clickhouse://HOST:PORT/DB or chdb://PATH, got {settings.store!r}")
+        chosen = STORES[scheme]
+    module, _, name = chosen.partition(":")
     implementation: type[Store] = getattr(importlib.import_module(module), name)
     return implementation(settings, serve=serve, on_commit=on_commit, wants=wants)

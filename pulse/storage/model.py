@@ -261,6 +261,10 @@ class ProjectGone(Exception):
 # -- reads and maintenance ----------------------------------------------------------------------------
 
 
+class NotAvailable(Exception):
+    """The store cannot answer this question (yet): answered 501 with the message, never with another number."""
+
+
 class QueryTimeout(Exception):
     """A read query ran past its time limit and was interrupted."""
 

@@ -1,0 +1,1 @@
+"""The ClickHouse store: events, rollups, sessions and the catalog in ClickHouse, one server or a cluster."""
