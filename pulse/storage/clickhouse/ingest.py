@@ -16,6 +16,9 @@ batch should not be resent while its first attempt may still be running.
 Persons follow the SQLite store's rules (`identities`): an id first seen is a person of its own, named by it;
 an identify links a new distinct id to the anonymous id's person, or a new anonymous id to the known person,
 and never moves an event. So the person written with an event is final, and `person_ids` holds one row per id.
+An identify that links a new id to an anonymous person shows the person by the new id from then on
+(`renamed`, as the SQLite store renames it). Traits an event carries are written per key with a sequence number
+(`sequence`) in commit order, the newest being the person's trait.
 Sessions: a client session id is the session; an event without one joins its person's current inferred
 session when it lies within SESSION_GAP_MS after that session's last event and not before its first by more,
 and starts a new one otherwise (the current one: the latest last event).
@@ -25,12 +28,16 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, field
+
+import msgspec
 
 from pulse.storage.clickhouse.schema import INFERRED_PREFIX
 
 SESSION_GAP_MS = 30 * 60_000  # as the SQLite store's
 _random_bits = random.Random(os.urandom(32)).getrandbits
+_encode = msgspec.json.Encoder().encode
 
 
 @dataclass
@@ -39,6 +46,7 @@ class People:
 
     known: dict[str, str]
     new: list[tuple[str, str]] = field(default_factory=list)  # (distinct id, person) to insert into person_ids
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (person, distinct id it is shown by now)
 
     def _add(self, distinct_id: str, person: str) -> None:
         self.known[distinct_id] = person
@@ -57,12 +65,25 @@ class People:
         anon = self.known.get(anon_id)
         if known is None and anon is not None:
             self._add(distinct_id, anon)
+            self.renamed.append((anon, distinct_id))
             return anon
         if known is None:
             known = self.person(distinct_id)
         if anon is None and anon_id != distinct_id:
             self._add(anon_id, known)
         return known
+
+
+_last_seq = 0
+
+
+def sequence(count: int) -> int:
+    """The first of `count` numbers above every earlier one this process handed out (nanoseconds, so above
+    other nodes' older ones): the commit order of trait and name changes."""
+    global _last_seq
+    first = max(_last_seq + 1, time.time_ns())
+    _last_seq = first + count - 1
+    return first
 
 
 @dataclass
@@ -95,3 +116,19 @@ def current_sessions(rows: list[tuple[str, str, int, int]]) -> dict[str, list]:
         if held is None or (last, session) > (held[2], held[0]):
             current[person] = [session, first, last]
     return current
+
+
+def trait_rows(changes: list[tuple[int, str, str]]) -> list[tuple]:
+    """person_traits rows of (project, person, traits JSON) in commit order: one per key, its value's JSON."""
+    rows = []
+    for project_id, person, traits in changes:
+        for key, value in msgspec.json.decode(traits).items():
+            rows.append([project_id, person, key, _encode(value).decode()])
+    first = sequence(len(rows))
+    return [(*row, first + i) for i, row in enumerate(rows)]
+
+
+def name_rows(changes: list[tuple[int, str, str]]) -> list[tuple]:
+    """person_names rows of (project, person, distinct id) in commit order."""
+    first = sequence(len(changes))
+    return [(*change, first + i) for i, change in enumerate(changes)]

@@ -20,6 +20,11 @@ Per shard (on a single server, the one shard):
 - `person_ids` (ReplacingMergeTree by `version`): distinct id -> person, one row per id, written once when the
   id is first seen (by an event or an identify), read with argMax(person, version) so that two nodes that
   raced on one id agree on the row merges keep.
+- `person_traits` (ReplacingMergeTree by `seq`): per person and trait key each value an event set (its JSON,
+  `null` when the event removed the key), `seq` rising in commit order: the newest is the trait now, as the
+  SQLite store's json_patch of each event's traits into the person's leaves it.
+- `person_names` (ReplacingMergeTree by `seq`): the distinct id a person is shown by when an identify named an
+  anonymous person by a new id (the SQLite store renames the person); without a row, the person's own id.
 
 The catalog (`projects`, `keys`, `shares`, `goals`: ReplacingMergeTree by `version`, a `deleted` flag, read
 with argMax; `catalog_changes`: one row per change, its version; `salts`: the day's salt of ip hashes) lives
@@ -49,6 +54,9 @@ EVENT_COLUMNS = (
     ("ip_hash", "FixedString(8)"), ("page", "UInt8"),
 )
 PERSON_ID_COLUMNS = (("project_id", "UInt32"), ("distinct_id", "String"), ("person", "String"), ("version", "UInt64"))
+PERSON_TRAIT_COLUMNS = (("project_id", "UInt32"), ("person", "String"), ("key", "String"), ("value", "String"),
+                        ("seq", "UInt64"))
+PERSON_NAME_COLUMNS = (("project_id", "UInt32"), ("person", "String"), ("distinct_id", "String"), ("seq", "UInt64"))
 
 _MONTH = "toYYYYMM(toDateTime(intDiv(ts, 1000)))"
 
@@ -106,6 +114,11 @@ def shard_tables(db: str) -> list[str]:
 
         f"CREATE TABLE IF NOT EXISTS {db}.person_ids ({_columns(PERSON_ID_COLUMNS)})"
         " ENGINE = ReplacingMergeTree(version) ORDER BY (project_id, distinct_id)",
+
+        f"CREATE TABLE IF NOT EXISTS {db}.person_traits ({_columns(PERSON_TRAIT_COLUMNS)})"
+        " ENGINE = ReplacingMergeTree(seq) ORDER BY (project_id, person, key)",
+        f"CREATE TABLE IF NOT EXISTS {db}.person_names ({_columns(PERSON_NAME_COLUMNS)})"
+        " ENGINE = ReplacingMergeTree(seq) ORDER BY (project_id, person)",
     ]
 
 
@@ -132,7 +145,8 @@ def catalog_tables(db: str) -> list[str]:
 
 # Distributed tables of a cluster: the table, and its sharding key
 SHARDED = {"events": "sipHash64(person)", "event_ids": None, "hourly": None, "sessions": None,
-           "person_sessions": None, "person_ids": "sipHash64(distinct_id)"}
+           "person_sessions": None, "person_ids": "sipHash64(distinct_id)", "person_traits": "sipHash64(person)",
+           "person_names": "sipHash64(person)"}
 CATALOG = ("projects", "keys", "shares", "goals", "catalog_changes", "salts")
 FIRST_SHARD = "0"  # a constant sharding key: every row on the cluster's first shard
 
