@@ -30,8 +30,12 @@ from pulse.enrich import parse_agent
 from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, Ranked, TopEvent
 from pulse.storage.base import Store
 from pulse.storage.clickhouse.capabilities import probe
-from pulse.storage.clickhouse.ingest import InferredSessions, People, current_sessions
-from pulse.storage.clickhouse.schema import EVENT_COLUMNS, INFERRED_PREFIX, PERSON_ID_COLUMNS, create_statements
+from pulse.storage.clickhouse import lists, properties
+from pulse.storage.clickhouse.filters import conditions
+from pulse.storage.clickhouse.ingest import InferredSessions, People, current_sessions, name_rows, trait_rows
+from pulse.storage.clickhouse.schema import (
+    EVENT_COLUMNS, INFERRED_PREFIX, PERSON_ID_COLUMNS, PERSON_NAME_COLUMNS, PERSON_TRAIT_COLUMNS, create_statements,
+)
 from pulse.storage.clickhouse.transport import ChdbTransport, HttpTransport, Transport, sql_literal
 from pulse.storage.model import (
     DAY_MS, HOUR_MS, INGEST, PAGE_VIEW, READ, SHARE, Catalog, CommittedEvent, Filters, Histogram, IngestJob,
@@ -225,6 +229,8 @@ class ClickHouseStore(Store):
         results: list[tuple[int, int] | None] = [None] * len(jobs)
         event_rows: list[tuple] = []
         person_rows: list[tuple] = []
+        traits: list[tuple[int, str, str]] = []
+        names: list[tuple[int, str, str]] = []
         committed: list[CommittedEvent] = []
         version = time.time_ns()
         for project_id, indexes in by_project.items():
@@ -274,15 +280,22 @@ class ClickHouseStore(Store):
                         ev[TRAITS] or "", job.country or "", ev[LANGUAGE] or "", ev[SCREEN] or "", agent.browser,
                         agent.os, agent.device, int(agent.is_bot), ip_hash, int(name == PAGE_VIEW),
                     ))
+                    if ev[TRAITS]:
+                        traits.append((project_id, person, ev[TRAITS]))
                     if wanted:
                         committed.append(CommittedEvent(project_id, ev[TS], name, distinct_id, ev[PATH], ev[PROPS],
                                                         job.user_agent))
                 results[i] = (len(job.events) - duplicates, duplicates)
             person_rows += [(project_id, distinct_id, person, version) for distinct_id, person in people.new]
+            names += [(project_id, person, distinct_id) for person, distinct_id in people.renamed]
         # person ids first: a commit that fails after them leaves links its retry finds again, never events
         # whose persons were not recorded
         await self.ch.insert(self.t("person_ids"), [c for c, _ in PERSON_ID_COLUMNS],
                              [k for _, k in PERSON_ID_COLUMNS], person_rows, self.insert_settings)
+        await self.ch.insert(self.t("person_traits"), [c for c, _ in PERSON_TRAIT_COLUMNS],
+                             [k for _, k in PERSON_TRAIT_COLUMNS], trait_rows(traits), self.insert_settings)
+        await self.ch.insert(self.t("person_names"), [c for c, _ in PERSON_NAME_COLUMNS],
+                             [k for _, k in PERSON_NAME_COLUMNS], name_rows(names), self.insert_settings)
         await self.ch.insert(self.t("events"), [c for c, _ in EVENT_COLUMNS], [k for _, k in EVENT_COLUMNS],
                              event_rows, self.insert_settings)
         return results, committed
@@ -595,21 +608,8 @@ class ClickHouseStore(Store):
     # -- the read questions ----------------------------------------------------------------------------
 
     def _conditions(self, project_id: int, filters: Filters) -> str:
-        """WHERE terms over `events` for the project, no bots, and the filters this store answers."""
-        if filters.utm_source or filters.utm_medium or filters.utm_campaign:
-            raise _unavailable("filtering by UTM values")
-        if filters.props:
-            raise _unavailable("filtering by event properties")
-        if filters.traits:
-            raise _unavailable("filtering by person traits")
-        terms = [f"project_id = {project_id}", "bot = 0"]
-        for column, value in (("name", filters.event), ("path", filters.path), ("referrer_domain", filters.referrer),
-                              ("browser", filters.browser), ("os", filters.os), ("device", filters.device),
-                              ("country", filters.country), ("language", filters.language),
-                              ("screen", filters.screen)):
-            if value is not None:
-                terms.append(f"{column} = {sql_literal(value)}")
-        return " AND ".join(terms)
+        """WHERE terms over `events` for the project, no bots, and the filters (`filters.conditions`)."""
+        return conditions(self, project_id, filters)
 
     async def _totals(self, project_id: int, window: Window, filters: Filters, by: str | None,
                       hour_key: str | None = None, covered: tuple[int, int] | None = None,
@@ -739,28 +739,28 @@ class ClickHouseStore(Store):
         raise _unavailable("breakdowns")
 
     async def sessions(self, *args: Any) -> Any:
-        raise _unavailable("the sessions list")
+        return await lists.sessions(self, *args)
 
     async def users(self, *args: Any) -> Any:
-        raise _unavailable("the users list")
+        return await lists.users(self, *args)
 
     async def events(self, *args: Any) -> Any:
-        raise _unavailable("the events list")
+        return await lists.events(self, *args)
 
     async def user_timeline(self, *args: Any) -> Any:
-        raise _unavailable("a user's timeline")
+        return await lists.user_timeline(self, *args)
 
     async def property_keys(self, *args: Any) -> Any:
-        raise _unavailable("property keys")
+        return await properties.property_keys(self, *args)
 
     async def property_values(self, *args: Any) -> Any:
-        raise _unavailable("property values")
+        return await properties.property_values(self, *args)
 
     async def trait_keys(self, *args: Any) -> Any:
-        raise _unavailable("trait keys")
+        return await properties.trait_keys(self, *args)
 
     async def trait_values(self, *args: Any) -> Any:
-        raise _unavailable("trait values")
+        return await properties.trait_values(self, *args)
 
     async def goals(self, *args: Any) -> Any:
         raise _unavailable("goals")
