@@ -29,6 +29,7 @@ from pulse.config import Settings
 from pulse.enrich import parse_agent
 from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, Ranked, TopEvent
 from pulse.storage.base import Store
+from pulse.storage.clickhouse import breakdowns, goals
 from pulse.storage.clickhouse.capabilities import probe
 from pulse.storage.clickhouse.ingest import InferredSessions, People, current_sessions
 from pulse.storage.clickhouse.schema import EVENT_COLUMNS, INFERRED_PREFIX, PERSON_ID_COLUMNS, create_statements
@@ -736,7 +737,7 @@ class ClickHouseStore(Store):
     # -- not built yet --------------------------------------------------------------------------------
 
     async def breakdown(self, *args: Any) -> Any:
-        raise _unavailable("breakdowns")
+        return await breakdowns.breakdown(self, *args)
 
     async def sessions(self, *args: Any) -> Any:
         raise _unavailable("the sessions list")
@@ -763,10 +764,10 @@ class ClickHouseStore(Store):
         raise _unavailable("trait values")
 
     async def goals(self, *args: Any) -> Any:
-        raise _unavailable("goals")
+        return await goals.goals(self, *args)
 
     async def bots(self, *args: Any) -> Any:
-        raise _unavailable("the bots report")
+        return await breakdowns.bots(self, *args)
 
     async def funnel(self, *args: Any) -> Any:
         raise _unavailable("funnels")
