@@ -9,7 +9,7 @@ a batch is answered 202 only after that. The catalog is polled by version (`cata
 or rotated on one node works on every node within a poll.
 
 Questions built so far: overview, timeseries, top events, the projects list's summary, events since a time,
-size. The others raise NotAvailable (answered 501): never a number computed differently from SQLite's.
+size; breakdowns and the bots report (`breakdowns`), goals (`goals`). The others raise NotAvailable (answered 501): never a number computed differently from SQLite's.
 """
 
 from __future__ import annotations
