@@ -328,3 +328,26 @@ async def test_breakdowns_bots_and_goals_match_a_recount_and_the_sqlite_store(ba
     reference = await sqlite_answers(tmp_path_factory, events)
     for (name, _, params), mine, theirs in zip(questions(), found[0], reference):
         assert mine == theirs, (name, params)
+
+
+@pytest.mark.parametrize("backend", ["single", "cluster", "chdb"])
+async def test_page_views_tied_at_a_sessions_edge_answer_501_not_a_guess(backend, clickhouse, tmp_path):
+    """A batch of page views without timestamps shares one millisecond: SQLite's entry page is the first of them
+    and its exit page the last, an order ClickHouse does not keep, so entry and exit pages answer 501; a
+    breakdown the tie does not change (the referrer, the same for all) and the event-level ones still answer."""
+    url = _store_url(backend, clickhouse, tmp_path)
+    async with open_store(Settings(data_dir=tmp_path / "cli", store=url), serve=False) as store:
+        project, ingest_key, read_token = await store.create_project("shop")
+    tied = [{"event": "page_view", "distinct_id": "u1", "session_id": "k1", "page_url": f"https://shop.example/{p}",
+             "referrer": "https://news.example/"} for p in ("a", "b", "c")]
+    async with nodes(backend, url, tmp_path) as urls, aiohttp.ClientSession() as session:
+        async with session.post(f"{urls[0]}/api/v1/events/ingest", json={"events": tied},
+                                headers={"X-API-Key": ingest_key}) as response:
+            assert response.status == 202, await response.text()
+        for endpoint in ("entry-pages", "exit-pages"):
+            status, body = await read(session, urls[-1], project.id, read_token, endpoint, range="24h")
+            assert status == 501 and "same millisecond" in body["error"], (endpoint, body)
+        status, body = await read(session, urls[-1], project.id, read_token, "referrers", range="24h")
+        assert (status, body["rows"]) == (200, [{"value": "news.example", "count": 1, "unique_users": 1}])
+        status, body = await read(session, urls[-1], project.id, read_token, "pages", range="24h")
+        assert status == 200 and [row["count"] for row in body["rows"]] == [1, 1, 1]

@@ -6,7 +6,9 @@ distinct persons. Session-level ones (entry and exit page, referrer, UTM source,
 the non-bot sessions that started in the window (with a matching event in it, when filtered) and have a value,
 and their persons, from the `sessions` rollup. An empty string is what the store keeps for a value SQLite keeps
 as NULL (pulse never stores an empty path, referrer domain, UTM value, country, language or screen class), so
-rows without a value are left out as SQLite's joins leave them out.
+rows without a value are left out as SQLite's joins leave them out. Where SQLite's answer depends on the order
+events arrived in (page views of a session at the same millisecond as its first or last one, with different
+values), which this store does not keep, the session breakdown answers 501 instead (`_check_ties`).
 
 Every number is an exact count (`count`, `uniqExact`) grouped in ClickHouse; rows are ranked there by count,
 then value (byte order of UTF-8 is code point order, so this is Python's order of the same strings).
@@ -17,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pulse.protocol import Ranked
-from pulse.storage.model import Filters, Window
+from pulse.storage.model import Filters, NotAvailable, Window
 
 if TYPE_CHECKING:
     from pulse.storage.clickhouse.store import ClickHouseStore
@@ -32,14 +34,15 @@ EVENT_DIMENSIONS = {
     "languages": ("language", ""),
     "screens": ("screen", ""),
 }
-# session-level breakdowns: the merge of the `sessions` rollup's column that gives a session's value
+# session-level breakdowns: the events' column a session's value is taken from, and whether from its first page
+# view (else its last); the merge of the `sessions` rollup's column that gives it
 SESSION_DIMENSIONS = {
-    "entry-pages": "argMinIfMerge(entry)",
-    "exit-pages": "argMaxIfMerge(exit)",
-    "referrers": "argMinIfMerge(referrer)",
-    "utm_source": "argMinIfMerge(utm_source)",
-    "utm_medium": "argMinIfMerge(utm_medium)",
-    "utm_campaign": "argMinIfMerge(utm_campaign)",
+    "entry-pages": ("path", True, "argMinIfMerge(entry)"),
+    "exit-pages": ("path", False, "argMaxIfMerge(exit)"),
+    "referrers": ("referrer_domain", True, "argMinIfMerge(referrer)"),
+    "utm_source": ("utm_source", True, "argMinIfMerge(utm_source)"),
+    "utm_medium": ("utm_medium", True, "argMinIfMerge(utm_medium)"),
+    "utm_campaign": ("utm_campaign", True, "argMinIfMerge(utm_campaign)"),
 }
 RANKED = "GROUP BY v ORDER BY c DESC, v LIMIT {limit}"
 
@@ -60,7 +63,24 @@ async def breakdown(store: ClickHouseStore, project_id: int, window: Window, fil
             f"SELECT {column} AS v, count() AS c, uniqExact(person) AS u FROM {store.t('events')}"
             f" WHERE {store._conditions(project_id, filters)} AND {_span(window)} AND {column} != ''{extra}"
             f" {RANKED.format(limit=limit)}"))
-    return await _session_breakdown(store, project_id, window, filters, SESSION_DIMENSIONS[dimension], limit)
+    column, first, value = SESSION_DIMENSIONS[dimension]
+    await _check_ties(store, project_id, window, column, first)
+    return await _session_breakdown(store, project_id, window, filters, value, limit)
+
+
+async def _check_ties(store: ClickHouseStore, project_id: int, window: Window, column: str, first: bool) -> None:
+    """NotAvailable when a session that may have started in the window has two page views at the millisecond of
+    its first (`first`) or last page view with different values of `column`. SQLite takes the one that arrived
+    first (entry) or last (exit) of those; the order events of one batch arrived in is not stored here."""
+    edge = "min(ts)" if first else "max(ts)"
+    views = f"FROM {store.t('events')} WHERE project_id = {project_id} AND page = 1 AND ts >= {window.start}"
+    tied = (await store.ch.select(
+        f"SELECT count() FROM (SELECT session, ts {views} GROUP BY session, ts HAVING uniqExact({column}) > 1)"
+        f" WHERE (session, ts) GLOBAL IN (SELECT session, {edge} {views} GROUP BY session)"))[0][0]
+    if tied:
+        raise NotAvailable(f"{tied} sessions have page views at the same millisecond as their "
+                           f"{'first' if first else 'last'} one: which counts depends on the order they arrived in,"
+                           " which the ClickHouse store does not keep")
 
 
 async def _session_breakdown(store: ClickHouseStore, project_id: int, window: Window, filters: Filters,
