@@ -9,7 +9,7 @@ a batch is answered 202 only after that. The catalog is polled by version (`cata
 or rotated on one node works on every node within a poll.
 
 Questions built so far: overview, timeseries, top events, the projects list's summary, events since a time,
-size. The others raise NotAvailable (answered 501): never a number computed differently from SQLite's.
+size; breakdowns and the bots report (`breakdowns`), goals (`goals`). The others raise NotAvailable (answered 501): never a number computed differently from SQLite's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pulse.config import Settings
 from pulse.enrich import parse_agent
 from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, Ranked, TopEvent
 from pulse.storage.base import Store
+from pulse.storage.clickhouse import breakdowns, goals
 from pulse.storage.clickhouse.capabilities import probe
 from pulse.storage.clickhouse import lists, properties
 from pulse.storage.clickhouse.filters import conditions
@@ -736,7 +737,7 @@ class ClickHouseStore(Store):
     # -- not built yet --------------------------------------------------------------------------------
 
     async def breakdown(self, *args: Any) -> Any:
-        raise _unavailable("breakdowns")
+        return await breakdowns.breakdown(self, *args)
 
     async def sessions(self, *args: Any) -> Any:
         return await lists.sessions(self, *args)
@@ -763,10 +764,10 @@ class ClickHouseStore(Store):
         return await properties.trait_values(self, *args)
 
     async def goals(self, *args: Any) -> Any:
-        raise _unavailable("goals")
+        return await goals.goals(self, *args)
 
     async def bots(self, *args: Any) -> Any:
-        raise _unavailable("the bots report")
+        return await breakdowns.bots(self, *args)
 
     async def funnel(self, *args: Any) -> Any:
         raise _unavailable("funnels")
