@@ -29,6 +29,7 @@ from pulse.config import Settings
 from pulse.enrich import parse_agent
 from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, Ranked, TopEvent
 from pulse.storage.base import Store
+from pulse.storage.clickhouse import journeys
 from pulse.storage.clickhouse.capabilities import probe
 from pulse.storage.clickhouse.ingest import InferredSessions, People, current_sessions
 from pulse.storage.clickhouse.schema import EVENT_COLUMNS, INFERRED_PREFIX, PERSON_ID_COLUMNS, create_statements
@@ -769,13 +770,13 @@ class ClickHouseStore(Store):
         raise _unavailable("the bots report")
 
     async def funnel(self, *args: Any) -> Any:
-        raise _unavailable("funnels")
+        return await journeys.funnel(self, *args)
 
     async def retention(self, *args: Any) -> Any:
-        raise _unavailable("retention")
+        return await journeys.retention(self, *args)
 
     async def paths(self, *args: Any) -> Any:
-        raise _unavailable("paths")
+        return await journeys.paths(self, *args)
 
     async def verify(self, *args: Any) -> Any:
         raise _unavailable("verify")
