@@ -136,18 +136,16 @@ async def retention(store: ClickHouseStore, project_id: int, edges: list[int], c
         return [CohortCounts(0, [0] if edges[c] <= now_ms else []) for c in range(cohorts)]
     starts = "1" if start_event is None else f"name = {sql_literal(start_event)}"
     returns = "1" if return_event is None else f"name = {sql_literal(return_event)}"
-    period_of = f"toInt64(arrayFirstIndex(x -> x > {{}}, {_edges(edges)})) - 2"  # -2: after the last edge
-    # per person: the first start ever and the periods with a return; per (cohort, period) the persons, the
-    # cohort's own size under period -1
+    period_of = f"toInt64(arrayFirstIndex(x -> x > ts, {_edges(edges)})) - 2"  # -1 before the first edge
+    # per person: the period of the first start ever (the periods only grow with time: the least one's) and
+    # those with a return; per (cohort, period) the persons, the cohort's own size under period -1
     rows = await store.ch.select(
         f"SELECT c, q, count() FROM ("
-        f" SELECT {period_of.format('first')} AS c, arrayConcat([toInt64(-1)], periods) AS qs FROM ("
-        f"  SELECT person, minIf(ts, {starts}) AS first, countIf({starts}) AS started,"
-        f"   groupUniqArrayIf({period_of.format('ts')}, ({returns}) AND ts >= {edges[0]}) AS periods"
-        f"  FROM {events} WHERE {where} AND ts < {edges[-1]} AND (({starts}) OR (({returns}) AND ts >= {edges[0]}))"
-        f"  GROUP BY person)"
-        f" WHERE started > 0 AND c >= 0 AND c < {cohorts})"
-        f" ARRAY JOIN qs AS q GROUP BY c, q")
+        f" SELECT person, minIf({period_of}, {starts}) AS c, countIf({starts}) AS started,"
+        f"  groupUniqArrayIf({period_of}, ({returns}) AND ts >= {edges[0]}) AS periods"
+        f" FROM {events} WHERE {where} AND ts < {edges[-1]} AND (({starts}) OR (({returns}) AND ts >= {edges[0]}))"
+        f" GROUP BY person HAVING started > 0 AND c >= 0 AND c < {cohorts})"
+        f" ARRAY JOIN arrayConcat([toInt64(-1)], periods) AS q GROUP BY c, q")
     counts = {(c, q): n for c, q, n in rows}
     found = []
     for c in range(cohorts):
