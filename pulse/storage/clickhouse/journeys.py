@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from pulse.protocol import CohortCounts, FunnelGroup, FunnelStep, PathNode
 from pulse.storage.clickhouse.transport import sql_literal
-from pulse.storage.model import NotAvailable, Filters, Window
+from pulse.storage.model import Filters, NotAvailable, Window
 from pulse.storage.sqlite.funnels import _steps, _walk
 from pulse.storage.sqlite.paths import _answer, _Node, step_name
 
