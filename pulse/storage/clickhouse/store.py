@@ -29,7 +29,7 @@ from pulse.config import Settings
 from pulse.enrich import parse_agent
 from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, Ranked, TopEvent
 from pulse.storage.base import Store
-from pulse.storage.clickhouse import breakdowns, goals
+from pulse.storage.clickhouse import breakdowns, goals, journeys
 from pulse.storage.clickhouse.capabilities import probe
 from pulse.storage.clickhouse import lists, properties
 from pulse.storage.clickhouse.filters import conditions
@@ -770,13 +770,13 @@ class ClickHouseStore(Store):
         return await breakdowns.bots(self, *args)
 
     async def funnel(self, *args: Any) -> Any:
-        raise _unavailable("funnels")
+        return await journeys.funnel(self, *args)
 
     async def retention(self, *args: Any) -> Any:
-        raise _unavailable("retention")
+        return await journeys.retention(self, *args)
 
     async def paths(self, *args: Any) -> Any:
-        raise _unavailable("paths")
+        return await journeys.paths(self, *args)
 
     async def verify(self, *args: Any) -> Any:
         raise _unavailable("verify")
