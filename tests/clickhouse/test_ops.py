@@ -19,7 +19,7 @@ from pulse.config import Settings
 from pulse.storage.base import open_store
 from pulse.storage.model import DAY_MS, Filters, NotAvailable, Window
 from tests.clickhouse.test_store_core import (  # noqa: F401 (clickhouse: the module's servers)
-    HOUR, UA, _store_url, answers, clickhouse, nodes, send, traffic,
+    HOUR, _store_url, answers, clickhouse, nodes, send, traffic,
 )
 from tests.clickhouse_servers import MISSING
 from tests.servers import Server, pulse

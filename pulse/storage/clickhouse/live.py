@@ -9,8 +9,9 @@ node's id and the commit's time (`schema.ops_tables`); a failure there is logged
 While anyone watches a project on this node (`store.wants`), `LivePoller` reads, every POLL_S, the other
 nodes' rows of the watched projects stamped after the latest it has seen, less LOOKBACK_MS (a commit is
 stamped before its insert returns, so rows may become visible slightly out of stamp order; their uuids tell
-the ones already handed on). The first read after nobody watched only marks what is there as seen: a client
-gets the events committed after it connected, as on SQLite. The rows are kept for a day and a half at most:
+the ones already handed on). The first read after nobody watched marks what is there as seen, handing on only
+rows stamped within the poll before it: a client gets the events committed after it connected, as on SQLite
+(and at most a poll's worth before). The rows are kept for a day and a half at most:
 whole days before yesterday are dropped (the table is partitioned by day).
 """
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from pulse.storage.clickhouse.schema import EVENT_COLUMNS, LIVE_COLUMNS
 from pulse.storage.clickhouse.transport import sql_literal
-from pulse.storage.model import CommittedEvent
+from pulse.storage.model import CommittedEvent, now_ms
 
 if TYPE_CHECKING:
     from pulse.storage.clickhouse.store import ClickHouseStore
@@ -93,6 +94,7 @@ class LivePoller:
                     continue
                 priming = mark is None
                 if priming:
+                    since = now_ms() - int(POLL_S * 1000)  # up to a poll before a client came, it was there
                     seen.clear()
                     mark = (await store.ch.select(
                         f"SELECT max(committed) FROM {store.t('live')} WHERE node != {sql_literal(self.node)}"))[0][0]
@@ -107,7 +109,7 @@ class LivePoller:
                         continue
                     seen[uid] = committed
                     mark = max(mark, committed)
-                    if not priming:
+                    if not priming or committed >= since:
                         fresh.append(CommittedEvent(project_id, ts, name, distinct_id or None, path or None,
                                                     props or None, agent))
                 for uid in [uid for uid, committed in seen.items() if committed < mark - LOOKBACK_MS]:
