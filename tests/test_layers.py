@@ -12,6 +12,8 @@ import pytest
 
 PULSE = pathlib.Path(__file__).resolve().parent.parent / "pulse"
 SEAM = {"pulse.storage.base", "pulse.storage.model"}
+# `pulse migrate` copies one store's rows into another's: its copy is the one module below the seam it reaches
+BELOW_SEAM = {"pulse.cli.migrate": {"pulse.storage.clickhouse.migrate"}}
 
 
 def imported_after(module: str) -> set[str]:
@@ -182,5 +184,6 @@ def test_the_server_tui_and_cli_reach_storage_only_through_the_seam(layer):
         name for name in graph if name == layer or name.startswith(layer + ".")}
     assert members
     below = {f"{name} imports {target}" for name in members for target in graph[name]
-             if (target == "pulse.storage" or target.startswith("pulse.storage.")) and target not in SEAM}
+             if (target == "pulse.storage" or target.startswith("pulse.storage.")) and target not in SEAM
+             and target not in BELOW_SEAM.get(name, ())}
     assert below == set()

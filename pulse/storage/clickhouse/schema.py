@@ -161,8 +161,40 @@ def distributed_tables(db: str, cluster: str) -> list[str]:
     return statements
 
 
+LIVE_COLUMNS = (
+    ("committed", "Int64"), ("node", "String"), ("project_id", "UInt32"), ("uuid", "FixedString(16)"),
+    ("ts", "Int64"), ("name", "String"), ("distinct_id", "String"), ("path", "String"), ("props", "String"),
+    ("user_agent", "String"),
+)
+
+
+def ops_tables(db: str, cluster: str | None) -> list[str]:
+    """Made after every other table (existing stores gain them at their next connect):
+
+    - `live` (per shard): what the live feed of every node needs of each committed event, stamped with the
+      committing node and its commit time, partitioned by day of that time, ordered by it; a node reads the
+      other nodes' rows after the last it saw (see `live`), and its days before yesterday are dropped.
+    - `pruned` (catalog, first shard): per project the time before which `prune` deleted raw events, read
+      with max(); `verify` compares rollups with raw events only after it.
+    """
+    statements = [
+        f"CREATE TABLE IF NOT EXISTS {db}.live ({_columns(LIVE_COLUMNS)}) ENGINE = MergeTree"
+        " PARTITION BY toYYYYMMDD(toDateTime(intDiv(committed, 1000))) ORDER BY committed",
+        f"CREATE TABLE IF NOT EXISTS {db}.pruned (project_id UInt32, before Int64)"
+        " ENGINE = ReplacingMergeTree(before) ORDER BY project_id",
+    ]
+    if cluster is not None:
+        statements += [
+            f"CREATE TABLE IF NOT EXISTS {db}.live_all AS {db}.live"
+            f" ENGINE = Distributed({cluster}, {db}, live, rand())",
+            f"CREATE TABLE IF NOT EXISTS {db}.pruned_all AS {db}.pruned"
+            f" ENGINE = Distributed({cluster}, {db}, pruned, {FIRST_SHARD})",
+        ]
+    return statements
+
+
 def create_statements(db: str, cluster: str | None) -> list[str]:
     statements = [f"CREATE DATABASE IF NOT EXISTS {db}", *shard_tables(db), *catalog_tables(db)]
     if cluster is not None:
         statements += distributed_tables(db, cluster)
-    return statements
+    return statements + ops_tables(db, cluster)

@@ -31,7 +31,7 @@ from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, R
 from pulse.storage.base import Store
 from pulse.storage.clickhouse import breakdowns, goals, journeys
 from pulse.storage.clickhouse.capabilities import probe
-from pulse.storage.clickhouse import lists, properties
+from pulse.storage.clickhouse import lists, live, maintenance, properties
 from pulse.storage.clickhouse.filters import conditions
 from pulse.storage.clickhouse.ingest import InferredSessions, People, current_sessions, name_rows, trait_rows
 from pulse.storage.clickhouse.schema import (
@@ -39,9 +39,9 @@ from pulse.storage.clickhouse.schema import (
 )
 from pulse.storage.clickhouse.transport import ChdbTransport, HttpTransport, Transport, sql_literal
 from pulse.storage.model import (
-    DAY_MS, HOUR_MS, INGEST, PAGE_VIEW, READ, SHARE, Catalog, CommittedEvent, Filters, Histogram, IngestJob,
-    IngestStats, KeyGrant, NotAvailable, Project, ProjectError, ProjectGone, ProjectNotFound, QueueFull, Window,
-    WriteFailed, WriterClosed, digest, now_ms,
+    DAY_MS, HOUR_MS, INGEST, PAGE_VIEW, READ, SHARE, Catalog, CommittedEvent, Difference, Filters, Histogram,
+    IngestJob, IngestStats, KeyGrant, NotAvailable, Project, ProjectError, ProjectGone, ProjectNotFound, QueueFull,
+    Window, WriteFailed, WriterClosed, digest, now_ms,
 )
 from pulse.storage.sqlite.goals import MAX_GOALS, check_goal, goal_kind
 from pulse.storage.sqlite.projects import KEY_PREFIX, _check_name, check_domain, check_origins, check_timezone, new_secret
@@ -102,6 +102,7 @@ class ClickHouseStore(Store):
         self.batch_counts = [0] * (len(BATCH_BUCKETS) + 1)
         self.batch_sum = 0.0
         self.oldest_waiting: float | None = None
+        self.live = live.LivePoller(self)
 
     # -- life cycle -----------------------------------------------------------------------------------
 
@@ -141,10 +142,13 @@ class ClickHouseStore(Store):
         if self.serve:
             self.wake = asyncio.Event()
             self.committer = asyncio.create_task(self._commit_loop(), name="pulse-clickhouse-commits")
+            if self.on_commit is not None and self.chdb_path is None:  # chdb's store is this process's alone
+                self.live.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.closing = True
+        await self.live.stop()
         if self.committer is not None:
             self.wake.set()
             await self.committer
@@ -232,6 +236,7 @@ class ClickHouseStore(Store):
         person_rows: list[tuple] = []
         traits: list[tuple[int, str, str]] = []
         names: list[tuple[int, str, str]] = []
+        agents: list[str] = []  # each event row's user agent, for the other nodes' live feeds
         committed: list[CommittedEvent] = []
         version = time.time_ns()
         for project_id, indexes in by_project.items():
@@ -283,6 +288,7 @@ class ClickHouseStore(Store):
                     ))
                     if ev[TRAITS]:
                         traits.append((project_id, person, ev[TRAITS]))
+                    agents.append(job.user_agent)
                     if wanted:
                         committed.append(CommittedEvent(project_id, ev[TS], name, distinct_id, ev[PATH], ev[PROPS],
                                                         job.user_agent))
@@ -299,6 +305,7 @@ class ClickHouseStore(Store):
                              [k for _, k in PERSON_NAME_COLUMNS], name_rows(names), self.insert_settings)
         await self.ch.insert(self.t("events"), [c for c, _ in EVENT_COLUMNS], [k for _, k in EVENT_COLUMNS],
                              event_rows, self.insert_settings)
+        await self.live.record(event_rows, agents, version // 1_000_000)
         return results, committed
 
     async def _live_projects(self, wanted: set[int]) -> set[int]:
@@ -778,17 +785,17 @@ class ClickHouseStore(Store):
     async def paths(self, *args: Any) -> Any:
         return await journeys.paths(self, *args)
 
-    async def verify(self, *args: Any) -> Any:
-        raise _unavailable("verify")
+    async def verify(self, chosen: list[Project] | None = None) -> list[Difference]:
+        return await maintenance.verify(self, chosen)
 
     async def prune(self, now_ms: int) -> dict[str, int]:
-        raise _unavailable("prune")
+        return await maintenance.prune(self, now_ms)
 
     async def backup(self, destination: Path) -> tuple[Path, int]:
-        raise _unavailable("backup (use ClickHouse's own BACKUP or clickhouse-backup)")
+        raise maintenance.backup()
 
     async def export(self, project_id: int, start_ms: int, end_ms: int, fmt: str, out: TextIO) -> int:
-        raise _unavailable("export")
+        return await maintenance.export(self, project_id, start_ms, end_ms, fmt, out)
 
 
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
