@@ -51,13 +51,15 @@ PAGES = [f"/page/{i}" for i in range(40)]
 REFERRERS = [None, None, "https://www.google.com/", "https://twitter.com/", "https://news.ycombinator.com/"]
 
 
-async def load(path: Path, events: int, days: int = 30, users: int = 100_000, sessions: int = 300_000) -> float:
-    """Generate and write the month day by day, in time order; returns events/s of the load."""
+async def load(path: Path, events: int, days: int = 30, users: int = 100_000, sessions: int = 300_000,
+               writer: EventWriter | None = None) -> float:
+    """Generate and write the month day by day, in time order; returns events/s of the load. `writer`: another
+    sink with the writer's start, enqueue and close (bench/cluster.py loads a ClickHouse store with it)."""
     rng = random.Random(1)
     now = int(time.time() * 1000)
     start = now - days * DAY_MS
     per_session = max(1, events // sessions)
-    writer = EventWriter(path, max_queued_events=400_000)
+    writer = writer or EventWriter(path, max_queued_events=400_000)
     await writer.start()
     traits = [{"age_group": rng.choice(["<18", "18-40", ">40"]), "gender": rng.choice(["Male", "Female", "Other"])}
               for _ in range(users)]
