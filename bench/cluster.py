@@ -252,7 +252,8 @@ async def time_queries(url: str, token: str, runs: int, watched: list[int]) -> d
     """Per endpoint: the time of the first request and of `runs` more (ms), and the CPU seconds per request each
     watched process spent on them; and the overview over every loaded event."""
     found = {}
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"},
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:  # the server's limit
         for label, (path, extra) in ENDPOINTS.items():
             params = {"range": "30d", **extra}
             times = []
