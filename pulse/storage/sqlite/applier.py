@@ -20,7 +20,10 @@ from pulse.storage.sqlite.interning import Interner, json_chunks
 from pulse.storage.sqlite.rollup_sets import RollupSets
 from pulse.storage.sqlite.rows import ANON_ID, DISTINCT_ID, SESSION_KEY, UID, time_uuid
 from pulse.storage.sqlite.wire import PROJECT_GONE, Submit
-from pulse.storage.sqlite.write_behind import READ_DERIVED_THROUGH, WRITE_DERIVED_THROUGH, Kept
+from pulse.storage.sqlite.write_behind import (
+    DRAIN_SLICE_ROWS, READ_DERIVED_THROUGH, READ_ROWS_THROUGH, ROWS_AFTER_S, ROWS_LIMIT, SLICE_ROWS,
+    WRITE_DERIVED_THROUGH, WRITE_ROWS_THROUGH, Kept, due,
+)
 
 _encode = msgspec.json.Encoder().encode
 
@@ -34,12 +37,19 @@ _STORED_UUIDS = (
     "SELECT uuid FROM events WHERE project_id = ? AND uuid IN (SELECT unhex(value) FROM json_each(?))"
 )
 _UNWRITTEN = (
-    "SELECT e.project_id, e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.referrer_domain_id, e.agent_id,"
+    "SELECT e.id, e.project_id, e.ts, e.name_id, e.person_id, e.session_id, e.path_id, e.referrer_domain_id,"
+    " e.agent_id,"
     " coalesce(a.is_bot, 0), u.value, e.country_id, e.language_id, e.screen_id FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
     " LEFT JOIN strings u ON u.id = e.url_id"
     " WHERE e.id > ? ORDER BY e.id"
 )
 _EXISTING_PROJECTS = "SELECT id FROM projects WHERE id IN (SELECT value FROM json_each(?))"
+# the marks of the persons and sessions of the events after an event id (see write_behind)
+_PERSON_MARKS = "SELECT id, derived_through FROM persons WHERE id IN (SELECT person_id FROM events WHERE id > ?)"
+_SESSION_MARKS = "SELECT id, derived_through FROM sessions WHERE id IN (SELECT session_id FROM events WHERE id > ?)"
+# a full flush once this many persons have a current inferred session cached while changes are kept (the
+# cache is emptied only when the table holds every session's times)
+CURRENT_FLUSH_LIMIT = 1_000_000
 
 # per job: (job id, events accepted or PROJECT_GONE, positions of duplicates)
 Result = tuple[int, int, list[int]]
@@ -73,49 +83,66 @@ class BatchApplier:
     # -- rollup, session and person changes written behind the events (see write_behind) --------
 
     @property
-    def unwritten(self) -> int:
-        """How many stored events have rollup, session and person changes kept in memory, not yet written."""
-        return self.next_event_id - 1 - self.kept.derived_through
+    def last_event(self) -> int:
+        """The id of the last event stored."""
+        return self.next_event_id - 1
 
-    def unwritten_for(self, now: float) -> float:
-        """Seconds since the oldest change kept in memory was made (0 when there is none)."""
-        return 0.0 if self.kept.since is None else now - self.kept.since
+    @property
+    def written_through(self) -> int:
+        """The last event whose every change (rollups, sessions, persons) is written."""
+        return min(self.kept.derived_through, self.kept.rows_through)
+
+    @property
+    def unwritten(self) -> int:
+        """How many stored events have rollup, session or person changes kept in memory, not yet written."""
+        return self.next_event_id - 1 - min(self.kept.derived_through, self.kept.rows_through)
 
     def _replay(self) -> None:
-        """Rebuild the changes kept in memory from the events stored after derived_through.
+        """Rebuild the changes kept in memory from the events stored after the marks (see write_behind).
 
         They were lost with a crashed writer or a rolled-back transaction; the events that make them are
         on disk, and every session and person row holds nothing of them but idempotent times. The persons'
         current inferred sessions follow from the sessions' times, the kept changes included.
         """
         conn = self.conn
+        last = self.next_event_id - 1
         row = conn.execute(READ_DERIVED_THROUGH).fetchone()
-        self.kept = kept = Kept(self.interner.opt_string_id, row[0] if row is not None else self.next_event_id - 1)
-        if kept.derived_through >= self.next_event_id - 1:
+        derived_through = row[0] if row is not None else last
+        row = conn.execute(READ_ROWS_THROUGH).fetchone()
+        rows_through = row[0] if row is not None else derived_through
+        self.kept = kept = Kept(self.interner.opt_string_id, derived_through, rows_through)
+        start = min(derived_through, rows_through)
+        if start >= last:
             return
+        person_marks = dict(conn.execute(_PERSON_MARKS, (start,)))
+        session_marks = dict(conn.execute(_SESSION_MARKS, (start,)))
         found = conn.execute("SELECT id FROM strings WHERE value = ?", (PAGE_VIEW,)).fetchone()
         page_view = found[0] if found is not None else None
-        for row in conn.execute(_UNWRITTEN, (kept.derived_through,)):
-            (project_id, ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, bot, url, country_id,
-             language_id, screen_id) = row
+        for row in conn.execute(_UNWRITTEN, (start,)):
+            (event_id, project_id, ts, name_id, person_id, session_id, path_id, referrer_id, agent_id, bot, url,
+             country_id, language_id, screen_id) = row
             is_page = name_id == page_view
-            kept.count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if is_page else None,
-                       country_id, language_id, screen_id)
-            if session_id is not None:
+            if event_id > derived_through:
+                kept.count_rollup(project_id, ts, name_id, bot, person_id, session_id, agent_id,
+                                  path_id if is_page else None, country_id, language_id, screen_id)
+            if event_id > person_marks.get(person_id, 0):
+                kept.count_person(person_id, ts)
+            if session_id is not None and event_id > session_marks.get(session_id, 0):
                 parts = split_url(url) if url is not None and is_page else None
                 utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
                 kept.count_in_session(session_id, ts, is_page, path_id, referrer_id, utm, agent_id)
         self.identities.rebuild_current(set(kept.sessions), kept)
-        kept.since = time.monotonic()
+        kept.since = kept.rows_since = time.monotonic()
 
     # -- the batch --------------------------------------------------------------------------------
 
-    def apply(self, jobs: list[Submit], *, flush: bool = True) -> list[Result]:
+    def apply(self, jobs: list[Submit], *, flush: bool = True, drain: bool = False) -> list[Result]:
         """Write the jobs in the current transaction; returns (job id, accepted, duplicate positions) per job.
 
         Events and new sessions and persons are always written; what they add to rollups, sessions and
-        persons is kept in memory unless `flush` (see write_behind). A job whose project no longer exists
-        writes nothing; its accepted count is PROJECT_GONE.
+        persons is kept in memory and written when due, everything if `flush`, and if `drain` (a read waits)
+        the rollups and a larger slice of what is kept of sessions and persons (see write_behind). A job whose
+        project no longer exists writes nothing; its accepted count is PROJECT_GONE.
         """
         now = time.monotonic()
         self._follow_catalog()
@@ -123,20 +150,66 @@ class BatchApplier:
         self._trim_caches()
         anonymous = self._look_up(jobs)
         seen = self._stored_uuids(jobs)
-        self.identities.begin()
+        identities, kept = self.identities, self.kept
+        identities.begin()
         rows, results, traits, traited = self._resolve_and_count(jobs, anonymous, seen)
         self._insert_events(rows)
-        generation = self.next_event_id  # above every earlier commit's
-        self.identities.write_people(self.kept, traits, traited, flush, generation)
-        self.identities.write_sessions(self.kept, flush, generation)
+        last = self.next_event_id - 1
+        flush = flush or len(identities.current) > CURRENT_FLUSH_LIMIT
+        identities.write_people(kept, traits, traited, flush, last, self.next_event_id)
+        days = identities.write_sessions(kept, flush, last)
         if flush:
+            self._write_rows(kept.sealed_persons, kept.sealed_sessions, kept.sealed_through, days)
+            self._write_rows(kept.persons, kept.sessions, last, days)
+            kept.rows_since = None
+            self._rows_through(last)
             self._flush()
-            self.identities.trim_current()
-        elif self.kept.since is None and self.unwritten:
-            self.kept.since = now
+            identities.trim_current()
+        else:
+            if kept.since is None and last > kept.derived_through:
+                kept.since = now
+            if kept.rows_since is None and (kept.persons or kept.sessions):
+                kept.rows_since = now
+            if drain or due(last - kept.derived_through, 0.0 if kept.since is None else now - kept.since):
+                self._flush()
+            self._write_slice(now, last, days, drain)
+        identities.touch_days(days, self.next_event_id)  # above every earlier commit's
         if self.rollups.compact_due(now):
             self.compact()
         return results + gone
+
+    def _write_rows(self, persons: dict[int, list[int]], sessions: dict[int, list], mark: int,
+                    days: set[tuple[int, int]]) -> None:
+        """Write these kept person and session changes (each row's through the event `mark`) and forget them."""
+        self.identities.update_persons(persons, mark)
+        self.identities.update_sessions(sessions, mark, days)
+        persons.clear()
+        sessions.clear()
+
+    def _write_slice(self, now: float, last: int, days: set[tuple[int, int]], drain: bool) -> None:
+        """Write up to SLICE_ROWS rows (DRAIN_SLICE_ROWS if `drain`) of the sealed session and person changes;
+        seal the kept ones when they are due (or `drain`) and nothing is sealed (see write_behind)."""
+        kept = self.kept
+        if not kept.sealed_persons and not kept.sealed_sessions:
+            if not kept.persons and not kept.sessions:
+                self._rows_through(last)
+                return
+            if (not drain and now - (kept.rows_since or now) < ROWS_AFTER_S
+                    and len(kept.persons) + len(kept.sessions) < ROWS_LIMIT):
+                return
+            kept.seal(last)
+        size = DRAIN_SLICE_ROWS if drain else SLICE_ROWS
+        persons = _take(kept.sealed_persons, size)
+        sessions = _take(kept.sealed_sessions, size - len(persons))
+        self._write_rows(persons, sessions, kept.sealed_through, days)
+        if not kept.sealed_persons and not kept.sealed_sessions:
+            self._rows_through(kept.sealed_through)
+
+    def _rows_through(self, through: int) -> None:
+        """Every session and person change of the events up to `through` is written (in this transaction)."""
+        if through != self.kept.rows_through:
+            self.conn.execute(WRITE_ROWS_THROUGH, (through,))
+            self.kept.rows_through = through
 
     def _follow_catalog(self) -> None:
         """A project deleted since the last commit: forget its ids and drop what was kept of its events
@@ -165,10 +238,11 @@ class BatchApplier:
         self.interner.trim()
         self.rollups.trim()
 
-    def _look_up(self, jobs: list[Submit]) -> list[tuple[bytes, str]]:
+    def _look_up(self, jobs: list[Submit]) -> list[tuple[bytes, str, list, list]]:
         """Load every distinct id and session key the batch names at once, and the current inferred sessions
-        of the persons of events without a session key; returns each job's ip hash and the distinct id of its
-        events that have none."""
+        of the persons of events without a session key; returns for each job its ip hash, the distinct id of
+        its events that have none, and per event the person and session ids already known then (else None:
+        known ids stay what they are within a batch, so each is looked up once)."""
         identities = self.identities
         anonymous = []
         people: dict[int, set[str]] = {}
@@ -180,7 +254,9 @@ class BatchApplier:
                                        job.user_agent.encode())
             ).digest()[:8]
             anonymous_id = "$ip:" + ip_hash.hex()
-            anonymous.append((ip_hash, anonymous_id))
+            person_ids: list[int | None] = []
+            session_ids: list[int | None] = []
+            anonymous.append((ip_hash, anonymous_id, person_ids, session_ids))
             known_people = identities.persons.setdefault(job.project_id, {})
             known_sessions = identities.sessions.setdefault(job.project_id, {})
             wanted = people.setdefault(job.project_id, set())
@@ -188,18 +264,24 @@ class BatchApplier:
             named = keyless.setdefault(job.project_id, set())
             for ev in job.events:
                 distinct_id = ev[DISTINCT_ID] or anonymous_id
-                if distinct_id not in known_people:
+                person_id = known_people.get(distinct_id)
+                if person_id is None:
                     wanted.add(distinct_id)
                 anon_id = ev[ANON_ID]
                 if anon_id is not None and anon_id not in known_people:
                     wanted.add(anon_id)
+                person_ids.append(person_id)
                 session_key = ev[SESSION_KEY]
+                session_id = None
                 if session_key is None or session_key.startswith(INFERRED):
                     named.add(distinct_id)
                     if anon_id is not None:
                         named.add(anon_id)
-                elif session_key not in known_sessions:
-                    keys.add(session_key)
+                else:
+                    session_id = known_sessions.get(session_key)
+                    if session_id is None:
+                        keys.add(session_key)
+                session_ids.append(session_id)
         identities.load(people, session_keys, keyless)
         return anonymous
 
@@ -216,7 +298,7 @@ class BatchApplier:
                 found.update((project_id, uid) for (uid,) in self.conn.execute(_STORED_UUIDS, (project_id, chunk)))
         return found
 
-    def _resolve_and_count(self, jobs: list[Submit], anonymous: list[tuple[bytes, str]],
+    def _resolve_and_count(self, jobs: list[Submit], anonymous: list[tuple[bytes, str, list, list]],
                            seen: set[tuple[int, bytes]]) -> tuple[list[tuple], list[Result], list, set[int]]:
         """One row per new event, with its person, session and string ids, and what it adds to rollups,
         persons and sessions counted into the changes kept from earlier commits.
@@ -241,7 +323,7 @@ class BatchApplier:
             bot = int(is_bot)
             country = job.country
             country_id = None if country is None else (strings.get(country) or string_id(country))
-            ip_hash, anonymous_id = anonymous[index]
+            ip_hash, anonymous_id, person_ids, session_ids = anonymous[index]
             persons = identities.persons[project_id]
             sessions = identities.sessions[project_id]
             duplicates: list[int] = []
@@ -260,11 +342,13 @@ class BatchApplier:
                 if anon_id is not None:
                     person_id = identify(project_id, distinct_id, anon_id, ts)
                 else:
-                    person_id = persons.get(distinct_id) or new_person(project_id, distinct_id, ts)
+                    person_id = (person_ids[position] or persons.get(distinct_id)
+                                 or new_person(project_id, distinct_id, ts))
                 if session_key is None or session_key.startswith(INFERRED):
                     session_id = inferred_session(project_id, person_id, ts)
                 else:
-                    session_id = sessions.get(session_key) or new_session(project_id, session_key, person_id)
+                    session_id = (session_ids[position] or sessions.get(session_key)
+                                  or new_session(project_id, session_key, person_id))
                 name_id = strings.get(name) or string_id(name)
                 path_id = None if path is None else (strings.get(path) or string_id(path))
                 referrer_domain_id = None if referrer_domain is None else (
@@ -299,8 +383,7 @@ class BatchApplier:
             raise RuntimeError("an event uuid was stored twice in one batch; the batch is rolled back")
 
     def _flush(self) -> None:
-        """Write every kept rollup change (sessions and persons were written with the batch) and move
-        derived_through to the last event stored."""
+        """Write every kept rollup change and move derived_through to the last event stored."""
         kept = self.kept
         groups, dims = kept.groups, kept.dims
         kept.groups, kept.dims = {}, {}
@@ -308,3 +391,12 @@ class BatchApplier:
         kept.derived_through = self.next_event_id - 1
         self.conn.execute(WRITE_DERIVED_THROUGH, (kept.derived_through,))
         kept.since = None
+
+
+def _take(changes: dict, count: int) -> dict:
+    """Up to `count` of the changes, taken out of `changes`."""
+    if count >= len(changes):
+        taken = dict(changes)
+        changes.clear()
+        return taken
+    return dict(changes.popitem() for _ in range(count))

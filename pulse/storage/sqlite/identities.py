@@ -25,9 +25,12 @@ import re
 import apsw
 
 from pulse.storage.model import DAY_MS
-from pulse.storage.sqlite.interning import CACHE_LIMIT, json_chunks
+from pulse.storage.sqlite.interning import json_chunks
 from pulse.storage.sqlite.write_behind import ENTRY_TS, EVENTS, FIRST, LAST, SESSION_FIELDS, Kept
 
+# ids kept per generation of each cache (persons by distinct id, sessions by key, current inferred sessions;
+# ~150 bytes an entry): a busy site's visitors and open sessions fit, so the batched lookups find few to load
+CACHE_LIMIT = 250_000
 # the longest pause between two events of one inferred session
 SESSION_GAP_MS = 30 * 60_000
 # what the key of every inferred session starts with; a client's session id that does is taken for none
@@ -59,26 +62,28 @@ _TOUCH_SESSION_DAY = (
     " ON CONFLICT(project_id, day) DO UPDATE SET generation = excluded.generation"
 )
 _INSERT_PERSON = (
-    "INSERT INTO persons(id, project_id, distinct_id, first_seen, last_seen, event_count) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO persons(id, project_id, distinct_id, first_seen, last_seen, event_count, derived_through)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_PERSON_ID = "INSERT INTO person_ids(project_id, distinct_id, person_id) VALUES (?, ?, ?)"
 _RENAME_PERSON = "UPDATE persons SET distinct_id = ? WHERE id = ?"
 _UPDATE_PERSON = (
     "UPDATE persons SET first_seen = min(first_seen, ?), last_seen = max(last_seen, ?),"
-    " event_count = event_count + ? WHERE id = ?"
+    " event_count = event_count + ?, derived_through = ? WHERE id = ?"
 )
 _MERGE_TRAITS = "UPDATE persons SET traits = json_patch(coalesce(traits, '{}'), ?) WHERE id = ?"
 _TOUCH_TRAITS = "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 _INSERT_SESSION = (
     "INSERT INTO sessions(id, project_id, session_key, person_id, first_ts, last_ts, events, pageviews,"
     " entry_ts, entry_path_id, referrer_id, utm_source_id, utm_medium_id, utm_campaign_id, exit_ts, exit_path_id,"
-    " agent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " agent_id, derived_through) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # SQLite evaluates every SET expression against the row as it was, so the CASEs all see the old entry_ts.
 # first_ts is only named when it moves: SQLite rewrites the entry of sessions_project_first for every
 # UPDATE that assigns the column, even to its own value (a page of WAL per session per commit).
-# Both take a kept session change by position, then the session's id: SQLite numbers named parameters
-# in order of first appearance, which is the order of SESSION_FIELDS (checked below).
+# Both take a kept session change by position, then the mark of the row (write_behind: the last event whose
+# changes to it are written), then the session's id: SQLite numbers named parameters in order of first
+# appearance, which is the order of SESSION_FIELDS (checked below).
 _EARLIER_ENTRY = ":entry_ts IS NOT NULL AND (entry_ts IS NULL OR :entry_ts < entry_ts)"
 _LATER_EXIT = ":exit_ts IS NOT NULL AND (exit_ts IS NULL OR :exit_ts >= exit_ts)"
 _SESSION_CHANGES = f"""
@@ -93,15 +98,35 @@ _SESSION_CHANGES = f"""
     entry_ts = CASE WHEN {_EARLIER_ENTRY} THEN :entry_ts ELSE entry_ts END,
     exit_path_id = CASE WHEN {_LATER_EXIT} THEN :exit_path_id ELSE exit_path_id END,
     exit_ts = CASE WHEN {_LATER_EXIT} THEN :exit_ts ELSE exit_ts END,
-    agent_id = coalesce(agent_id, :agent_id)
+    agent_id = coalesce(agent_id, :agent_id),
+    derived_through = :mark
 WHERE id = :id
 """
 _UPDATE_SESSION = "UPDATE sessions SET first_ts = min(first_ts, :first_ts)," + _SESSION_CHANGES  # the whole change
 _UPDATE_LATER_SESSION = "UPDATE sessions SET" + _SESSION_CHANGES  # the change from LAST on
-assert list(dict.fromkeys(re.findall(r":(\w+)", _UPDATE_SESSION))) == [*SESSION_FIELDS, "id"]
+assert list(dict.fromkeys(re.findall(r":(\w+)", _UPDATE_SESSION))) == [*SESSION_FIELDS, "mark", "id"]
 # the common case: the batch has no page view of the session, so only its times and event count change
-_EXTEND_SESSION = "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
-_EXTEND_LATER_SESSION = "UPDATE sessions SET last_ts = max(last_ts, ?), events = events + ? WHERE id = ?"
+_EXTEND_SESSION = (
+    "UPDATE sessions SET first_ts = min(first_ts, ?), last_ts = max(last_ts, ?), events = events + ?,"
+    " derived_through = ? WHERE id = ?"
+)
+_EXTEND_LATER_SESSION = (
+    "UPDATE sessions SET last_ts = max(last_ts, ?), events = events + ?, derived_through = ? WHERE id = ?"
+)
+
+
+def _promote(keys: set[str], old: dict[str, int] | None, cache: dict[str, int]) -> list[str]:
+    """Move the keys the old generation holds into the young one; returns the others (to look up)."""
+    if not old:
+        return list(keys)
+    missing = []
+    for key in keys:
+        found = old.get(key)
+        if found is None:
+            missing.append(key)
+        else:
+            cache[key] = found
+    return missing
 
 
 def _max_id(conn: apsw.Connection, table: str) -> int:
@@ -113,11 +138,15 @@ class Identities:
 
     def __init__(self, conn: apsw.Connection) -> None:
         self.conn = conn
-        # per project: distinct id -> person id, session key -> session id
+        # per project: distinct id -> person id, session key -> session id; each with the generation before
+        # (see trim): every id a batch names is brought into the young one before the batch is resolved
         self.persons: dict[int, dict[str, int]] = {}
         self.sessions: dict[int, dict[str, int]] = {}
-        # session id -> (project, first_ts), for every session in self.sessions
+        self.old_persons: dict[int, dict[str, int]] = {}
+        self.old_sessions: dict[int, dict[str, int]] = {}
+        # session id -> (project, first_ts), for every session in self.sessions (and the generation before)
         self.session_first: dict[int, tuple[int, int]] = {}
+        self.old_first: dict[int, tuple[int, int]] = {}
         # person id -> [session id, first ts, last ts] of the person's current inferred session, with the
         # changes kept in memory: a person missing has none, or none changed since the cache was emptied
         self.current: dict[int, list[int]] = {}
@@ -126,12 +155,16 @@ class Identities:
         self.begin()
 
     def trim(self) -> None:
-        """Empty the person or session caches once they hold more than CACHE_LIMIT ids."""
-        for caches in (self.persons, self.sessions):
-            if sum(len(c) for c in caches.values()) > CACHE_LIMIT:
-                caches.clear()
-                if caches is self.sessions:
-                    self.session_first.clear()
+        """Start a new generation of the person or session cache once it holds more than CACHE_LIMIT ids.
+
+        The full one becomes the old generation and the one before it is dropped, so the cache never holds
+        more than twice CACHE_LIMIT, and an id named since the last change of generation is still found
+        without a query: the ids a busy site's traffic names again and again stay, whatever came between."""
+        if sum(len(c) for c in self.persons.values()) > CACHE_LIMIT:
+            self.old_persons, self.persons = self.persons, {}
+        if sum(len(c) for c in self.sessions.values()) > CACHE_LIMIT:
+            self.old_sessions, self.sessions = self.sessions, {}
+            self.old_first, self.session_first = self.session_first, {}
 
     def trim_current(self) -> None:
         """Empty the cache of current inferred sessions once it holds more than CACHE_LIMIT persons.
@@ -157,10 +190,19 @@ class Identities:
         ids) of events without a session id, whose persons' current inferred sessions are looked up."""
         for project_id, keys in people.items():
             cache = self.persons.setdefault(project_id, {})
-            for chunk in json_chunks(list(keys)):
+            for chunk in json_chunks(_promote(keys, self.old_persons.get(project_id), cache)):
                 cache.update(self.conn.execute(_LOOKUP_PEOPLE, (project_id, chunk)))
         for project_id, keys in session_keys.items():
             cache = self.sessions.setdefault(project_id, {})
+            old = self.old_sessions.get(project_id)
+            if old:
+                first_seen, old_first = self.session_first, self.old_first
+                for key in keys:
+                    session_id = old.get(key)
+                    if session_id is not None and session_id in old_first:
+                        cache[key] = session_id
+                        first_seen[session_id] = old_first[session_id]
+                keys = [key for key in keys if key not in cache]
             for chunk in json_chunks(list(keys)):
                 for key, session_id, first_ts in self.conn.execute(_LOOKUP_SESSIONS, (project_id, chunk)):
                     cache[key] = session_id
@@ -260,36 +302,29 @@ class Identities:
 
     # -- the rows --------------------------------------------------------------------------------
 
-    def write_people(self, kept: Kept, traits: list[tuple[str, int]], traited: set[int], flush: bool,
+    def write_people(self, kept: Kept, traits: list[tuple[str, int]], traited: set[int], flush: bool, mark: int,
                      generation: int) -> None:
-        """Insert new persons and links, and if `flush` write every kept person change.
-
-        A person made by a commit that does not flush is inserted with no events (its times are safe to
-        apply twice); its count stays with the changes kept in memory."""
+        """Insert new persons and links, and merge traits. If `flush`, a new person gets the changes kept of
+        it, written through the last event (`mark`); otherwise it is inserted with no events (its times are
+        safe to apply twice) and its changes stay kept."""
         conn = self.conn
         pending = kept.persons
         fresh = []
         for person_id, (project_id, distinct_id, ts) in self.new_persons.items():
             first, last, count = (pending.pop(person_id, None) if flush else pending.get(person_id)) or (ts, ts, 0)
-            fresh.append((person_id, project_id, distinct_id, first, last, count if flush else 0))
+            fresh.append((person_id, project_id, distinct_id, first, last, count if flush else 0, mark if flush else 0))
         conn.executemany(_INSERT_PERSON, fresh)
         conn.executemany(_INSERT_PERSON_ID, self.new_links)
         if self.renames:
             conn.executemany(_RENAME_PERSON, self.renames)
-        if flush:
-            conn.executemany(_UPDATE_PERSON, [(p[0], p[1], p[2], person_id) for person_id, p in pending.items()])
-            pending.clear()
         if traits:
             conn.executemany(_MERGE_TRAITS, traits)
             # readers keep who has which trait while this is unchanged
             conn.executemany(_TOUCH_TRAITS, [(f"traits:{project_id}", generation) for project_id in traited])
 
-    def write_sessions(self, kept: Kept, flush: bool, generation: int) -> None:
-        """Insert new sessions and if `flush` update every session with kept changes; marks the start days
-        of the sessions written as changed (generation: above every earlier commit's).
-
-        A session made by a commit that does not flush is inserted with no events or page views (its
-        times and entry and exit pages are safe to apply twice); those stay with the changes kept."""
+    def write_sessions(self, kept: Kept, flush: bool, mark: int) -> set[tuple[int, int]]:
+        """Insert new sessions (with their kept changes, written through `mark`, if `flush`; see write_people);
+        returns their start days, to be marked as changed (touch_days)."""
         pending = kept.sessions
         first_seen = self.session_first
         days: set[tuple[int, int]] = set()
@@ -303,23 +338,40 @@ class Identities:
             if not flush:
                 events = pageviews = 0
             fresh.append((session_id, project_id, key, person_id, first, last, events, pageviews, entry_ts,
-                          entry_path, referrer, source, medium, campaign, exit_ts, exit_path, agent_id))
+                          entry_path, referrer, source, medium, campaign, exit_ts, exit_path, agent_id,
+                          mark if flush else 0))
             first_seen[session_id] = (project_id, first)
             days.add((project_id, first // DAY_MS))
         self.conn.executemany(_INSERT_SESSION, fresh)
-        if flush:
-            self._update_sessions(kept, days)
+        return days
+
+    def touch_days(self, days: set[tuple[int, int]], generation: int) -> None:
+        """Mark the start days of the sessions written as changed (generation: above every earlier commit's)."""
         self.conn.executemany(_TOUCH_SESSION_DAY, [(*day, generation) for day in days])
 
-    def _update_sessions(self, kept: Kept, days: set[tuple[int, int]]) -> None:
-        """Write every kept session change; adds the start days of the sessions changed to `days`."""
-        first_seen = self.session_first
-        sessions, kept.sessions = kept.sessions, {}
-        for chunk in json_chunks([session_id for session_id in sessions if session_id not in first_seen]):
+    def update_persons(self, changes: dict[int, list[int]], mark: int) -> None:
+        """Write kept person changes, each row's through the event `mark`."""
+        # in the order of the table: neighbours share pages, each read and written once
+        self.conn.executemany(_UPDATE_PERSON, [(p[0], p[1], p[2], mark, person_id)
+                                               for person_id, p in sorted(changes.items())])
+
+    def update_sessions(self, changes: dict[int, list], mark: int, days: set[tuple[int, int]]) -> None:
+        """Write kept session changes, each row's through the event `mark`; adds the start days of the sessions
+        changed to `days`."""
+        first_seen, old_first = self.session_first, self.old_first
+        missing = []
+        for session_id in changes:
+            if session_id not in first_seen:
+                found = old_first.get(session_id)
+                if found is None:
+                    missing.append(session_id)
+                else:
+                    first_seen[session_id] = found
+        for chunk in json_chunks(missing):
             for session_id, project_id, first_ts in self.conn.execute(_SESSION_FIRST, (chunk,)):
                 first_seen[session_id] = (project_id, first_ts)
         extend, extend_later, full, full_later = [], [], [], []
-        for session_id, delta in sessions.items():
+        for session_id, delta in sorted(changes.items()):  # in the order of the table (as persons)
             if session_id not in first_seen:  # deleted with its project since
                 continue
             project_id, first = first_seen[session_id]
@@ -330,13 +382,13 @@ class Identities:
                 days.add((project_id, delta[FIRST] // DAY_MS))
             if delta[ENTRY_TS] is not None:
                 if earlier:
-                    full.append((*delta, session_id))
+                    full.append((*delta, mark, session_id))
                 else:
-                    full_later.append((*delta[LAST:], session_id))
+                    full_later.append((*delta[LAST:], mark, session_id))
             elif earlier:  # no page view: entry, exit and page views stay as they are
-                extend.append((delta[FIRST], delta[LAST], delta[EVENTS], session_id))
+                extend.append((delta[FIRST], delta[LAST], delta[EVENTS], mark, session_id))
             else:
-                extend_later.append((delta[LAST], delta[EVENTS], session_id))
+                extend_later.append((delta[LAST], delta[EVENTS], mark, session_id))
         self.conn.executemany(_EXTEND_SESSION, extend)
         self.conn.executemany(_EXTEND_LATER_SESSION, extend_later)
         self.conn.executemany(_UPDATE_SESSION, full)

@@ -131,7 +131,7 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
     # sessions and persons the writer still keeps changes of in memory are checked once those are written
     later = conn.execute(
         "SELECT DISTINCT session_id, person_id FROM events WHERE project_id = ?"
-        " AND id > (SELECT value FROM meta WHERE key = 'derived_through')", (pid,)).fetchall()
+        " AND id > (SELECT min(value) FROM meta WHERE key IN ('derived_through', 'rows_through'))", (pid,)).fetchall()
     _leave_out({(session_id,) for session_id, _ in later}, stored, recounted)
     found += _compare(pid, "session", stored, recounted, lambda k: f"{k[0]} (events, page views, first, last)")
 

@@ -275,6 +275,21 @@ CREATE TABLE IF NOT EXISTS shares (
 """)
 
 
+def _row_marks(conn: apsw.Connection) -> None:
+    """12: each session's and person's mark, the last event whose changes to it are written (the writer writes a
+    busy site's sessions and persons in slices, some before others: see write_behind), and `rows_through`, the
+    last event whose session and person changes are all written. Every row starts at 0 (it holds none of the
+    events after derived_through, which every earlier writer wrote whole), and rows_through at derived_through."""
+    for table in ("sessions", "persons"):
+        if not any(column[1] == "derived_through" for column in conn.execute(f"PRAGMA table_info({table})")):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN derived_through INTEGER NOT NULL DEFAULT 0")
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) SELECT 'rows_through', value FROM meta"
+                 " WHERE key = 'derived_through'")
+
+
+MIGRATIONS.append(_row_marks)
+
+
 def current_version(conn: apsw.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 

@@ -10,27 +10,37 @@ counts of the sessions and persons the commit created) joins what earlier commit
 rollup key or a changed row is written once per flush rather than once per commit: under load most
 commits touch the same hours, sessions and persons.
 
-When it is written. A flush writes everything kept, in the transaction of a commit:
-  - the first commit after the oldest kept change is FLUSH_AFTER_S old, or once FLUSH_EVENTS events
-    wait for it (`due`);
-  - a commit of nothing after FLUSH_IDLE_S without a request (an idle writer leaves nothing kept);
-  - the next commit after a Flush frame (a read asks), and the last before the writer exits.
+When it is written. The rollups are few keys: a commit writes all that is kept of them once the oldest is
+FLUSH_AFTER_S old, or once FLUSH_EVENTS events wait for them (`due`). Sessions and persons can be many
+rows (a busy site's hundreds of thousands of visitors, each seen again only now and then), and every row
+changed costs a write of its own, so they are kept longer and written in slices: once their oldest change
+is ROWS_AFTER_S old (or ROWS_LIMIT rows are kept), what is kept of them is sealed, and each later commit
+writes SLICE_ROWS rows of the sealed changes until none is left, while newer changes gather anew. So a
+row seen ten times in ROWS_AFTER_S is written once, and no commit waits for more than a slice.
+Everything kept, of rollups, sessions and persons alike, is written in one commit after FLUSH_IDLE_S
+without a request (an idle writer leaves nothing kept), and in the last before the writer exits.
 
 How a read is settled, and why. A client reads every event it was acknowledged: a question asked after
 a 202 counts that request's events, in the rollups, sessions and persons alike. So before every read
 question the store calls EventWriter.settle. When the last Committed said something is kept
-(`Committed.unwritten`), settle sends a Flush frame; the writer takes it with its next batch, flushes,
-and answers it like a job, in that commit's Committed. When nothing is kept no frame is sent and the read
-goes on at once. The wait is bounded by the write deadline (`write_timeout_s`): a writer already past it
+(`Committed.unwritten`), settle sends a Flush frame; the writer answers it like a job, in the Committed
+of the first commit after which every change of the events stored before the frame is written. Until
+then each commit writes the rollups and DRAIN_SLICE_ROWS rows of sessions and persons (what is kept is
+sealed at once), so a read under load waits a few commits rather than making one commit write all a busy
+site's rows while every request waits. When nothing is kept no frame is sent and the read goes on at once. The wait is bounded by the write deadline (`write_timeout_s`): a writer already past it
 is not asked, and a Flush not answered by then is waited for no longer; both are WriterStalled (a 503),
 never an answer that misses acknowledged events. A flush that fails (a full disk) leaves the changes
 kept, and the read answers from what is written.
 
-Crash recovery. meta `derived_through` is the last event whose changes are all written; a flush moves
-it in the same transaction. Sessions and persons hold nothing of the later events but their times (safe
-to apply twice), so after a crash or a rolled-back transaction BatchApplier.reset rebuilds `Kept` by
-replaying the events stored after derived_through (BatchApplier._replay). `pulse verify` leaves those
-events out until they are written.
+Crash recovery. meta `derived_through` is the last event whose rollup changes are all written, and meta
+`rows_through` the last event whose session and person changes are all written; each moves in the
+transaction that writes them. Each session and person row also holds its own `derived_through`: the last
+event whose changes to it are written (a slice writes some rows of a sealed generation before others).
+Sessions and persons hold nothing of later events but their times (safe to apply twice), so after a crash
+or a rolled-back transaction BatchApplier.reset rebuilds `Kept` by replaying the events stored after the
+lower of the two marks: an event's rollup changes when it is after `derived_through`, its person's and
+session's when it is after that row's own mark (BatchApplier._replay). `pulse verify` leaves those events
+out until they are written.
 """
 
 from __future__ import annotations
@@ -40,18 +50,24 @@ from collections.abc import Callable
 from pulse.storage.model import HOUR_MS
 from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_COUNTRY, DIM_LANGUAGE, DIM_PAGE, DIM_SCREEN
 
-# when a flush is due (above)
+# when the rollups are written, and everything (above)
 FLUSH_AFTER_S = 0.5
 FLUSH_IDLE_S = 0.05
 FLUSH_EVENTS = 100_000
+# when the changes kept of sessions and persons are sealed, and how many rows a commit writes of them (above)
+ROWS_AFTER_S = 5.0
+ROWS_LIMIT = 300_000
+SLICE_ROWS = 2_000
+DRAIN_SLICE_ROWS = 20_000  # while a read waits (below)
 
 READ_DERIVED_THROUGH = "SELECT value FROM meta WHERE key = 'derived_through'"
 WRITE_DERIVED_THROUGH = "UPDATE meta SET value = ? WHERE key = 'derived_through'"
+READ_ROWS_THROUGH = "SELECT value FROM meta WHERE key = 'rows_through'"
+WRITE_ROWS_THROUGH = "UPDATE meta SET value = ? WHERE key = 'rows_through'"
 
 
 def due(unwritten: int, kept_for_s: float) -> bool:
-    """Whether a commit that takes requests flushes too: `unwritten` events wait for their changes, the
-    oldest kept for `kept_for_s`."""
+    """Whether a commit writes the rollups: `unwritten` events wait for them, the oldest kept for `kept_for_s`."""
     return unwritten > FLUSH_EVENTS or kept_for_s >= FLUSH_AFTER_S
 
 
@@ -64,9 +80,11 @@ SESSION_FIELDS = ("first_ts", "last_ts", "events", "pageviews", "entry_ts", "ent
 
 
 class Kept:
-    """The changes of events stored after `derived_through`, not yet written."""
+    """The changes of stored events not yet written: rollups', after `derived_through`; sessions' and persons',
+    after `rows_through` (those of the events up to `sealed_through` sealed, the later ones gathering)."""
 
-    def __init__(self, opt_string_id: Callable[[str | None], int | None], derived_through: int) -> None:
+    def __init__(self, opt_string_id: Callable[[str | None], int | None], derived_through: int,
+                 rows_through: int) -> None:
         self.opt_string_id = opt_string_id  # interns an entry page's UTM values when the entry changes
         # (project, hour, name, bot) -> [events, person ids, session ids]
         self.groups: dict[tuple[int, int, int, int], list] = {}
@@ -76,14 +94,47 @@ class Kept:
         self.persons: dict[int, list[int]] = {}
         # session id -> [first_ts, … agent_id] as SESSION_FIELDS
         self.sessions: dict[int, list] = {}
-        self.since: float | None = None  # when the oldest change kept was made (monotonic)
-        self.derived_through = derived_through  # the last event whose changes are all written
+        # the sealed changes of sessions and persons (above), of the events up to sealed_through
+        self.sealed_persons: dict[int, list[int]] = {}
+        self.sealed_sessions: dict[int, list] = {}
+        self.sealed_through = 0
+        self.since: float | None = None  # when the oldest rollup change kept was made (monotonic)
+        self.rows_since: float | None = None  # when the oldest session or person change kept was made
+        self.derived_through = derived_through  # the last event whose rollup changes are all written
+        self.rows_through = rows_through  # the last event whose session and person changes are all written
+
+    def seal(self, through: int) -> None:
+        """Seal the session and person changes kept of the events up to `through` (none is sealed now)."""
+        self.sealed_persons, self.persons = self.persons, {}
+        self.sealed_sessions, self.sessions = self.sessions, {}
+        self.sealed_through = through
+        self.rows_since = None
+
+    def count_person(self, person_id: int, ts: int) -> None:
+        """Add one event to its person's kept changes."""
+        person = self.persons.get(person_id)
+        if person is None:
+            self.persons[person_id] = [ts, ts, 1]
+        else:
+            if ts < person[0]:
+                person[0] = ts
+            elif ts > person[1]:
+                person[1] = ts
+            person[2] += 1
 
     def count(self, project_id: int, ts: int, name_id: int, bot: int, person_id: int, session_id: int | None,
               agent_id: int, page_path_id: int | None, country_id: int | None, language_id: int | None,
               screen_id: int | None) -> None:
-        """Add one event to the kept rollup and person changes; page_path_id: its path if a page view; the
-        string ids of its country, language and screen class when known."""
+        """Add one event to the kept rollup and person changes (see count_rollup)."""
+        self.count_rollup(project_id, ts, name_id, bot, person_id, session_id, agent_id, page_path_id, country_id,
+                          language_id, screen_id)
+        self.count_person(person_id, ts)
+
+    def count_rollup(self, project_id: int, ts: int, name_id: int, bot: int, person_id: int, session_id: int | None,
+                     agent_id: int, page_path_id: int | None, country_id: int | None, language_id: int | None,
+                     screen_id: int | None) -> None:
+        """Add one event to the kept rollup changes; page_path_id: its path if a page view; the string ids
+        of its country, language and screen class when known."""
         hour = ts // HOUR_MS
         key = (project_id, hour, name_id, bot)
         group = self.groups.get(key)
@@ -94,26 +145,19 @@ class Kept:
         if session_id is not None:
             group[2].append(session_id)
         dims = self.dims
-        keys = [(project_id, DIM_AGENT, hour, agent_id, bot)]
-        for dimension, value_id in ((DIM_PAGE, page_path_id), (DIM_COUNTRY, country_id),
-                                    (DIM_LANGUAGE, language_id), (DIM_SCREEN, screen_id)):
-            if value_id is not None:
-                keys.append((project_id, dimension, hour, value_id, bot))
-        for key in keys:
+        # one key per dimension the event has a value of (unrolled: this runs for every event)
+        for key in ((project_id, DIM_AGENT, hour, agent_id, bot),
+                    None if page_path_id is None else (project_id, DIM_PAGE, hour, page_path_id, bot),
+                    None if country_id is None else (project_id, DIM_COUNTRY, hour, country_id, bot),
+                    None if language_id is None else (project_id, DIM_LANGUAGE, hour, language_id, bot),
+                    None if screen_id is None else (project_id, DIM_SCREEN, hour, screen_id, bot)):
+            if key is None:
+                continue
             dim = dims.get(key)
             if dim is None:
                 dim = dims[key] = [0, []]
             dim[0] += 1
             dim[1].append(person_id)
-        person = self.persons.get(person_id)
-        if person is None:
-            self.persons[person_id] = [ts, ts, 1]
-        else:
-            if ts < person[0]:
-                person[0] = ts
-            elif ts > person[1]:
-                person[1] = ts
-            person[2] += 1
 
     def count_in_session(self, session_id: int, ts: int, page_view: bool, path_id: int | None,
                          referrer_id: int | None, utm: tuple, agent_id: int) -> None:

@@ -31,7 +31,7 @@ from pulse.storage.sqlite.schema import migrate
 from pulse.storage.sqlite.wire import (
     Committed, Failed, Flush, Ready, Shutdown, StartFailed, Stopped, Submit, decode_to_writer, frame, read_frames,
 )
-from pulse.storage.sqlite.write_behind import FLUSH_IDLE_S, due
+from pulse.storage.sqlite.write_behind import FLUSH_IDLE_S
 
 log = logging.getLogger("pulse.writer")
 
@@ -49,6 +49,10 @@ COMMIT_GAP_S = 0.0003
 # not finish is retried after CHECKPOINT_RETRY_S, then twice as long each time, up to
 # CHECKPOINT_BACKOFF_MAX_S (the passive checkpoints back off the same way on a full disk).
 WAL_RESET_BYTES = 16 * 1024 * 1024
+# KiB of pages the writer's connection keeps (pages are read only as they are touched): a busy site's
+# sessions and persons rows (~100 bytes each), updated all over their tables by every flush, stay in memory
+# rather than being read again from the file each time (8 MiB held 2,000 open sessions' tails but not 200,000)
+WRITER_CACHE_KIB = 96 * 1024
 CHECKPOINT_WAIT_MS = 100
 CHECKPOINT_RETRY_S = 0.25
 CHECKPOINT_BACKOFF_MAX_S = 4.0
@@ -89,24 +93,30 @@ class Channel:
         return messages
 
 
-def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit | Flush], flush: bool) -> Committed | Failed:
+def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit | Flush], flush: bool,
+          waiting: list[tuple[int, int]]) -> Committed | Failed:
+    """One commit of the jobs. A Flush is answered by the first commit after which every change of the events
+    stored before it was taken is written (see write_behind): `waiting` holds those not answered yet, as (job
+    id, the last event stored when it was taken); while any waits, each commit writes what is kept faster."""
     started = time.perf_counter()
     error: BaseException | None = None
     submits = [job for job in jobs if isinstance(job, Submit)]
-    flushes = [(job.job_id, 0, []) for job in jobs if isinstance(job, Flush)]
-    flush = flush or bool(flushes)
+    waiting.extend((job.job_id, applier.last_event) for job in jobs if isinstance(job, Flush))
     for attempt in range(BUSY_RETRIES):
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                results = applier.apply(submits, flush=flush)
+                results = applier.apply(submits, flush=flush, drain=bool(waiting))
                 conn.execute("COMMIT")
             except BaseException:
                 if not conn.getautocommit():
                     conn.execute("ROLLBACK")
                 applier.reset()
                 raise
-            return Committed(results + flushes, time.perf_counter() - started, sum(len(j.events) for j in submits),
+            through = applier.written_through
+            answered = [(job_id, 0, []) for job_id, target in waiting if target <= through]
+            waiting[:] = [(job_id, target) for job_id, target in waiting if target > through]
+            return Committed(results + answered, time.perf_counter() - started, sum(len(j.events) for j in submits),
                              applier.unwritten > 0)
         except apsw.BusyError as exc:  # another process holds the write lock past the busy timeout
             error = exc
@@ -115,7 +125,9 @@ def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit | Flus
             log.error("write of %d jobs failed: %s", len(jobs), exc)
             error = exc
             break
-    return Failed([job.job_id for job in jobs], f"storage error: {error}")
+    failed = [job.job_id for job in submits] + [job_id for job_id, _ in waiting]  # a read goes on with what is written
+    waiting.clear()
+    return Failed(failed, f"storage error: {error}")
 
 
 class Checkpointer(threading.Thread):
@@ -213,6 +225,7 @@ class WalBound:
 
 def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_max: int, wal: WalBound) -> None:
     pending: list[Submit | Flush] = []
+    waiting: list[tuple[int, int]] = []  # Flush frames not answered yet (see write)
     stopping = False
     quiet_flush_at = 0.0  # after a failed write (a full disk), the next quiet flush waits a second
     while True:
@@ -227,7 +240,7 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
         if channel.closed:
             stopping = True
         if idle and not arrived and may_flush and not channel.closed:  # idle: write what is kept
-            outcome = write(conn, applier, [], flush=True)
+            outcome = write(conn, applier, [], True, waiting)
             if isinstance(outcome, Failed):
                 quiet_flush_at = time.monotonic() + 1.0
             channel.send(outcome)
@@ -250,12 +263,14 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
                 events += len(pending[taken].events)
                 taken += 1
             jobs, pending = pending[:taken], pending[taken:]
-            flush = stopping or due(applier.unwritten, applier.unwritten_for(time.monotonic()))
-            channel.send(write(conn, applier, jobs, flush))
+            channel.send(write(conn, applier, jobs, stopping, waiting))
             wal.check()  # after the answer: the requests of this commit do not wait for it
         elif stopping:
-            if applier.unwritten:
-                write(conn, applier, [], flush=True)
+            if applier.unwritten or waiting:
+                answers = bool(waiting)  # reads still wait: the last commit answers them
+                outcome = write(conn, applier, [], True, waiting)
+                if answers:
+                    channel.send(outcome)
             channel.send(Stopped())
             return
 
@@ -272,6 +287,7 @@ def main(argv: list[str]) -> int:
         conn = connect(path, synchronous=synchronous)
         migrate(conn)
         conn.pragma("wal_autocheckpoint", 0)  # the Checkpointer does it
+        conn.pragma("cache_size", -WRITER_CACHE_KIB)
         if max_db_mb:  # a quota: past it, writes fail as on a full disk (503s) until space is freed
             conn.pragma("max_page_count", max_db_mb * 1_048_576 // conn.pragma("page_size"))
         applier = BatchApplier(conn)
