@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pulse.protocol import Ranked
+from pulse.storage.clickhouse import periods
 from pulse.storage.model import Filters, NotAvailable, Window
 
 if TYPE_CHECKING:
@@ -72,11 +73,12 @@ async def _check_ties(store: ClickHouseStore, project_id: int, window: Window, c
     """NotAvailable when a session that may have started in the window has two page views at the millisecond of
     its first (`first`) or last page view with different values of `column`. SQLite takes the one that arrived
     first (entry) or last (exit) of those; the order events of one batch arrived in is not stored here."""
-    edge = "min(ts)" if first else "max(ts)"
-    views = f"FROM {store.t('events')} WHERE project_id = {project_id} AND page = 1 AND ts >= {window.start}"
+    # per session, the least and the greatest value at its edge millisecond, in one pass: they differ when tied
+    near, far = ("ts", "negate(ts)") if first else ("negate(ts)", "ts")
     tied = (await store.ch.select(
-        f"SELECT count() FROM (SELECT session, ts {views} GROUP BY session, ts HAVING uniqExact({column}) > 1)"
-        f" WHERE (session, ts) GLOBAL IN (SELECT session, {edge} {views} GROUP BY session)"))[0][0]
+        f"SELECT countIf(least != greatest) FROM (SELECT argMin({column}, ({near}, {column})) AS least,"
+        f" argMax({column}, ({far}, {column})) AS greatest FROM {store.t('events')}"
+        f" WHERE project_id = {project_id} AND page = 1 AND ts >= {window.start} GROUP BY session)"))[0][0]
     if tied:
         raise NotAvailable(f"{tied} sessions have page views at the same millisecond as their "
                            f"{'first' if first else 'last'} one: which counts depends on the order they arrived in,"
@@ -88,14 +90,10 @@ async def _session_breakdown(store: ClickHouseStore, project_id: int, window: Wi
     """Sessions and their persons per value, over the non-bot sessions that started in the window (with a
     matching event in it, when filtered). A session's person and bot flag are its rollup's (one person per
     session; the bot flag of its first event)."""
-    matched = ""
-    if filters != Filters():
-        matched = (f" AND session GLOBAL IN (SELECT session FROM {store.t('events')}"
-                   f" WHERE {store._conditions(project_id, filters)} AND {_span(window)})")
     return await _ranked(store, (
         "SELECT v, count() AS c, uniqExact(p) AS u FROM ("
         f" SELECT session, {value} AS v, anyMerge(person) AS p, minMerge(first) AS f, argMinMerge(bot) AS b"
-        f" FROM {store.t('sessions')} WHERE project_id = {project_id}{matched}"
+        f" FROM {store.t('sessions')} WHERE {periods.started(store, project_id, window, filters)}"
         f" GROUP BY session HAVING f >= {window.start} AND f < {window.end} AND b = 0)"
         f" WHERE v != '' {RANKED.format(limit=limit)}"))
 

@@ -193,8 +193,51 @@ def ops_tables(db: str, cluster: str | None) -> list[str]:
     return statements
 
 
+def period_tables(db: str, cluster: str | None) -> list[str]:
+    """Made after every other table: what overviews, series and session questions read instead of merging the
+    per-name hourly states of a whole month or grouping every session the project ever had (see `periods`).
+
+    - `people_hourly`, `people_daily` (AggregatingMergeTree, materialized views of events): per project, bot
+      flag and UTC hour or day, the exact sets of persons and sessions over every event name (`hourly` keeps
+      them per name: a month of them merged holds each person once per hour and name it was seen in).
+    - `session_starts` (MergeTree, materialized view of events): per session the UTC hour of its earliest
+      event in each insert, ordered by (project_id, hour): a session that started in a window has a row in
+      the window's hours, so session questions group only those sessions instead of the whole `sessions`
+      table.
+    - `backfills`: one row per shard once the tables above hold what was stored before they existed (see
+      `periods.backfill`).
+    """
+    statements = [
+        f"CREATE TABLE IF NOT EXISTS {db}.people_hourly (project_id UInt32, bot UInt8, hour UInt32,"
+        " users AggregateFunction(uniqExact, String), sessions AggregateFunction(uniqExact, String))"
+        " ENGINE = AggregatingMergeTree PARTITION BY toYYYYMM(toDateTime(hour * 3600))"
+        " ORDER BY (project_id, bot, hour)",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.people_hourly_mv TO {db}.people_hourly"
+        " AS SELECT project_id, bot, toUInt32(intDiv(ts, 3600000)) AS hour, uniqExactState(person) AS users,"
+        f" uniqExactState(session) AS sessions FROM {db}.events GROUP BY project_id, bot, hour",
+        f"CREATE TABLE IF NOT EXISTS {db}.people_daily (project_id UInt32, bot UInt8, day UInt32,"
+        " users AggregateFunction(uniqExact, String), sessions AggregateFunction(uniqExact, String))"
+        " ENGINE = AggregatingMergeTree PARTITION BY toYYYYMM(toDateTime(day * 86400))"
+        " ORDER BY (project_id, bot, day)",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.people_daily_mv TO {db}.people_daily"
+        " AS SELECT project_id, bot, toUInt32(intDiv(ts, 86400000)) AS day, uniqExactState(person) AS users,"
+        f" uniqExactState(session) AS sessions FROM {db}.events GROUP BY project_id, bot, day",
+        f"CREATE TABLE IF NOT EXISTS {db}.session_starts (project_id UInt32, hour UInt32, session String)"
+        " ENGINE = MergeTree PARTITION BY toYYYYMM(toDateTime(hour * 3600)) ORDER BY (project_id, hour)",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.session_starts_mv TO {db}.session_starts"
+        " AS SELECT project_id, toUInt32(intDiv(min(ts), 3600000)) AS hour, session"
+        f" FROM {db}.events GROUP BY project_id, session",
+        f"CREATE TABLE IF NOT EXISTS {db}.backfills (name String, done Int64) ENGINE = MergeTree ORDER BY name",
+    ]
+    if cluster is not None:
+        statements += [f"CREATE TABLE IF NOT EXISTS {db}.{table}_all AS {db}.{table}"
+                       f" ENGINE = Distributed({cluster}, {db}, {table}, rand())"
+                       for table in ("people_hourly", "people_daily", "session_starts")]
+    return statements
+
+
 def create_statements(db: str, cluster: str | None) -> list[str]:
     statements = [f"CREATE DATABASE IF NOT EXISTS {db}", *shard_tables(db), *catalog_tables(db)]
     if cluster is not None:
         statements += distributed_tables(db, cluster)
-    return statements + ops_tables(db, cluster)
+    return statements + ops_tables(db, cluster) + period_tables(db, cluster)

@@ -27,11 +27,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pulse.config import Settings
 from pulse.enrich import parse_agent
-from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, Ranked, TopEvent
+from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, Ranked
 from pulse.storage.base import Store
 from pulse.storage.clickhouse import breakdowns, goals, journeys
 from pulse.storage.clickhouse.capabilities import probe
-from pulse.storage.clickhouse import lists, live, maintenance, properties
+from pulse.storage.clickhouse import lists, live, maintenance, periods, properties
 from pulse.storage.clickhouse.filters import conditions
 from pulse.storage.clickhouse.ingest import InferredSessions, People, current_sessions, name_rows, trait_rows
 from pulse.storage.clickhouse.schema import (
@@ -39,7 +39,7 @@ from pulse.storage.clickhouse.schema import (
 )
 from pulse.storage.clickhouse.transport import ChdbTransport, HttpTransport, Transport, sql_literal
 from pulse.storage.model import (
-    DAY_MS, HOUR_MS, INGEST, PAGE_VIEW, READ, SHARE, Catalog, CommittedEvent, Difference, Filters, Histogram,
+    DAY_MS, INGEST, PAGE_VIEW, READ, SHARE, Catalog, CommittedEvent, Difference, Filters, Histogram,
     IngestJob, IngestStats, KeyGrant, NotAvailable, Project, ProjectError, ProjectGone, ProjectNotFound, QueueFull,
     Window, WriteFailed, WriterClosed, digest, now_ms,
 )
@@ -49,7 +49,6 @@ from pulse.storage.sqlite.rows import (
     ANON_ID, DISTINCT_ID, LANGUAGE, NAME, PATH, PROPS, REFERRER, REFERRER_DOMAIN, SCREEN, SESSION_KEY, TRAITS, TS,
     UID, URL, UTM_CAMPAIGN, UTM_MEDIUM, UTM_SOURCE, prepare, time_uuid,
 )
-from pulse.storage.sqlite.sessions import session_stats
 from pulse.storage.sqlite.shares import PREFIX_CHARS, TOKEN_PREFIX
 
 COMMIT_WINDOW_S = 0.02  # how long a commit waits for more batches after the first
@@ -136,6 +135,7 @@ class ClickHouseStore(Store):
             for transport in self.transports:  # no ON CLUSTER without ZooKeeper: the DDL runs on each shard
                 for statement in create_statements(self.db, self.cluster):
                     await transport.execute(statement)
+            await periods.backfill(self)
         except BaseException:
             await self._close_transports()
             raise
@@ -648,76 +648,18 @@ class ClickHouseStore(Store):
             f"SELECT k, sum(e), uniqExactMerge(u), uniqExactMerge(s) FROM ({union}) GROUP BY k ORDER BY k")
 
     async def _session_sums(self, project_id: int, window: Window, filters: Filters) -> tuple[int, int, int, int]:
-        """(sessions, bounces, total duration ms, total page views) of the non-bot sessions that started in the
-        window (with a matching event in it, when filtered), as the SQLite store's session_sums."""
-        matched = ""
-        if filters != Filters():
-            matched = (f" AND session GLOBAL IN (SELECT session FROM {self.t('events')}"
-                       f" WHERE {self._conditions(project_id, filters)} AND ts >= {window.start} AND ts < {window.end})")
-        rows = await self.ch.select(
-            "SELECT count(), sum(ev = 1), sum(l - f), sum(pv) FROM ("
-            " SELECT session, minMerge(first) AS f, maxMerge(last) AS l, countMerge(events) AS ev,"
-            " sumMerge(pageviews) AS pv, argMinMerge(bot) AS b"
-            f" FROM {self.t('sessions')} WHERE project_id = {project_id}{matched}"
-            f" GROUP BY session HAVING f >= {window.start} AND f < {window.end} AND b = 0)")
-        return tuple(int(value or 0) for value in rows[0]) if rows else (0, 0, 0, 0)
-
-    async def _period(self, project_id: int, window: Window, filters: Filters) -> PeriodStats:
-        totals = await self._totals(project_id, window, filters, None)
-        names = await self._totals(project_id, window, filters, "name")
-        events, users, sessions = totals[0][1:] if totals else (0, 0, 0)
-        top = max(names, key=lambda row: (row[1], row[0]), default=None)
-        stats = session_stats(await self._session_sums(project_id, window, filters))
-        days = max((window.end - window.start) / DAY_MS, 1 / 24)
-        return PeriodStats(
-            events=events, unique_users=users, sessions=sessions, bounce_rate=stats.bounce_rate,
-            avg_session_seconds=stats.avg_session_seconds, pages_per_session=stats.pages_per_session,
-            top_event=None if top is None else TopEvent(top[0], top[1]), daily_average=round(events / days, 1),
-            distinct_events=len(names))
+        return await periods.session_sums(self, project_id, window, filters)
 
     async def overview(self, project_id: int, window: Window, filters: Filters, now_ms: int) -> OverviewStats:
-        current = await self._period(project_id, window, filters)
-        live = await self._totals(project_id, Window(now_ms - LIVE_WINDOW_MS, now_ms + 1), filters, None,
-                                  covered=None, raw=[(now_ms - LIVE_WINDOW_MS, now_ms + 1)])
-        previous = await self._period(project_id, window.previous, filters)
+        current, live, previous = await asyncio.gather(
+            periods.period(self, project_id, window, filters),
+            periods.counts(self, project_id, [now_ms - LIVE_WINDOW_MS, now_ms + 1], filters),
+            periods.period(self, project_id, window.previous, filters))
         return OverviewStats(**{f: getattr(current, f) for f in PeriodStats.__struct_fields__},
-                             live_visitors=live[0][2] if live else 0, previous=previous)
+                             live_visitors=live[0].unique_users, previous=previous)
 
     async def timeseries(self, project_id: int, bounds: list[int], filters: Filters) -> list[Counts]:
-        """Per bucket [bounds[i], bounds[i + 1]): whole hours inside one bucket from the rollups (when only the
-        event name is filtered), the rest of each bucket from raw events."""
-        window = Window(bounds[0], bounds[-1])
-        hours, _ = window.split()
-        covered: list[tuple[int, int]] = []  # (hour, bucket)
-        if hours is not None and filters.rollup_ready:
-            bucket = 0
-            for hour in range(*hours):
-                while bounds[bucket + 1] <= hour * HOUR_MS:
-                    bucket += 1
-                if hour * HOUR_MS + HOUR_MS <= bounds[bucket + 1]:
-                    covered.append((hour, bucket))
-        raw: list[tuple[int, int]] = []
-        position = window.start
-        for hour, _ in covered:
-            if position < hour * HOUR_MS:
-                raw.append((position, hour * HOUR_MS))
-            position = max(position, (hour + 1) * HOUR_MS)
-        if position < window.end:
-            raw.append((position, window.end))
-        span = (covered[0][0], covered[-1][0] + 1) if covered else None
-        hour_key = None
-        if covered:
-            hour_key = (f"toInt64(transform(toInt64(hour), CAST({sql_literal([h for h, _ in covered])} AS Array(Int64)),"
-                        f" CAST({sql_literal([b for _, b in covered])} AS Array(Int64)), toInt64(-1)))")
-        bucket_of_ts = (f"toInt64(arrayFirstIndex(x -> x > ts, CAST({sql_literal([int(b) for b in bounds])}"
-                        " AS Array(Int64)))) - 2")
-        rows = await self._totals(project_id, window, filters, bucket_of_ts, hour_key=hour_key, covered=span,
-                                  raw=raw)
-        counts = [Counts(0, 0, 0) for _ in range(len(bounds) - 1)]
-        for bucket, events, users, sessions in rows:
-            if 0 <= bucket < len(counts):
-                counts[bucket] = Counts(events, users, sessions)
-        return counts
+        return await periods.counts(self, project_id, bounds, filters)
 
     async def top_events(self, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]:
         rows = [Ranked(name, events, users) for name, events, users, _ in
@@ -726,8 +668,8 @@ class ClickHouseStore(Store):
         return rows[:limit]
 
     async def project_summary(self, project_id: int, today: Window, hour_bounds: list[int]) -> ProjectSummary:
-        totals = await self._totals(project_id, today, Filters(), None)
-        return ProjectSummary(totals[0][1] if totals else 0,
+        totals = await periods.counts(self, project_id, [today.start, today.end], Filters())
+        return ProjectSummary(totals[0].events,
                               [c.events for c in await self.timeseries(project_id, hour_bounds, Filters())])
 
     async def events_since(self, project_id: int, start_ms: int) -> int:
