@@ -145,6 +145,12 @@ class StoreBackend:
         self.servers: list[Server] = []
         self.sessions: list[aiohttp.ClientSession] = []
 
+    @property
+    def db(self):
+        """The SQLite file's connection (the `db` fixture), for what only SQLite's tables tell."""
+        assert self.sqlite, "only the SQLite store has a file to read"
+        return self.request.getfixturevalue("db")
+
     def store(self):
         """The store as the CLI opens it: no writer of its own, beside the running server(s)."""
         return open_store(dataclasses.replace(self.settings, data_dir=self.tmp_path / "cli") if not self.sqlite
