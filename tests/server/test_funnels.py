@@ -266,12 +266,12 @@ async def test_funnel_breakdown(shop, population, breakdown):
     assert sum(group["steps"][0]["persons"] for group in found["breakdown"]) == found["steps"][0]["persons"]
 
 
-async def test_a_person_who_identifies_between_steps_counts_once(aiohttp_client, settings, make_project):
+async def test_a_person_who_identifies_between_steps_counts_once(store_backend):
     """An anonymous visitor views the pricing page, identifies, then signs up under the known id: one person
     who completes the funnel. Signing up first and viewing pricing after does not complete it, and a step past
-    the window does not either."""
-    project = make_project("solo", timezone=TZ)
-    client = await aiohttp_client(create_app(settings))
+    the window does not either. On both stores (on the ClickHouse cluster, each request to the next node)."""
+    project = await store_backend.project("solo", timezone=TZ)
+    client = await store_backend.client()
     now = datetime.now(ZoneInfo(TZ)).replace(microsecond=0)
     base = int(now.timestamp() * 1000) - 3 * HOUR
     events = [
