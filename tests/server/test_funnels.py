@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
-from pulse.server.app import create_app
 from tests.servers import serving
 
 TZ = "Asia/Kolkata"
@@ -125,13 +124,16 @@ def population():
 
 
 @pytest.fixture
-async def shop(aiohttp_client, settings, make_project, population):
-    project = make_project("shop", domain="shop.example", timezone=TZ)
-    client = await aiohttp_client(create_app(settings))
-    for batch in population[0]:
-        response = await client.post("/api/v1/events/ingest", json={"events": batch},
-                                     headers={"X-API-Key": project.ingest_key})
-        assert response.status == 202, await response.text()
+async def shop(store_backend, population):
+    """The population sent to the store: SQLite, or the ClickHouse cluster (there once for the module: the
+    tests only read)."""
+    async def send(client, project) -> None:
+        for batch in population[0]:
+            response = await client.post("/api/v1/events/ingest", json={"events": batch},
+                                         headers={"X-API-Key": project.ingest_key})
+            assert response.status == 202, await response.text()
+
+    client, project = await store_backend.loaded(send, name="shop", domain="shop.example", timezone=TZ)
 
     async def get(endpoint: str, status: int = 200, params=None, **named):
         response = await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params=params or named,
