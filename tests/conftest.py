@@ -136,3 +136,7 @@ def recount_hourly(conn, project_id):
         ):
             found[(hour, name_id, bot)] = (count, users, sessions)
     return found
+
+
+# the store a test runs on: SQLite, and the two-shard ClickHouse cluster behind two `pulse serve` nodes
+from tests.stores import clickhouse_cluster, shared_cluster, store_backend  # noqa: E402, F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -27,11 +28,14 @@ def pulse(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
 
 
 class Server:
-    """`pulse serve [OPTIONS]` (`options`) on a free port; its output in `log_path` (server.log beside the data)."""
+    """`pulse serve [OPTIONS]` (`options`) on a free port, with `env` added to the environment (`PULSE_…`
+    settings); its output in `log_path` (server.log beside the data)."""
 
-    def __init__(self, data_dir: Path, *options: str, log_path: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, *options: str, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.options = options
+        self.env = None if env is None else {**os.environ, **env}
         self.log_path = log_path or data_dir.parent / "server.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,7 +46,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pulse.cli", "serve", *self.options, "--port", str(self.port),
              "--data-dir", str(self.data_dir)],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         async with aiohttp.ClientSession() as session:
             for _ in range(400):

@@ -172,10 +172,10 @@ async def test_identify_mid_funnel_and_events_of_one_millisecond(backend, clickh
                 status, found[endpoint] = await read(session, node, project.id, read_token, endpoint, **params)
                 assert status == 200, found[endpoint]
                 assert _same(found[endpoint], reference[endpoint]), endpoint
-        for breakdown in ("prop.plan", "trait.tier", "utm_source"):  # need the property, trait and UTM readers
-            status, body = await read(session, urls[0], project.id, read_token, "funnel", breakdown=breakdown,
-                                      **queries[0][1])
-            assert status == 501 and "not available on the ClickHouse store" in body["error"], body
+        # utm_source is of the first-step event's session, not read by the funnel yet
+        status, body = await read(session, urls[0], project.id, read_token, "funnel", breakdown="utm_source",
+                                  **queries[0][1])
+        assert status == 501 and "not available on the ClickHouse store" in body["error"], body
     # ada, bob, cy, dee, eve view pricing; ada (120 s, across her identify), cy (0 s) and eve (1200 s) sign up
     assert [(s["persons"], s["median_seconds"]) for s in found["funnel"]["steps"]] == [(5, None), (3, 120.0)]
     root = found["paths"]["root"]

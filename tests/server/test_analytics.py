@@ -1,7 +1,8 @@
 """Every read endpoint against an independent recount of a deterministic, generated population.
 
 The expected numbers are computed here from the generated events themselves, never from the database.
-The project is in Asia/Kolkata (UTC+5:30), so its days cut through UTC hours.
+The project is in Asia/Kolkata (UTC+5:30), so its days cut through UTC hours. Every test runs on both stores
+(`store_backend`): SQLite, and a two-shard ClickHouse cluster behind two `pulse serve` nodes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-
-from pulse.server.app import create_app
 
 TZ = "Asia/Kolkata"
 HOUR = 3_600_000
@@ -100,14 +99,16 @@ def population():
 
 
 @pytest.fixture
-async def api(aiohttp_client, settings, make_project, population):
-    project = make_project("shop", domain="site.example", timezone=TZ)
-    client = await aiohttp_client(create_app(settings))
-    requests, _, _ = population
-    for request in requests:
-        response = await client.post("/api/v1/events/ingest", json={"events": request["events"]},
-                                     headers={"X-API-Key": project.ingest_key, "User-Agent": request["agent"]})
-        assert response.status == 202, await response.text()
+async def api(store_backend, population):
+    """The population sent to the store (on the cluster once for the module: these tests only read)."""
+    async def send(client, project) -> None:
+        requests, _, _ = population
+        for request in requests:
+            response = await client.post("/api/v1/events/ingest", json={"events": request["events"]},
+                                         headers={"X-API-Key": project.ingest_key, "User-Agent": request["agent"]})
+            assert response.status == 202, await response.text()
+
+    client, project = await store_backend.loaded(send, name="shop", domain="site.example", timezone=TZ)
 
     async def get(endpoint: str, **params):
         response = await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params=params,
@@ -282,7 +283,9 @@ async def test_limit_caps_the_rows(api):
     ({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"), ({"colour": "red"}, "colour"),
     ({"interval": "week"}, "interval"), ({"dimension": "weather"}, "dimension"), ({"event": ["a", "b"]}, "event"),
 ])
-async def test_bad_parameters_are_400_naming_them(client, project, params, field):
+async def test_bad_parameters_are_400_naming_them(store_backend, params, field):
+    project = await store_backend.project()
+    client = await store_backend.client()
     endpoint = "utm" if "dimension" in params else "timeseries" if "interval" in params else "top-events"
     query = [(k, v) for k, values in params.items() for v in ([values] if isinstance(values, str) else values)]
     response = await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params=query,
@@ -355,7 +358,9 @@ async def test_one_users_timeline_by_either_id(api, population, start, end, user
         assert [(r["ts"], r["event"]) for r in rows] == mine
 
 
-async def test_unknown_user_is_404(client, project):
+async def test_unknown_user_is_404(store_backend):
+    project = await store_backend.project()
+    client = await store_backend.client()
     response = await client.get(f"/api/v1/projects/{project.id}/users/nobody",
                                 headers={"Authorization": f"Bearer {project.read_token}"})
     assert response.status == 404

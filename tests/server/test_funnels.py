@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
-from pulse.server.app import create_app
 from tests.servers import serving
 
 TZ = "Asia/Kolkata"
@@ -125,13 +124,16 @@ def population():
 
 
 @pytest.fixture
-async def shop(aiohttp_client, settings, make_project, population):
-    project = make_project("shop", domain="shop.example", timezone=TZ)
-    client = await aiohttp_client(create_app(settings))
-    for batch in population[0]:
-        response = await client.post("/api/v1/events/ingest", json={"events": batch},
-                                     headers={"X-API-Key": project.ingest_key})
-        assert response.status == 202, await response.text()
+async def shop(store_backend, population):
+    """The population sent to the store: SQLite, or the ClickHouse cluster (there once for the module: the
+    tests only read)."""
+    async def send(client, project) -> None:
+        for batch in population[0]:
+            response = await client.post("/api/v1/events/ingest", json={"events": batch},
+                                         headers={"X-API-Key": project.ingest_key})
+            assert response.status == 202, await response.text()
+
+    client, project = await store_backend.loaded(send, name="shop", domain="shop.example", timezone=TZ)
 
     async def get(endpoint: str, status: int = 200, params=None, **named):
         response = await client.get(f"/api/v1/projects/{project.id}/{endpoint}", params=params or named,
@@ -266,12 +268,12 @@ async def test_funnel_breakdown(shop, population, breakdown):
     assert sum(group["steps"][0]["persons"] for group in found["breakdown"]) == found["steps"][0]["persons"]
 
 
-async def test_a_person_who_identifies_between_steps_counts_once(aiohttp_client, settings, make_project):
+async def test_a_person_who_identifies_between_steps_counts_once(store_backend):
     """An anonymous visitor views the pricing page, identifies, then signs up under the known id: one person
     who completes the funnel. Signing up first and viewing pricing after does not complete it, and a step past
-    the window does not either."""
-    project = make_project("solo", timezone=TZ)
-    client = await aiohttp_client(create_app(settings))
+    the window does not either. On both stores (on the ClickHouse cluster, each request to the next node)."""
+    project = await store_backend.project("solo", timezone=TZ)
+    client = await store_backend.client()
     now = datetime.now(ZoneInfo(TZ)).replace(microsecond=0)
     base = int(now.timestamp() * 1000) - 3 * HOUR
     events = [

@@ -133,9 +133,12 @@ async def test_late_page_views_for_a_past_day_reach_the_page_breakdown(client, p
     assert await pages() == {"/docs": (2, 2), "/pricing": (1, 1)}
 
 
-async def test_sessions_of_a_cached_day_that_change_later_are_read_again(client, project):
+async def test_sessions_of_a_cached_day_that_change_later_are_read_again(store_backend):
     """Session numbers are cached per start day; a later event of such a session (a second page, an earlier
-    first event) changes bounce rate, duration, entry and exit pages, and may move the session's start day."""
+    first event) changes bounce rate, duration, entry and exit pages, and may move the session's start day.
+    On both stores (on the ClickHouse cluster, each request to the next of two nodes)."""
+    project = await store_backend.project("site", domain="site.example")
+    client = await store_backend.client()
     headers = {"Authorization": f"Bearer {project.read_token}"}
     window = {"from": "2026-02-28", "to": "2026-03-04"}
     posted: list[dict] = []
@@ -202,9 +205,11 @@ async def test_sessions_of_a_cached_day_that_change_later_are_read_again(client,
     assert again["exit-pages"] == {"/a": (1, 1), "/b": (1, 1), "/c": (1, 1)}
 
 
-async def test_a_trait_set_after_a_filtered_day_was_read_changes_that_day(client, project):
+async def test_a_trait_set_after_a_filtered_day_was_read_changes_that_day(store_backend):
     """Filtered numbers are cached per day too; who has a trait is part of what a cached day is checked
-    against, so a trait given later (by an event outside the window) still changes the answer."""
+    against, so a trait given later (by an event outside the window) still changes the answer. On both stores."""
+    project = await store_backend.project("site", domain="site.example")
+    client = await store_backend.client()
     headers = {"Authorization": f"Bearer {project.read_token}"}
     window = {"from": "2026-03-01", "to": "2026-03-04", "trait.plan": "pro"}
 

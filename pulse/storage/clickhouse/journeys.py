@@ -21,9 +21,11 @@ events) and the periods of their return events, counted per (cohort, period) in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pulse.protocol import CohortCounts, FunnelGroup, FunnelStep, PathNode
+from pulse.storage.clickhouse.filters import check_key, current_traits, raw_value, sqlite_text
 from pulse.storage.clickhouse.transport import sql_literal
 from pulse.storage.model import Filters, NotAvailable, Window
 from pulse.storage.sqlite.funnels import _steps, _walk
@@ -38,15 +40,32 @@ STORED_ORDER = "ts, received, uuid"  # events of one millisecond: by their batch
 BREAKDOWN_COLUMNS = {"browser": "browser", "os": "os", "device": "device", "referrer": "nullIf(referrer_domain, '')",
                      "country": "nullIf(country, '')", "language": "nullIf(language, '')",
                      "screen": "nullIf(screen, '')"}
+NO_VALUE = "CAST(NULL AS Nullable(String))"
 
 
-def _breakdown_value(breakdown: str | None) -> str:
+def _as_is(person: object, value: str | None) -> str | None:
+    return value
+
+
+async def _breakdown_value(store: ClickHouseStore, project_id: int, breakdown: str | None
+                           ) -> tuple[str, Callable[[object, object], str | None]]:
+    """The SQL of what an event gives for the breakdown, and how its value and person make the group's value
+    as SQLite's `funnels.breakdown_value` reads it: a property as SQLite's CAST(json_extract(...) AS TEXT) of the
+    stored JSON, a trait the person's current one."""
     if breakdown is None:
-        return "CAST(NULL AS Nullable(String))"
-    found = BREAKDOWN_COLUMNS.get(breakdown)
-    if found is None:  # prop.KEY, trait.KEY, utm_source: need the property, trait and UTM readers
+        return NO_VALUE, _as_is
+    if breakdown.startswith("prop."):
+        check_key(breakdown[5:])
+        return raw_value("props", breakdown[5:]), lambda person, raw: sqlite_text(raw) if raw else None
+    if breakdown.startswith("trait."):
+        check_key(breakdown[6:])
+        traits = {person: sqlite_text(raw) for person, raw in await store.ch.select(
+            f"SELECT person, value FROM ({current_traits(store, project_id)})"
+            f" WHERE key = {sql_literal(breakdown[6:])}")}
+        return NO_VALUE, lambda person, _: traits.get(person)
+    if breakdown not in BREAKDOWN_COLUMNS:  # utm_source: of the first-step event's session, not read here yet
         raise NotAvailable(f"a funnel broken down by {breakdown} is not available on the ClickHouse store yet")
-    return found
+    return BREAKDOWN_COLUMNS[breakdown], _as_is
 
 
 def _is_step(name: str, path: str | None) -> str:
@@ -90,9 +109,9 @@ async def funnel(store: ClickHouseStore, project_id: int, window: Window, filter
     next step after the one before, no later than `window_ms` after the first; the furthest (earliest of
     equals) counts, and so does its first-step event's breakdown value."""
     where = store._conditions(project_id, filters)
-    value = _breakdown_value(breakdown)
     events = store.t("events")
     in_window = f"{where} AND ts >= {window.start} AND ts < {window.end}"
+    value, group_of = await _breakdown_value(store, project_id, breakdown)
     any_step = " OR ".join(_is_step(name, path) for name, path in steps)
     mask = " + ".join(f"{_is_step(name, path)} * {1 << k}" for k, (name, path) in enumerate(steps))
     source = (f"FROM {events} WHERE {in_window} AND ({any_step}) AND person GLOBAL IN"
@@ -100,7 +119,7 @@ async def funnel(store: ClickHouseStore, project_id: int, window: Window, filter
     reached: list[list[float]] = [[] for _ in steps]
     groups: dict[str | None, list[list[float]]] = {}
     for query in await _slices(store, source, "person", f"ts, toUInt32({mask}), {value}"):
-        for _, rows in _runs(await store.ch.select(query)):
+        for person, rows in _runs(await store.ch.select(query)):
             positions: list[list[int]] = [[] for _ in steps]
             for position, (_, bits, _) in enumerate(rows):
                 for k in range(len(steps)):
@@ -111,7 +130,7 @@ async def funnel(store: ClickHouseStore, project_id: int, window: Window, filter
             count, chain = _walk([row[0] for row in rows], positions, window_ms)
             group = None
             if breakdown is not None:
-                group = groups.setdefault(rows[chain[0]][2], [[] for _ in steps])
+                group = groups.setdefault(group_of(person, rows[chain[0]][2]), [[] for _ in steps])
             for k in range(count):
                 seconds = (rows[chain[k]][0] - rows[chain[k - 1]][0]) / 1000 if k else 0.0
                 reached[k].append(seconds)
@@ -174,7 +193,7 @@ async def paths(store: ClickHouseStore, project_id: int, window: Window, filters
     name, path = start
     root = _Node()
     for query in await _slices(store, source, "session", "name, nullIf(path, '')"):
-        for _, rows in _runs(await store.ch.select(query)):
+        for person, rows in _runs(await store.ch.select(query)):
             steps: list[str] = []
             for event_name, event_path in rows:
                 if not steps:
