@@ -8,8 +8,11 @@ Distributed tables in a cluster (split per shard by ClickHouse, confirmed by eve
 a batch is answered 202 only after that. The catalog is polled by version (`catalog_changes`), so a key made
 or rotated on one node works on every node within a poll.
 
-Questions built so far: overview, timeseries, top events, the projects list's summary, events since a time,
-size; breakdowns and the bots report (`breakdowns`), goals (`goals`). The others raise NotAvailable (answered 501): never a number computed differently from SQLite's.
+Every question of the seam is answered, each family in a module of its own: periods (overview, timeseries,
+the projects list's summary), breakdowns and bots, goals, lists and properties (users, sessions, events,
+property and trait values), journeys (funnel, retention, paths), maintenance (verify, prune, export), with the
+filters of `filters`. Where ClickHouse cannot give SQLite's exact number (README, "Scaling out", lists the
+cases) it raises NotAvailable, answered 501: never a number computed differently from SQLite's.
 """
 
 from __future__ import annotations
