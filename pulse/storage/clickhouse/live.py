@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 from datetime import datetime, timedelta, timezone
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from pulse.storage.clickhouse.schema import EVENT_COLUMNS, LIVE_COLUMNS
@@ -40,7 +41,7 @@ EXPIRE_EVERY_S = 3600.0  # how often days of rows before yesterday are dropped
 ERROR_LOG_EVERY_S = 60.0  # one warning per this while reads keep failing
 
 _AT = {name: index for index, (name, _) in enumerate(EVENT_COLUMNS)}
-_FROM_EVENT = tuple(_AT[name] for name in ("project_id", "uuid", "ts", "name", "distinct_id", "path", "props"))
+_FROM_EVENT = itemgetter(*(_AT[name] for name in ("project_id", "uuid", "ts", "name", "distinct_id", "path", "props")))
 
 
 class LivePoller:
@@ -64,8 +65,8 @@ class LivePoller:
         """The feed's rows of one commit (`event_rows` as inserted into `events`, `agents` their user agents)."""
         if not event_rows or self.store.chdb_path is not None:  # chdb's store has no other node
             return
-        rows = [(committed, self.node, *(row[i] for i in _FROM_EVENT), agent)
-                for row, agent in zip(event_rows, agents)]
+        node = self.node
+        rows = [(committed, node, *_FROM_EVENT(row), agent) for row, agent in zip(event_rows, agents)]
         try:
             await self.store.ch.insert(f"{self.store.db}.live", [c for c, _ in LIVE_COLUMNS],
                                        [k for _, k in LIVE_COLUMNS], rows)

@@ -55,7 +55,9 @@ from pulse.storage.sqlite.rows import (
 from pulse.storage.sqlite.shares import PREFIX_CHARS, TOKEN_PREFIX
 
 COMMIT_WINDOW_S = 0.02  # how long a commit waits for more batches after the first
-LOOKUP_CHUNK = 1000  # values per IN list (ClickHouse parses at most max_query_size bytes of a query)
+LOOKUP_CHUNK = 1000  # values per IN list
+QUERY_CHARS = 200_000  # the most text a lookup statement is given (ClickHouse parses at most max_query_size,
+# 256 KiB by default, of a query): a commit's lookups that need more are split over several
 LIVE_WINDOW_MS = 5 * 60_000
 COMMIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 10, 100, 1000, 10_000, 100_000)
@@ -94,6 +96,7 @@ class ClickHouseStore(Store):
         self.pending_events = 0
         self.wake: asyncio.Event | None = None
         self.committer: asyncio.Task | None = None
+        self.recording: asyncio.Task | None = None  # the last commit's rows for the live feed, being written
         self.closing = False
         self.salts: dict[int, bytes] = {}
         self._last_version = 0
@@ -155,6 +158,8 @@ class ClickHouseStore(Store):
         if self.committer is not None:
             self.wake.set()
             await self.committer
+        if self.recording is not None:
+            await self.recording
         await self._close_transports()
 
     async def _close_transports(self) -> None:
@@ -227,13 +232,32 @@ class ClickHouseStore(Store):
         self.batch_sum += events
 
     async def _commit(self, jobs: list[IngestJob]) -> tuple[list[tuple[int, int] | None], list[CommittedEvent]]:
-        live = await self._live_projects({job.project_id for job in jobs})
-        prepared = [prepare(job) if job.project_id in live else None for job in jobs]
+        prepared = [prepare(job) for job in jobs]
+        anonymous = [await self._anonymous(job) for job in jobs]
+        wanted_ids: dict[int, set[str]] = {}
+        wanted_uids: dict[int, set[bytes]] = {}
+        keyless_ids: dict[int, set[str]] = {}  # the ids of events that join an inferred session
+        for i, job in enumerate(jobs):
+            ids = wanted_ids.setdefault(job.project_id, set())
+            uids = wanted_uids.setdefault(job.project_id, set())
+            keyless = keyless_ids.setdefault(job.project_id, set())
+            for ev in prepared[i]:
+                distinct_id = ev[DISTINCT_ID] or anonymous[i][1]
+                ids.add(distinct_id)
+                if ev[ANON_ID] is not None:
+                    ids.add(ev[ANON_ID])
+                if ev[UID] is not None:
+                    uids.add(ev[UID])
+                key = ev[SESSION_KEY]
+                if key is None or key.startswith(INFERRED_PREFIX):
+                    keyless.add(distinct_id)
+                    if ev[ANON_ID] is not None:
+                        keyless.add(ev[ANON_ID])
+        live, stored, persons = await self._lookup(wanted_ids, wanted_uids)
         by_project: dict[int, list[int]] = {}
         for index, job in enumerate(jobs):
-            if prepared[index] is not None:
+            if job.project_id in live:
                 by_project.setdefault(job.project_id, []).append(index)
-        anonymous = [await self._anonymous(job) if prepared[i] is not None else None for i, job in enumerate(jobs)]
         results: list[tuple[int, int] | None] = [None] * len(jobs)
         event_rows: list[tuple] = []
         person_rows: list[tuple] = []
@@ -243,19 +267,11 @@ class ClickHouseStore(Store):
         committed: list[CommittedEvent] = []
         version = time.time_ns()
         for project_id, indexes in by_project.items():
-            ids: set[str] = set()
-            uids: set[bytes] = set()
-            for i in indexes:
-                for ev in prepared[i]:
-                    ids.add(ev[DISTINCT_ID] or anonymous[i][1])
-                    if ev[ANON_ID] is not None:
-                        ids.add(ev[ANON_ID])
-                    if ev[UID] is not None:
-                        uids.add(ev[UID])
-            seen = await self._stored_uuids(project_id, uids)
-            people = People(await self._persons(project_id, ids))
-            keyless = {people.known[i] for i in ids if i in people.known}
-            sessions = InferredSessions(await self._inferred(project_id, keyless))
+            seen = stored.get(project_id, set())
+            people = People(persons.get(project_id, {}))
+            # persons first seen in this commit have no stored sessions: only known ones are looked up
+            inferred = {people.known[i] for i in keyless_ids[project_id] if i in people.known}
+            sessions = InferredSessions(await self._inferred(project_id, inferred))
             wanted = self.on_commit is not None and (self.wants is None or self.wants(project_id))
             for i in indexes:
                 job = jobs[i]
@@ -308,12 +324,48 @@ class ClickHouseStore(Store):
                              [k for _, k in PERSON_NAME_COLUMNS], name_rows(names), self.insert_settings)
         await self.ch.insert(self.t("events"), [c for c, _ in EVENT_COLUMNS], [k for _, k in EVENT_COLUMNS],
                              event_rows, self.insert_settings)
-        await self.live.record(event_rows, agents, version // 1_000_000)
+        if self.recording is not None:  # one commit's feed rows in flight at a time
+            await self.recording
+        # the feed's rows are written while the batches are answered and the next commit gathers: a failure
+        # there is logged and never fails the commit (see `live`)
+        self.recording = asyncio.create_task(self.live.record(event_rows, agents, version // 1_000_000),
+                                             name="pulse-clickhouse-live-rows")
         return results, committed
 
-    async def _live_projects(self, wanted: set[int]) -> set[int]:
-        """Which of the projects exist now (a batch for a project deleted while it waited is refused)."""
-        return {p.id for p in await self.list_projects() if p.id in wanted}
+    async def _lookup(self, ids: dict[int, set[str]], uids: dict[int, set[bytes]]
+                      ) -> tuple[set[int], dict[int, set[bytes]], dict[int, dict[str, str]]]:
+        """What a commit reads before it decides, in as few statements as the query size allows (one, for a
+        commit of a few thousand events): which of its projects exist now (a batch for a project deleted
+        while it waited is refused), which of its client uuids are stored already, and the person of each of
+        its distinct ids. Every part answers (kind, project, text, text)."""
+        projects = ", ".join(map(str, ids))
+        parts = [f"SELECT toUInt8(0) AS kind, id AS project, '' AS a, '' AS b FROM {self.t('projects')}"
+                 f" WHERE id IN ({projects}) GROUP BY id HAVING argMax(deleted, version) = 0"]
+        for project_id, values in uids.items():
+            listed = list(values)
+            for start in range(0, len(listed), LOOKUP_CHUNK):
+                chunk = ", ".join(map(sql_literal, listed[start:start + LOOKUP_CHUNK]))
+                parts.append(f"SELECT toUInt8(1), project_id, hex(uuid), '' FROM {self.t('event_ids')}"
+                             f" WHERE project_id = {project_id} AND uuid IN ({chunk})")
+        for project_id, values in ids.items():
+            listed = list(values)
+            for start in range(0, len(listed), LOOKUP_CHUNK):
+                chunk = ", ".join(map(sql_literal, listed[start:start + LOOKUP_CHUNK]))
+                parts.append(f"SELECT toUInt8(2), project_id, distinct_id, argMax(person, version)"
+                             f" FROM {self.t('person_ids')} WHERE project_id = {project_id} AND distinct_id IN ({chunk})"
+                             " GROUP BY project_id, distinct_id")
+        live: set[int] = set()
+        stored: dict[int, set[bytes]] = {}
+        persons: dict[int, dict[str, str]] = {}
+        for statement in _union(parts):
+            for kind, project_id, a, b in await self.ch.select(statement):
+                if kind == 0:
+                    live.add(project_id)
+                elif kind == 1:
+                    stored.setdefault(project_id, set()).add(bytes.fromhex(a))
+                else:
+                    persons.setdefault(project_id, {})[a] = b
+        return live, stored, persons
 
     async def _anonymous(self, job: IngestJob) -> tuple[bytes, str]:
         """The request's ip hash and anonymous distinct id, with the day's salt (shared by every node)."""
@@ -338,25 +390,6 @@ class ClickHouseStore(Store):
                 await transport.execute(f"ALTER TABLE {self.db}.salts DELETE WHERE day < {day - 1}")
         self.salts = {day: bytes.fromhex(rows[0][0])}
         return self.salts[day]
-
-    async def _stored_uuids(self, project_id: int, uids: set[bytes]) -> set[bytes]:
-        found: set[bytes] = set()
-        values = list(uids)
-        for start in range(0, len(values), LOOKUP_CHUNK):
-            chunk = ", ".join(sql_literal(v) for v in values[start:start + LOOKUP_CHUNK])
-            found.update(bytes.fromhex(h) for (h,) in await self.ch.select(
-                f"SELECT hex(uuid) FROM {self.t('event_ids')} WHERE project_id = {project_id} AND uuid IN ({chunk})"))
-        return found
-
-    async def _persons(self, project_id: int, ids: set[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        values = list(ids)
-        for start in range(0, len(values), LOOKUP_CHUNK):
-            chunk = ", ".join(sql_literal(v) for v in values[start:start + LOOKUP_CHUNK])
-            found.update(await self.ch.select(
-                f"SELECT distinct_id, argMax(person, version) FROM {self.t('person_ids')}"
-                f" WHERE project_id = {project_id} AND distinct_id IN ({chunk}) GROUP BY distinct_id"))
-        return found
 
     async def _inferred(self, project_id: int, persons: set[str]) -> dict[str, list]:
         rows: list[tuple] = []
@@ -741,6 +774,19 @@ class ClickHouseStore(Store):
 
     async def export(self, project_id: int, start_ms: int, end_ms: int, fmt: str, out: TextIO) -> int:
         return await maintenance.export(self, project_id, start_ms, end_ms, fmt, out)
+
+
+def _union(parts: list[str]) -> list[str]:
+    """The parts as few UNION ALL statements as keep each within QUERY_CHARS."""
+    statements: list[list[str]] = []
+    size = QUERY_CHARS
+    for part in parts:
+        if size + len(part) > QUERY_CHARS:
+            statements.append([])
+            size = 0
+        statements[-1].append(part)
+        size += len(part) + len(" UNION ALL ")
+    return [" UNION ALL ".join(group) for group in statements]
 
 
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
