@@ -43,13 +43,14 @@ _UNWRITTEN = (
     " LEFT JOIN strings u ON u.id = e.url_id"
     " WHERE e.id > ? ORDER BY e.id"
 )
+_HIGHEST = (
+    "SELECT coalesce((SELECT max(id) FROM events), 0),"
+    " coalesce((SELECT max(value) FROM meta WHERE key IN ('derived_through', 'rows_through')), 0)"
+)
 _EXISTING_PROJECTS = "SELECT id FROM projects WHERE id IN (SELECT value FROM json_each(?))"
 # the marks of the persons and sessions of the events after an event id (see write_behind)
 _PERSON_MARKS = "SELECT id, derived_through FROM persons WHERE id IN (SELECT person_id FROM events WHERE id > ?)"
 _SESSION_MARKS = "SELECT id, derived_through FROM sessions WHERE id IN (SELECT session_id FROM events WHERE id > ?)"
-# a full flush once this many persons have a current inferred session cached while changes are kept (the
-# cache is emptied only when the table holds every session's times)
-CURRENT_FLUSH_LIMIT = 1_000_000
 
 # per job: (job id, events accepted or PROJECT_GONE, positions of duplicates)
 Result = tuple[int, int, list[int]]
@@ -73,7 +74,9 @@ class BatchApplier:
         self.interner = Interner(self.conn)
         self.identities = Identities(self.conn)
         self.rollups = RollupSets(self.conn)
-        self.next_event_id = (self.conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
+        # never below the marks: deleting the project with the newest events must not hand out ids that the
+        # marks say are written already (its rollup rows' seq, too, must go on rising)
+        self.next_event_id = max(self.conn.execute(_HIGHEST).fetchone()) + 1
         self._replay()
 
     def compact(self) -> int:
@@ -155,7 +158,6 @@ class BatchApplier:
         rows, results, traits, traited = self._resolve_and_count(jobs, anonymous, seen)
         self._insert_events(rows)
         last = self.next_event_id - 1
-        flush = flush or len(identities.current) > CURRENT_FLUSH_LIMIT
         identities.write_people(kept, traits, traited, flush, last, self.next_event_id)
         days = identities.write_sessions(kept, flush, last)
         if flush:
@@ -164,7 +166,7 @@ class BatchApplier:
             kept.rows_since = None
             self._rows_through(last)
             self._flush()
-            identities.trim_current()
+            identities.trim_current(set)
         else:
             if kept.since is None and last > kept.derived_through:
                 kept.since = now
@@ -172,7 +174,8 @@ class BatchApplier:
                 kept.rows_since = now
             if drain or due(last - kept.derived_through, 0.0 if kept.since is None else now - kept.since):
                 self._flush()
-            self._write_slice(now, last, days, drain)
+            self._write_slice(now, last, days, drain, 2 * len(rows))
+            identities.trim_current(lambda: set(kept.sessions) | set(kept.sealed_sessions))
         identities.touch_days(days, self.next_event_id)  # above every earlier commit's
         if self.rollups.compact_due(now):
             self.compact()
@@ -186,9 +189,11 @@ class BatchApplier:
         persons.clear()
         sessions.clear()
 
-    def _write_slice(self, now: float, last: int, days: set[tuple[int, int]], drain: bool) -> None:
-        """Write up to SLICE_ROWS rows (DRAIN_SLICE_ROWS if `drain`) of the sealed session and person changes;
-        seal the kept ones when they are due (or `drain`) and nothing is sealed (see write_behind)."""
+    def _write_slice(self, now: float, last: int, days: set[tuple[int, int]], drain: bool, added: int) -> None:
+        """Write up to SLICE_ROWS rows (DRAIN_SLICE_ROWS if `drain`) of the sealed session and person changes,
+        and never fewer than this commit's events may have changed (`added`), so what is sealed is written at
+        least as fast as new changes gather, however large the commits; seal the kept ones when they are due
+        (or `drain`) and nothing is sealed (see write_behind)."""
         kept = self.kept
         if not kept.sealed_persons and not kept.sealed_sessions:
             if not kept.persons and not kept.sessions:
@@ -198,7 +203,7 @@ class BatchApplier:
                     and len(kept.persons) + len(kept.sessions) < ROWS_LIMIT):
                 return
             kept.seal(last)
-        size = DRAIN_SLICE_ROWS if drain else SLICE_ROWS
+        size = max(DRAIN_SLICE_ROWS if drain else SLICE_ROWS, added)
         persons = _take(kept.sealed_persons, size)
         sessions = _take(kept.sealed_sessions, size - len(persons))
         self._write_rows(persons, sessions, kept.sealed_through, days)

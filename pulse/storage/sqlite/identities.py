@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 
 import apsw
 
@@ -165,14 +166,18 @@ class Identities:
         if sum(len(c) for c in self.sessions.values()) > CACHE_LIMIT:
             self.old_sessions, self.sessions = self.sessions, {}
             self.old_first, self.session_first = self.session_first, {}
+        elif len(self.session_first) > CACHE_LIMIT:  # inferred sessions' first times: no key names them
+            self.old_first, self.session_first = self.session_first, {}
 
-    def trim_current(self) -> None:
-        """Empty the cache of current inferred sessions once it holds more than CACHE_LIMIT persons.
+    def trim_current(self, keep: Callable[[], set[int]]) -> None:
+        """Past CACHE_LIMIT persons, drop the current inferred session of each whose session has no change kept
+        (not in the set `keep` gives).
 
-        Only right after a flush: then the table holds every session's times, so a person looked up
-        there afterwards finds what the cache held."""
+        The table holds such a session's true times, and no other session of the person can be later there
+        than it truly is, so a person looked up there afterwards finds what the cache held."""
         if len(self.current) > CACHE_LIMIT:
-            self.current.clear()
+            kept = keep()
+            self.current = {person_id: held for person_id, held in self.current.items() if held[0] in kept}
 
     def begin(self) -> None:
         """Start a batch: no person, link or session is new yet."""

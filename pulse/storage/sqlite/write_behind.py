@@ -15,7 +15,8 @@ FLUSH_AFTER_S old, or once FLUSH_EVENTS events wait for them (`due`). Sessions a
 rows (a busy site's hundreds of thousands of visitors, each seen again only now and then), and every row
 changed costs a write of its own, so they are kept longer and written in slices: once their oldest change
 is ROWS_AFTER_S old (or ROWS_LIMIT rows are kept), what is kept of them is sealed, and each later commit
-writes SLICE_ROWS rows of the sealed changes until none is left, while newer changes gather anew. So a
+writes SLICE_ROWS rows of the sealed changes (never fewer than its own events may have changed, so the sealed
+ones go at least as fast as new ones gather) until none is left, while newer changes gather anew. So a
 row seen ten times in ROWS_AFTER_S is written once, and no commit waits for more than a slice.
 Everything kept, of rollups, sessions and persons alike, is written in one commit after FLUSH_IDLE_S
 without a request (an idle writer leaves nothing kept), and in the last before the writer exits.

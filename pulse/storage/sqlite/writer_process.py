@@ -102,6 +102,7 @@ def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit | Flus
     error: BaseException | None = None
     submits = [job for job in jobs if isinstance(job, Submit)]
     waiting.extend((job.job_id, applier.last_event) for job in jobs if isinstance(job, Flush))
+    flush = flush or (bool(waiting) and not submits)  # no request waits on this commit: write it all
     for attempt in range(BUSY_RETRIES):
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -230,8 +231,12 @@ def serve(channel: Channel, conn: apsw.Connection, applier: BatchApplier, batch_
     quiet_flush_at = 0.0  # after a failed write (a full disk), the next quiet flush waits a second
     while True:
         idle = not pending and not stopping
-        may_flush = applier.unwritten > 0 and time.monotonic() >= quiet_flush_at
-        arrived = channel.receive(block=idle and not may_flush, timeout=FLUSH_IDLE_S if idle else 0.0)
+        kept = applier.unwritten > 0 or bool(waiting)
+        now = time.monotonic()
+        may_flush = kept and now >= quiet_flush_at
+        # idle with something kept: wait at most until it may be written (a read may be waiting for it)
+        wait = (FLUSH_IDLE_S if may_flush else min(1.0, quiet_flush_at - now)) if idle and kept else 0.0
+        arrived = channel.receive(block=idle and not kept, timeout=wait)
         for message in arrived:
             if isinstance(message, Shutdown):
                 stopping = True
