@@ -114,7 +114,8 @@ def write(conn: apsw.Connection, applier: BatchApplier, jobs: list[Submit | Flus
                     conn.execute("ROLLBACK")
                 applier.reset()
                 raise
-            through = applier.written_through
+            # nothing kept: every event there is counts (those a deleted project took are gone, ids and all)
+            through = applier.written_through if applier.unwritten > 0 else sys.maxsize
             answered = [(job_id, 0, []) for job_id, target in waiting if target <= through]
             waiting[:] = [(job_id, target) for job_id, target in waiting if target > through]
             return Committed(results + answered, time.perf_counter() - started, sum(len(j.events) for j in submits),
