@@ -269,7 +269,8 @@ async def writer_rate(path: Path, events: list[IngestEvent], now: int, agents: l
     migrate(conn)
     conn.execute("INSERT INTO projects(name, created_at) VALUES ('bench', 0)")
     conn.close()
-    writer = EventWriter(path, max_queued_events=len(events) + 1, batch_max_events=20_000)
+    # every job is queued at once: the last waits for all before it, longer than a server's write deadline
+    writer = EventWriter(path, max_queued_events=len(events) + 1, batch_max_events=20_000, write_timeout_s=3600)
     await writer.start()
     jobs = [IngestJob(1, events[i:i + 50], now, 0, "192.0.2.1", agents[i // 50 % len(agents)])
             for i in range(0, len(events), 50)]
