@@ -29,7 +29,7 @@ from pulse.storage.clickhouse.filters import check_key, current_traits, raw_valu
 from pulse.storage.clickhouse.transport import sql_literal
 from pulse.storage.model import Filters, NotAvailable, Window
 from pulse.storage.sqlite.funnels import _steps, _walk
-from pulse.storage.sqlite.paths import _answer, _Node, step_name
+from pulse.storage.sqlite.paths import _answer, _Node, add_session
 
 if TYPE_CHECKING:
     from pulse.storage.clickhouse.store import ClickHouseStore
@@ -193,26 +193,6 @@ async def paths(store: ClickHouseStore, project_id: int, window: Window, filters
     name, path = start
     root = _Node()
     for query in await _slices(store, source, "session", "name, nullIf(path, '')"):
-        for person, rows in _runs(await store.ch.select(query)):
-            steps: list[str] = []
-            for event_name, event_path in rows:
-                if not steps:
-                    if event_name == name and (path is None or event_path == path):
-                        steps.append(step_name(event_name, event_path))
-                    continue
-                step = step_name(event_name, event_path)
-                if step != steps[-1]:
-                    steps.append(step)
-                if len(steps) > depth + 1:
-                    break
-            node = root
-            node.sessions += 1
-            for taken, step in enumerate(steps[1:], start=1):
-                if taken > depth:
-                    node.other += 1
-                    break
-                node = node.next.setdefault(step, _Node())
-                node.sessions += 1
-            else:
-                node.dropped += 1
+        for _, rows in _runs(await store.ch.select(query)):
+            add_session(root, rows, name, path, depth)
     return _answer(label, root, limit)

@@ -25,12 +25,11 @@ import csv
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from pulse.storage.clickhouse.transport import sql_literal
 from pulse.storage.model import DAY_MS, HOUR_MS, Difference, NotAvailable, Project
-from pulse.storage.sqlite.maintenance import EXPORT_COLUMNS, _hour, _iso_ms
+from pulse.storage.sqlite.maintenance import EXPORT_COLUMNS, _hour, _iso_ms, compare
 
 if TYPE_CHECKING:
     from pulse.storage.clickhouse.store import ClickHouseStore
@@ -51,14 +50,6 @@ async def pruned_before(store: ClickHouseStore, project_id: int) -> int:
     """Raw events before this time (ms, a whole hour) were pruned; the rollups still hold them."""
     rows = await store.ch.select(f"SELECT max(before) FROM {store.t('pruned')} WHERE project_id = {project_id}")
     return int(rows[0][0] or 0) if rows else 0
-
-
-def _compare(project_id: int, what: str, stored: dict, recounted: dict, describe: Callable[[tuple], str]
-             ) -> Iterator[Difference]:
-    for key in sorted(stored.keys() | recounted.keys()):
-        a, b = stored.get(key), recounted.get(key)
-        if a != b:
-            yield Difference(project_id, what, describe(key), a, b)
 
 
 async def _hourly(store: ClickHouseStore, pid: int, cut: int) -> tuple[dict, dict]:
@@ -114,7 +105,7 @@ async def _differences(store: ClickHouseStore, projects: list[Project]) -> dict[
         cut = await pruned_before(store, project.id)
         for what, check, describe in _CHECKS:
             stored, recounted = await check(store, project.id, cut)
-            for difference in _compare(project.id, what, stored, recounted, describe):
+            for difference in compare(project.id, what, stored, recounted, describe):
                 found[(project.id, what, difference.key)] = difference
     return found
 

@@ -47,7 +47,9 @@ from pulse.storage.model import (
     Window, WriteFailed, WriterClosed, digest, now_ms,
 )
 from pulse.storage.sqlite.goals import MAX_GOALS, check_goal, goal_kind
-from pulse.storage.sqlite.projects import KEY_PREFIX, _check_name, check_domain, check_origins, check_timezone, new_secret
+from pulse.storage.sqlite.projects import (
+    KEY_PREFIX, _check_name, check_domain, check_origins, check_timezone, checked_changes, new_secret,
+)
 from pulse.storage.sqlite.rows import (
     ANON_ID, DISTINCT_ID, LANGUAGE, NAME, PATH, PROPS, REFERRER, REFERRER_DOMAIN, SCREEN, SESSION_KEY, TRAITS, TS,
     UID, URL, UTM_CAMPAIGN, UTM_MEDIUM, UTM_SOURCE, prepare, time_uuid,
@@ -515,21 +517,10 @@ class ClickHouseStore(Store):
                              timezone: str | None = None, retention_days: int | None = None,
                              allowed_origins: str | None = None) -> Project:
         current = await self.get_project(project.id)
-        changes: dict[str, Any] = {}
-        if allowed_origins is not None:
-            changes["allowed_origins"] = check_origins(allowed_origins)
-        if name is not None:
-            changes["name"] = _check_name(name)
-            if any(p.name == name and p.id != project.id for p in await self.list_projects()):
-                raise ProjectError(f"a project named {name!r} already exists")
-        if domain is not None:
-            changes["domain"] = check_domain(domain)
-        if timezone is not None:
-            changes["timezone"] = check_timezone(timezone)
-        if retention_days is not None:
-            if retention_days < 1:
-                raise ProjectError("retention must be at least 1 day")
-            changes["retention_days"] = retention_days
+        changes = checked_changes(name=name, domain=domain, timezone=timezone, retention_days=retention_days,
+                                  allowed_origins=allowed_origins)
+        if name is not None and any(p.name == name and p.id != project.id for p in await self.list_projects()):
+            raise ProjectError(f"a project named {name!r} already exists")
         if changes:
             fields = {**current.as_dict(), **changes}
             current = Project(**fields)

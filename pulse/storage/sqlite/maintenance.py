@@ -41,7 +41,7 @@ def _page_view_id(conn: apsw.Connection) -> int:
     return -1 if row is None else row[0]
 
 
-def _compare(project_id: int, what: str, stored: dict, recounted: dict, describe: Callable[[tuple], str]
+def compare(project_id: int, what: str, stored: dict, recounted: dict, describe: Callable[[tuple], str]
              ) -> Iterator[Difference]:
     for key in sorted(stored.keys() | recounted.keys()):
         a, b = stored.get(key), recounted.get(key)
@@ -102,7 +102,7 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
             f"SELECT e.ts / {HOUR_MS}, {grouping}, coalesce(a.is_bot, 0), count(*), count(DISTINCT e.person_id),"
             f" count(DISTINCT e.session_id) {raw} GROUP BY 1, 2, 3", (pid, cut)):
             recounted[(h, n, b)] = (ev, us, ss)
-    found += _compare(pid, "hourly", stored, recounted,
+    found += compare(pid, "hourly", stored, recounted,
                       lambda k: f"hour {_hour(k[0])} name {k[1]} bot {k[2]} (events, users, sessions)")
 
     stored = {(d, h, v, b): (ev, us) for d, h, v, b, ev, us in conn.execute(
@@ -118,7 +118,7 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
         recounted.update({(dim, h, v, b): (ev, us) for h, v, b, ev, us in conn.execute(
             f"SELECT e.ts / {HOUR_MS}, e.{column}, coalesce(a.is_bot, 0), count(*), count(DISTINCT e.person_id)"
             f" {raw} AND e.{column} IS NOT NULL GROUP BY 1, 2, 3", (pid, cut))})
-    found += _compare(pid, "hourly_dims", stored, recounted,
+    found += compare(pid, "hourly_dims", stored, recounted,
                       lambda k: f"dim {k[0]} hour {_hour(k[1])} value {k[2]} bot {k[3]} (events, users)")
 
     stored = {(i,): (ev, pv, f, last) for i, ev, pv, f, last in conn.execute(
@@ -133,7 +133,7 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
         "SELECT DISTINCT session_id, person_id FROM events WHERE project_id = ?"
         " AND id > (SELECT min(value) FROM meta WHERE key IN ('derived_through', 'rows_through'))", (pid,)).fetchall()
     _leave_out({(session_id,) for session_id, _ in later}, stored, recounted)
-    found += _compare(pid, "session", stored, recounted, lambda k: f"{k[0]} (events, page views, first, last)")
+    found += compare(pid, "session", stored, recounted, lambda k: f"{k[0]} (events, page views, first, last)")
 
     # every day a session starts on is marked, so readers can tell when its sessions change
     stored = {(day,): "marked" for (day,) in conn.execute(
@@ -141,7 +141,7 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
     recounted = {(day,): "marked" for (day,) in conn.execute(
         f"SELECT DISTINCT first_ts / {DAY_MS} FROM sessions WHERE project_id = ? AND first_ts >= ?",
         (pid, cut // DAY_MS * DAY_MS))}
-    found += _compare(pid, "session_days", stored, recounted, lambda k: f"day {_day(k[0])}")
+    found += compare(pid, "session_days", stored, recounted, lambda k: f"day {_day(k[0])}")
 
     stored = {(i,): (ev, f, last) for i, ev, f, last in conn.execute(
         "SELECT id, event_count, first_seen, last_seen FROM persons WHERE project_id = ? AND first_seen >= ?",
@@ -154,7 +154,7 @@ def _verify_project(conn: apsw.Connection, pid: int, page_view: int) -> list[Dif
     for key in stored.keys() - recounted.keys():
         if stored[key][0] == 0:  # a person made by identify alone, with no event of its own
             recounted[key] = stored[key]
-    found += _compare(pid, "person", stored, recounted, lambda k: f"{k[0]} (events, first seen, last seen)")
+    found += compare(pid, "person", stored, recounted, lambda k: f"{k[0]} (events, first seen, last seen)")
     return found
 
 

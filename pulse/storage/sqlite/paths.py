@@ -8,6 +8,7 @@ next steps in the window; a step repeated right after itself (a reload) counts o
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 from pulse.protocol import PathNode
 from pulse.storage.model import PAGE_VIEW, Filters, Window
@@ -59,28 +60,33 @@ def paths(snap: Snapshot, project_id: int, window: Window, filters: Filters, sta
     root = _Node()
     for rows in sessions.values():
         rows.sort()
-        steps: list[str] = []
-        begun = False
-        for _, _, name_id, path_id in rows:
-            event_name, event_path = named[name_id], None if path_id is None else named[path_id]
-            if not begun:
-                begun = event_name == name and (path is None or event_path == path)
-                if begun:
-                    steps.append(step_name(event_name, event_path))
-                continue
-            step = step_name(event_name, event_path)
-            if step != steps[-1]:
-                steps.append(step)
-            if len(steps) > depth + 1:
-                break
-        node = root
-        node.sessions += 1
-        for taken, step in enumerate(steps[1:], start=1):
-            if taken > depth:
-                node.other += 1
-                break
-            node = node.next.setdefault(step, _Node())
-            node.sessions += 1
-        else:
-            node.dropped += 1
+        add_session(root, ((named[name_id], None if path_id is None else named[path_id])
+                           for _, _, name_id, path_id in rows), name, path, depth)
     return _answer(label, root, limit)
+
+
+def add_session(root: _Node, events: Iterable[tuple[str, str | None]], name: str, path: str | None,
+                depth: int) -> None:
+    """Count one session into the tree: its (event name, path) pairs in time order, walked from the first start
+    event (`name`, and `path` when given), immediate repeats collapsed, at most `depth` steps on."""
+    steps: list[str] = []
+    for event_name, event_path in events:
+        if not steps:
+            if event_name == name and (path is None or event_path == path):
+                steps.append(step_name(event_name, event_path))
+            continue
+        step = step_name(event_name, event_path)
+        if step != steps[-1]:
+            steps.append(step)
+        if len(steps) > depth + 1:
+            break
+    node = root
+    node.sessions += 1
+    for taken, step in enumerate(steps[1:], start=1):
+        if taken > depth:
+            node.other += 1
+            break
+        node = node.next.setdefault(step, _Node())
+        node.sessions += 1
+    else:
+        node.dropped += 1

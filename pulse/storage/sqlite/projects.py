@@ -137,16 +137,9 @@ def create_project(
     return get_project(conn, project_id), ingest_key, read_token
 
 
-def update_project(
-    conn: apsw.Connection,
-    project: Project,
-    *,
-    name: str | None = None,
-    domain: str | None = None,
-    timezone: str | None = None,
-    retention_days: int | None = None,
-    allowed_origins: str | None = None,
-) -> Project:
+def checked_changes(*, name: str | None, domain: str | None, timezone: str | None, retention_days: int | None,
+                    allowed_origins: str | None) -> dict[str, object]:
+    """The project's columns an update changes (those given), each checked; ProjectError for a bad one."""
     changes: dict[str, object] = {}
     if allowed_origins is not None:
         changes["allowed_origins"] = check_origins(allowed_origins)
@@ -160,6 +153,21 @@ def update_project(
         if retention_days < 1:
             raise ProjectError("retention must be at least 1 day")
         changes["retention_days"] = retention_days
+    return changes
+
+
+def update_project(
+    conn: apsw.Connection,
+    project: Project,
+    *,
+    name: str | None = None,
+    domain: str | None = None,
+    timezone: str | None = None,
+    retention_days: int | None = None,
+    allowed_origins: str | None = None,
+) -> Project:
+    changes = checked_changes(name=name, domain=domain, timezone=timezone, retention_days=retention_days,
+                              allowed_origins=allowed_origins)
     if changes:
         assignments = ", ".join(f"{column} = ?" for column in changes)
         with immediate(conn):
