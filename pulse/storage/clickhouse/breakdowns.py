@@ -8,7 +8,7 @@ and their persons, from the `sessions` rollup. An empty string is what the store
 as NULL (pulse never stores an empty path, referrer domain, UTM value, country, language or screen class), so
 rows without a value are left out as SQLite's joins leave them out. Where SQLite's answer depends on the order
 events arrived in (page views of a session at the same millisecond as its first or last one, with different
-values), which this store does not keep, the session breakdown answers 501 instead (`_check_ties`).
+values), which this store does not keep, the session breakdown answers 501 instead (`check_ties`).
 
 Every number is an exact count (`count`, `uniqExact`) grouped in ClickHouse; rows are ranked there by count,
 then value (byte order of UTF-8 is code point order, so this is Python's order of the same strings).
@@ -65,11 +65,11 @@ async def breakdown(store: ClickHouseStore, project_id: int, window: Window, fil
             f" WHERE {store._conditions(project_id, filters)} AND {_span(window)} AND {column} != ''{extra}"
             f" {RANKED.format(limit=limit)}"))
     column, first, value = SESSION_DIMENSIONS[dimension]
-    await _check_ties(store, project_id, window, column, first)
+    await check_ties(store, project_id, window, column, first)
     return await _session_breakdown(store, project_id, window, filters, value, limit)
 
 
-async def _check_ties(store: ClickHouseStore, project_id: int, window: Window, column: str, first: bool) -> None:
+async def check_ties(store: ClickHouseStore, project_id: int, window: Window, column: str, first: bool) -> None:
     """NotAvailable when a session that may have started in the window has two page views at the millisecond of
     its first (`first`) or last page view with different values of `column`. SQLite takes the one that arrived
     first (entry) or last (exit) of those; the order events of one batch arrived in is not stored here."""

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pulse.protocol import CohortCounts, FunnelGroup, FunnelStep, PathNode
+from pulse.storage.clickhouse import breakdowns
 from pulse.storage.clickhouse.filters import check_key, current_traits, raw_value, sqlite_text
 from pulse.storage.clickhouse.transport import sql_literal
 from pulse.storage.model import Filters, NotAvailable, Window
@@ -47,11 +48,12 @@ def _as_is(person: object, value: str | None) -> str | None:
     return value
 
 
-async def _breakdown_value(store: ClickHouseStore, project_id: int, breakdown: str | None
+async def _breakdown_value(store: ClickHouseStore, project_id: int, breakdown: str | None, window: Window
                            ) -> tuple[str, Callable[[object, object], str | None]]:
     """The SQL of what an event gives for the breakdown, and how its value and person make the group's value
     as SQLite's `funnels.breakdown_value` reads it: a property as SQLite's CAST(json_extract(...) AS TEXT) of the
-    stored JSON, a trait the person's current one."""
+    stored JSON, a trait the person's current one, a UTM source its session's (of the session's first page
+    view: NotAvailable when page views tie there with different sources, as the breakdowns)."""
     if breakdown is None:
         return NO_VALUE, _as_is
     if breakdown.startswith("prop."):
@@ -63,8 +65,15 @@ async def _breakdown_value(store: ClickHouseStore, project_id: int, breakdown: s
             f"SELECT person, value FROM ({current_traits(store, project_id)})"
             f" WHERE key = {sql_literal(breakdown[6:])}")}
         return NO_VALUE, lambda person, _: traits.get(person)
-    if breakdown not in BREAKDOWN_COLUMNS:  # utm_source: of the first-step event's session, not read here yet
-        raise NotAvailable(f"a funnel broken down by {breakdown} is not available on the ClickHouse store yet")
+    if breakdown == "utm_source":
+        await breakdowns.check_ties(store, project_id, window, "utm_source", first=True)
+        sources = {session: source or None for session, source in await store.ch.select(
+            f"SELECT session, argMinIfMerge(utm_source) FROM {store.t('sessions')} WHERE project_id = {project_id}"
+            f" AND session GLOBAL IN (SELECT session FROM {store.t('events')} WHERE project_id = {project_id}"
+            f" AND ts >= {window.start} AND ts < {window.end}) GROUP BY session")}
+        return "session", lambda _, session: sources.get(session)
+    if breakdown not in BREAKDOWN_COLUMNS:
+        raise NotAvailable(f"a funnel broken down by {breakdown} is not available on the ClickHouse store")
     return BREAKDOWN_COLUMNS[breakdown], _as_is
 
 
@@ -111,7 +120,7 @@ async def funnel(store: ClickHouseStore, project_id: int, window: Window, filter
     where = store._conditions(project_id, filters)
     events = store.t("events")
     in_window = f"{where} AND ts >= {window.start} AND ts < {window.end}"
-    value, group_of = await _breakdown_value(store, project_id, breakdown)
+    value, group_of = await _breakdown_value(store, project_id, breakdown, window)
     any_step = " OR ".join(_is_step(name, path) for name, path in steps)
     mask = " + ".join(f"{_is_step(name, path)} * {1 << k}" for k, (name, path) in enumerate(steps))
     source = (f"FROM {events} WHERE {in_window} AND ({any_step}) AND person GLOBAL IN"
