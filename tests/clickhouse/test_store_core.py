@@ -2,7 +2,7 @@
 cluster behind two nodes, and a current engine in-process (chdb) behind one. Events go in through the real
 ingest API; overview, timeseries and top events must equal a recount in plain Python and the SQLite store's
 answers for the same events; a batch sent again to another node is counted once; a key rotated through one
-node's store works on the others within a poll; bad input is a 4xx, a question not built yet a 501."""
+node's store works on the others within a poll; bad input is a 4xx."""
 
 from __future__ import annotations
 
