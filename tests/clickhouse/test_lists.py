@@ -17,9 +17,8 @@ import pytest
 
 from pulse.config import Settings
 from pulse.storage.base import open_store
-from tests.clickhouse.test_store_core import _store_url, clickhouse, nodes, read, send  # noqa: F401
+from tests.clickhouse.test_store_core import _store_url, clickhouse, nodes, read, send, sqlite_reference  # noqa: F401
 from tests.clickhouse_servers import MISSING
-from tests.servers import Server, pulse
 
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
@@ -137,17 +136,8 @@ async def everything(session, url, project, token, window, persons) -> dict:
 
 
 async def sqlite_everything(tmp_path: Path, batches, window, persons) -> dict:
-    data_dir = tmp_path / "sqlite"
-    project = json.loads(pulse("projects", "create", "shop", "--json", data_dir=data_dir).stdout)
-    server = Server(data_dir, log_path=tmp_path / "sqlite.log")
-    await server.start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            for batch in batches:
-                assert (await send(session, server.url, project["ingest_key"], batch))[0] == 202
-            return await everything(session, server.url, project["id"], project["read_token"], window, persons)
-    finally:
-        server.stop(15)
+    return await sqlite_reference(tmp_path, batches, lambda session, url, project: everything(
+        session, url, project["id"], project["read_token"], window, persons))
 
 
 def check_recount(found: dict, expected: dict) -> None:

@@ -156,7 +156,9 @@ async def answers(session, url, project, token, window) -> dict:
     return found
 
 
-async def sqlite_answers(tmp_path: Path, batches: list[list[dict]], window: dict) -> dict:
+async def sqlite_reference(tmp_path: Path, batches: list[list[dict]], ask) -> dict:
+    """What a `pulse serve` on SQLite answers for the same batches: `ask(session, url, project)` (project: the
+    `projects create --json` answer) asks it."""
     data_dir = tmp_path / "sqlite"
     project = json.loads(pulse("projects", "create", "shop", "--json", data_dir=data_dir).stdout)
     server = Server(data_dir, log_path=tmp_path / "sqlite.log")
@@ -165,9 +167,14 @@ async def sqlite_answers(tmp_path: Path, batches: list[list[dict]], window: dict
         async with aiohttp.ClientSession() as session:
             for batch in batches:
                 assert (await send(session, server.url, project["ingest_key"], batch))[0] == 202
-            return await answers(session, server.url, project["id"], project["read_token"], window)
+            return await ask(session, server.url, project)
     finally:
         server.stop(15)
+
+
+async def sqlite_answers(tmp_path: Path, batches: list[list[dict]], window: dict) -> dict:
+    return await sqlite_reference(tmp_path, batches, lambda session, url, project: answers(
+        session, url, project["id"], project["read_token"], window))
 
 
 @pytest.mark.parametrize("backend", ["single", "cluster", "chdb"])

@@ -47,9 +47,7 @@ from pulse.storage.model import (
     Window, WriteFailed, WriterClosed, digest, now_ms,
 )
 from pulse.storage.sqlite.goals import MAX_GOALS, check_goal, goal_kind
-from pulse.storage.sqlite.projects import (
-    KEY_PREFIX, _check_name, check_domain, check_origins, check_timezone, checked_changes, new_secret,
-)
+from pulse.storage.sqlite.projects import KEY_PREFIX, checked_changes, new_secret
 from pulse.storage.sqlite.rows import (
     ANON_ID, DISTINCT_ID, LANGUAGE, NAME, PATH, PROPS, REFERRER, REFERRER_DOMAIN, SCREEN, SESSION_KEY, TRAITS, TS,
     UID, URL, UTM_CAMPAIGN, UTM_MEDIUM, UTM_SOURCE, prepare, time_uuid,
@@ -439,21 +437,22 @@ class ClickHouseStore(Store):
 
     async def _keys(self, project_id: int | None = None) -> list[tuple]:
         """(digest, project, kind, prefix, created, expires or 0) of every live key."""
-        where = "" if project_id is None else f" WHERE project_id = {project_id}"
-        rows = await self.ch.select(
-            "SELECT hex(digest), argMax(project_id, version), argMax(kind, version), argMax(prefix, version),"
-            " argMax(created_at, version), argMax(expires_at, version), argMax(deleted, version) AS gone"
-            f" FROM {self.t('keys')}{where} GROUP BY digest HAVING gone = 0")
-        return [(bytes.fromhex(row[0]), *row[1:6]) for row in rows]
+        return await self._live_digests("keys", ("project_id", "kind", "prefix", "created_at", "expires_at"),
+                                        project_id)
 
     async def _shares(self, project_id: int | None = None) -> list[tuple]:
         """(digest, id, project, prefix, created, expires or 0) of every live share token."""
+        return await self._live_digests("shares", ("id", "project_id", "prefix", "created_at", "expires_at"),
+                                        project_id)
+
+    async def _live_digests(self, table: str, columns: tuple[str, ...], project_id: int | None) -> list[tuple]:
+        """(digest, *columns) of the latest version of every row of a catalog table keyed by digest, but those
+        whose latest version deletes them."""
         where = "" if project_id is None else f" WHERE project_id = {project_id}"
-        rows = await self.ch.select(
-            "SELECT hex(digest), argMax(id, version), argMax(project_id, version), argMax(prefix, version),"
-            " argMax(created_at, version), argMax(expires_at, version), argMax(deleted, version) AS gone"
-            f" FROM {self.t('shares')}{where} GROUP BY digest HAVING gone = 0")
-        return [(bytes.fromhex(row[0]), *row[1:6]) for row in rows]
+        latest = ", ".join(f"argMax({column}, version)" for column in columns)
+        rows = await self.ch.select(f"SELECT hex(digest), {latest}, argMax(deleted, version) AS gone"
+                                    f" FROM {self.t(table)}{where} GROUP BY digest HAVING gone = 0")
+        return [(bytes.fromhex(row[0]), *row[1:-1]) for row in rows]
 
     async def list_projects(self) -> list[Project]:
         rows = await self.ch.select(
@@ -495,12 +494,9 @@ class ClickHouseStore(Store):
     async def create_project(self, name: str, *, domain: str | None = None, timezone: str = "UTC",
                              retention_days: int = 180, allowed_origins: str | None = None
                              ) -> tuple[Project, str, str]:
-        _check_name(name)
-        domain = check_domain(domain)
-        check_timezone(timezone)
-        if retention_days < 1:
-            raise ProjectError("retention must be at least 1 day")
-        allowed_origins = check_origins(allowed_origins)
+        checked = checked_changes(name=name, domain=domain, timezone=timezone, retention_days=retention_days,
+                                  allowed_origins=allowed_origins)
+        domain, allowed_origins = checked.get("domain"), checked.get("allowed_origins")
         if any(p.name == name for p in await self.list_projects()):
             raise ProjectError(f"a project named {name!r} already exists")
         # ids are never reused (deleted projects' rows stay, flagged), so nothing cached of one is taken for another

@@ -111,12 +111,9 @@ def create_project(
     allowed_origins: str | None = None,
 ) -> tuple[Project, str, str]:
     """Create a project with one ingest key and one read token; returns both secrets."""
-    _check_name(name)
-    domain = check_domain(domain)
-    check_timezone(timezone)
-    if retention_days < 1:
-        raise ProjectError("retention must be at least 1 day")
-    allowed_origins = check_origins(allowed_origins)
+    checked = checked_changes(name=name, domain=domain, timezone=timezone, retention_days=retention_days,
+                              allowed_origins=allowed_origins)
+    domain, allowed_origins = checked.get("domain"), checked.get("allowed_origins")
     with immediate(conn):
         if conn.execute("SELECT 1 FROM projects WHERE name = ?", (name,)).fetchone():
             raise ProjectError(f"a project named {name!r} already exists")

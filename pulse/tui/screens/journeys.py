@@ -7,6 +7,7 @@ finds it unchanged. What each view shows (steps, period, start…) is kept per p
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 from rich.cells import cell_len
@@ -23,6 +24,7 @@ from textual.widgets import DataTable, Label, OptionList, Static, Tree
 from textual.widgets.option_list import Option
 
 from pulse.protocol import Funnel, FunnelStep, PathNode, Paths, ProjectRow, Retention
+from pulse.tui.abstract import Abstract
 from pulse.tui.client import FUNNEL, PATHS, RANKED_ROWS, RETENTION, ApiFailure, PulseClient
 from pulse.tui.screens.dialogs import FilterPickerScreen
 from pulse.tui.state import (FUNNEL_BREAKDOWNS, FUNNEL_WINDOWS, MAX_FUNNEL_STEPS, PATH_DEPTHS, RETENTION_PERIODS,
@@ -35,7 +37,7 @@ MIN_FUNNEL_STEPS = 2  # what the funnel endpoint takes
 SHADES = ((0.5, 0.85), (0.25, 0.6), (0.1, 0.4), (0.0001, 0.2))
 
 
-class JourneyScreen(Screen):
+class JourneyScreen(Screen, metaclass=Abstract):
     """What the three views share: the title bar with the dashboard's range and filters, a line of switches,
     the footer, loading and its errors, and remembering the view's query."""
 
@@ -67,8 +69,9 @@ class JourneyScreen(Screen):
         yield from self.compose_view()
         yield DashboardFooter(frozenset())
 
+    @abc.abstractmethod
     def compose_view(self) -> ComposeResult:
-        raise NotImplementedError
+        """The view's own widgets, below the title bar."""
 
     def on_mount(self) -> None:
         self.app.track("$screen", screen=self.VIEW, project=self.project.id)
@@ -89,14 +92,16 @@ class JourneyScreen(Screen):
         self.loaded = False
         self.load(self.view_query)
 
+    @abc.abstractmethod
     def load(self, query) -> None:
-        raise NotImplementedError
+        """Ask for `query`'s answer and show it when it comes."""
 
     def show_switches(self) -> None:
         self.query_one("#journey-switches", Static).update(self.switches())
 
+    @abc.abstractmethod
     def switches(self) -> Content:
-        raise NotImplementedError
+        """The line of the view's switches (window, breakdown, period …) as they are now."""
 
     def state(self, text: str, *, error: bool = False) -> None:
         label = self.query_one("#load-state", Label)

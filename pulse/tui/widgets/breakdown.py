@@ -10,6 +10,7 @@ leaves out (under no filter: the API takes none there).
 
 from __future__ import annotations
 
+import abc
 import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +26,7 @@ from textual.widget import Widget
 from textual.widgets import Button, DataTable, Label, TabbedContent, TabPane
 
 from pulse.protocol import Goals, Ranked, RankedRows, Revenue, SessionsPage, UsersPage
+from pulse.tui.abstract import Abstract
 from pulse.tui.client import GOALS, RANKED_ROWS, SESSIONS_PAGE, USERS_PAGE
 from pulse.tui.state import DashboardQuery, duration, number, percent, plain
 
@@ -207,7 +209,7 @@ class PropertiesPane(BreakdownPane):
             self.post_message(self.FilterChosen(f"prop.{self.key}", key))
 
 
-class PagedPane(BreakdownPane):
+class PagedPane(BreakdownPane, metaclass=Abstract):
     """A list paged by `next_cursor`: the next page is asked for when the cursor reaches the last row."""
 
     next_cursor: str | None = None
@@ -226,8 +228,9 @@ class PagedPane(BreakdownPane):
         self.next_cursor = found.next_cursor
         update_rows(self.table, cells)
 
+    @abc.abstractmethod
     def rows(self, found) -> list[tuple[str, tuple]]:
-        raise NotImplementedError
+        """The table's rows of one page of the answer: (key, cells) each."""
 
     @on(DataTable.RowHighlighted)
     def highlighted(self, event: DataTable.RowHighlighted) -> None:
