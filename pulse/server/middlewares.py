@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 
 from pulse.server.errors import ApiError, json_error
 from pulse.server.keys import METRICS, SETTINGS
-from pulse.storage.model import NotAvailable, QueryTimeout, WriterStalled
+from pulse.storage.model import NotAvailable, QueryTimeout, StoreUnavailable, WriterStalled
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pulse.access")
@@ -39,6 +39,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response = json_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except NotAvailable as exc:  # a question the configured store does not answer
         response = json_error(501, str(exc))
+    except StoreUnavailable as exc:  # the store's database is down or not answering
+        response = json_error(503, str(exc), headers={"Retry-After": "5"})
     except QueryTimeout:
         limit = request.app[SETTINGS].query_timeout_s
         response = json_error(503, f"the query ran longer than {limit:g} s and was stopped; narrow the range or"

@@ -265,6 +265,10 @@ class NotAvailable(Exception):
     """The store cannot answer this question (yet): answered 501 with the message, never with another number."""
 
 
+class StoreUnavailable(Exception):
+    """The store's database cannot be reached or did not answer in time (a ClickHouse server down): a 503."""
+
+
 class QueryTimeout(Exception):
     """A read query ran past its time limit and was interrupted."""
 

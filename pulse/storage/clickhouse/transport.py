@@ -10,6 +10,7 @@ insert deduplication without replication), so it fails and the batch is answered
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import re
 import struct
@@ -18,6 +19,8 @@ from itertools import chain
 from typing import Any
 
 import aiohttp
+
+from pulse.storage.model import StoreUnavailable
 
 # ClickHouse closes idle HTTP connections after keep_alive_timeout (3 s in Debian's config); a pooled
 # connection kept longer may be closed under a request, so the pool lets them go sooner
@@ -147,18 +150,21 @@ def sql_literal(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class Transport:
+class Transport(abc.ABC):
     """What the store needs of a connection to ClickHouse."""
 
+    @abc.abstractmethod
     async def execute(self, sql: str) -> None:
-        raise NotImplementedError
+        """Run one statement that answers nothing (DDL, ALTER, INSERT … SELECT)."""
 
+    @abc.abstractmethod
     async def select(self, sql: str) -> list[tuple]:
-        raise NotImplementedError
+        """Run one query; its rows."""
 
+    @abc.abstractmethod
     async def insert(self, table: str, columns: Sequence[str], types: Sequence[str],
                      rows: Sequence[Sequence[Any]], settings: dict[str, str] | None = None) -> None:
-        raise NotImplementedError
+        """Insert the rows (values in the order of `columns`, of ClickHouse `types`); returns once confirmed."""
 
     async def close(self) -> None:
         pass
@@ -196,7 +202,9 @@ class HttpTransport(Transport):
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # a pooled connection the server had closed: a statement that changes nothing twice is sent again
                 if not retry or attempt or not _reset(exc):
-                    raise
+                    raise StoreUnavailable(f"ClickHouse at {self.url} cannot be reached: {exc}") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise StoreUnavailable(f"ClickHouse at {self.url} did not answer: {exc or 'timed out'}") from None
         raise AssertionError("unreachable")
 
     async def execute(self, sql: str) -> None:
