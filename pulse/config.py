@@ -55,7 +55,9 @@ class Settings:
     query_timeout_s: float = 10.0
     # days of numbers computed at start for the readers' cache (0: none)
     warm_days: int = 31
-    # the readers' cache of per-day results (MiB, as estimated from what it holds)
+    # event columns beside the database, which answer filtered reads (see README, "How it works")
+    columns: bool = True
+    # the readers' cache of per-day results (MiB, as estimated from what it holds; 0: none)
     cache_mib: int = 96
     # network: with trust_proxy, the client's address is the right-most one in Forwarded, X-Forwarded-For or
     # X-Real-IP that is not one of these proxies' (comma-separated CIDRs), when the direct peer is one of them
@@ -103,8 +105,8 @@ class Settings:
             raise ValueError(f"synchronous must be NORMAL or FULL, not {self.synchronous!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log level must be debug, info, warning or error, not {self.log_level!r}")
-        if self.cache_mib < 1:
-            raise ValueError("cache_mib must be at least 1")
+        if self.cache_mib < 0:
+            raise ValueError("cache_mib must be 0 or more")
         if self.write_timeout_s <= 0:
             raise ValueError("write_timeout_s must be more than 0")
         if self.queue_max_events < 1000:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import apsw
 from pyroaring import BitMap
 
+from pulse.storage.sqlite.columns import ColumnIndex
 from pulse.storage.sqlite.connection import checkpoint
 
 
@@ -68,10 +69,12 @@ def size(value: object) -> int:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """What a read query reads: a connection inside one read transaction, so that every statement of the
-    query sees the same data, and the readers' day cache."""
+    query sees the same data, the readers' day cache, and the event columns when the server builds them."""
 
     conn: apsw.Connection
     days: DayCache
+    columns: ColumnIndex | None = None
+    memo: dict = field(default_factory=dict)  # what one read works out once (the sets its filters match)
 
 
 def _whole_days(hours: tuple[int, int]) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import apsw
 
 from pulse.storage.model import QueryTimeout, ReadStopped
+from pulse.storage.sqlite.columns import ColumnIndex
 from pulse.storage.sqlite.connection import _current, connect, set_deadline
 from pulse.storage.sqlite.day_cache import DayCache, Snapshot
 
@@ -63,8 +64,10 @@ class _Call:
 
 class Reader:
     def __init__(self, path: Path, *, threads: int = 2, timeout_s: float = 10.0,
-                 settle: Callable[[], Awaitable[None]] | None = None, cache_mib: int = 96) -> None:
+                 settle: Callable[[], Awaitable[None]] | None = None, cache_mib: int = 96,
+                 columns: ColumnIndex | None = None) -> None:
         self.path = path
+        self.columns = columns  # the event columns, built by the server beside the writer
         self.days = DayCache(cache_mib * 1024 * 1024)  # shared by the reader threads
         self.settle = settle  # waits until what the writer acknowledged is all in the tables
         self.timeout_s = timeout_s
@@ -101,7 +104,7 @@ class Reader:
         _current.call = call
         try:
             with call.running_on(conn):
-                return fn(Snapshot(conn, self.days), *args)
+                return fn(Snapshot(conn, self.days, self.columns), *args)
         except apsw.InterruptError:
             call.check()  # stopped (ReadStopped), or past the deadline
             raise QueryTimeout(f"query took longer than {self.timeout_s:g}s") from None

@@ -15,6 +15,7 @@ from pyroaring import BitMap
 
 from pulse.storage.model import Filters
 from pulse.storage.model import HOUR_MS, PAGE_VIEW
+from pulse.storage.sqlite import column_scans
 from pulse.storage.sqlite.aggregates import Totals, from_rollups, name_id
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
 
@@ -73,6 +74,9 @@ def scan_sql(snap: Snapshot, project_id: int, start: int, end: int, filters: Fil
 
 def scan_totals(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters) -> Totals:
     """Events, users and sessions of the events of [start, end) that match the filters."""
+    found = column_scans.matched(snap, project_id, start, end, filters)
+    if found is not None:
+        return column_scans.totals(found)
     source, where, params = scan_sql(snap, project_id, start, end, filters)
     found = Totals()
     users, sessions = [], []
@@ -196,6 +200,9 @@ def _counted(people: dict) -> dict:
 
 
 def scan_digest(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters) -> Digest:
+    matched = column_scans.matched(snap, project_id, start, end, filters)
+    if matched is not None:
+        return Digest(*column_scans.digest_parts(snap, matched))
     found = scan_pass(snap, project_id, start, end, filters, pairs=False)
     hours = {hour: Totals(len(people), BitMap(people), BitMap(found.sessions.get(hour, ())))
              for hour, people in found.hours.items()}

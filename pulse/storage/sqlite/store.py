@@ -28,6 +28,7 @@ from pulse.storage.sqlite import (
     breakdowns, funnels, goals, lists, maintenance, paths, periods, projects, retention, shares,
 )
 from pulse.files import FILE_MODE, make_private
+from pulse.storage.sqlite.columns import ColumnIndex
 from pulse.storage.sqlite.connection import connect
 from pulse.storage.sqlite.reader import Reader
 from pulse.storage.sqlite.schema import migrate
@@ -58,6 +59,7 @@ class SQLiteStore(Store):
         self.wants = wants
         self.writer: EventWriter | None = None
         self.reader: Reader | None = None
+        self.columns: ColumnIndex | None = None
 
     # -- life cycle -----------------------------------------------------------------------------------
 
@@ -80,13 +82,18 @@ class SQLiteStore(Store):
             settle = self._settle
         else:
             await asyncio.to_thread(self._migrate)
+        if self.serve and settings.columns:
+            self.columns = ColumnIndex(self.path)
+            self.columns.start()
         self.reader = Reader(self.path, threads=settings.reader_threads, timeout_s=settings.query_timeout_s,
-                             settle=settle, cache_mib=settings.cache_mib)
+                             settle=settle, cache_mib=settings.cache_mib, columns=self.columns)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.writer is not None:
             await self.writer.close()
+        if self.columns is not None:
+            await asyncio.to_thread(self.columns.stop)
         if self.reader is not None:
             await self.reader.close()
 
