@@ -16,11 +16,12 @@ from pulse.protocol import Ranked
 from pulse.storage.model import Filters, Window
 from pulse.storage.model import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_COUNTRY, DIM_LANGUAGE, DIM_PAGE, DIM_SCREEN
-from pulse.storage.sqlite.aggregates import Totals, merge
+from pulse.storage.sqlite import column_scans
+from pulse.storage.sqlite.aggregates import Totals, merge, name_id
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans
 from pulse.storage.sqlite.digests import digests, totals, totals_and_names
 from pulse.storage.sqlite.scans import (
-    RAW_FROM, STRING_ID, Digest, cached_scans, event_conditions, json_path, scan_sql, trait_people,
+    RAW_FROM, STRING_ID, Digest, cached_scans, event_conditions, json_path, scan_sql, strings, trait_people,
 )
 from pulse.storage.sqlite.sessions import (
     SESSIONS_FROM, SESSIONS_WHERE, SessionDay, matched_sessions, session_days, session_pieces,
@@ -109,6 +110,9 @@ def event_values(snap: Snapshot, project_id: int, window: Window, filters: Filte
     value_sql, join, condition, extra = EVENT_DIMENSIONS[dimension]
 
     def scan(start: int, end: int) -> dict[str, Totals]:
+        found = column_scans.matched(snap, project_id, start, end, filters)
+        if found is not None:
+            return _column_values(snap, found, dimension)
         where, params = event_conditions(snap, project_id, start, end, filters)
         people: dict[str, list[int]] = defaultdict(list)
         for value, person_id in snap.conn.execute(
@@ -127,6 +131,32 @@ def event_values(snap: Snapshot, project_id: int, window: Window, filters: Filte
         return merge(cached_spans(snap, project_id, hours, 0, ("dim", dimension), rolled_up))
 
     return _by_value(snap, project_id, window, filters, ("dim", dimension), scan, None if filtered else whole_hours)
+
+
+_COLUMN_OF = {"countries": "country", "languages": "language", "screens": "screen", "pages": "path"}
+
+
+def _column_values(snap: Snapshot, found: column_scans.Matched, dimension: str) -> dict[str, Totals]:
+    """Events and users per value of an event-level breakdown, from the columns."""
+    persons = found.column("person")
+    if dimension in _COLUMN_OF:
+        values = found.column(_COLUMN_OF[dimension])
+        keep = values > 0
+        if dimension == "pages":
+            page_view = name_id(snap, PAGE_VIEW)
+            keep &= found.column("name") == page_view
+        counted = column_scans.per_value(values[keep], persons[keep])
+        named = strings(snap, counted.keys())
+        return {named[key]: total for key, total in counted.items()}
+    column = {"browsers": "browser", "os": "os", "devices": "device"}[dimension]
+    named = dict(snap.conn.execute(f"SELECT id, {column} FROM agents"))
+    agents = found.column("agent")
+    merged: dict[str, Totals] = defaultdict(Totals)
+    for agent, total in column_scans.per_value(agents, persons).items():
+        value = named.get(agent)
+        if value is not None:
+            merged[value].add(total)
+    return dict(merged)
 
 
 def _by_agent(digests: list[Digest], named: dict[int, str]) -> dict[str, Totals]:
@@ -184,10 +214,12 @@ _PROPERTY_VALUES = ("SELECT CAST(json_extract(e.props, ?) AS TEXT) AS v, e.perso
 
 
 def _property_rows(snap: Snapshot, project_id: int, window: Window, filters: Filters, sql: str,
-                   extra: list, kind: tuple, limit: int) -> list[Ranked]:
+                   key: str | None, kind: tuple, limit: int) -> list[Ranked]:
     """Events and users per value of `sql` (a key or a key's value). Whole hours come from the day cache:
-    unfiltered and under trait filters, from per-person counts of every event; under other filters, from
-    that filter's own scans."""
+    with event columns, counted from them under any filters; without, unfiltered and under trait filters from
+    per-person counts of every event, under other filters from that filter's own scans."""
+    extra = [] if key is None else [json_path(key)]
+
     def scan(start: int, end: int, filters: Filters) -> dict[str, list[int]]:
         source, where, params = scan_sql(snap, project_id, start, end, filters)
         people: dict[str, list[int]] = defaultdict(list)
@@ -196,9 +228,12 @@ def _property_rows(snap: Snapshot, project_id: int, window: Window, filters: Fil
         return people
 
     def counted(start: int, end: int) -> dict[str, Totals]:
+        found = column_scans.matched(snap, project_id, start, end, filters)
+        if found is not None:
+            return _column_properties(found, key)
         return {value: Totals(len(ids), BitMap(ids)) for value, ids in scan(start, end, filters).items()}
 
-    if filters != Filters() and not filters.traits_only:
+    if column_scans.available(snap, project_id) or (filters != Filters() and not filters.traits_only):
         return _ranked(_by_value(snap, project_id, window, filters, kind, counted), limit)
     people = trait_people(snap, project_id, filters.traits) if filters.traits else None
     hours, raw = window.split()
@@ -213,14 +248,22 @@ def _property_rows(snap: Snapshot, project_id: int, window: Window, filters: Fil
     return _ranked(merge((counted(start, end) for start, end in raw), found), limit)
 
 
+def _column_properties(found: column_scans.Matched, key: str | None) -> dict[str, Totals]:
+    """Events and users per property key (`key` None) or per value of one key, from the columns."""
+    persons = found.column("person")
+    if key is None:
+        return {name: Totals(len(rows), column_scans.bitmap(persons[rows])) for name, rows in found.keys()}
+    rows, codes, values = found.prop(key)
+    return {values[code]: total for code, total in column_scans.per_value(codes, persons[rows]).items()}
+
+
 def property_keys(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]:
-    return _property_rows(snap, project_id, window, filters, _PROPERTY_KEYS, [], ("property keys",), limit)
+    return _property_rows(snap, project_id, window, filters, _PROPERTY_KEYS, None, ("property keys",), limit)
 
 
 def property_values(snap: Snapshot, project_id: int, window: Window, filters: Filters, key: str,
                     limit: int) -> list[Ranked]:
-    return _property_rows(snap, project_id, window, filters, _PROPERTY_VALUES, [json_path(key)],
-                          ("property values", key), limit)
+    return _property_rows(snap, project_id, window, filters, _PROPERTY_VALUES, key, ("property values", key), limit)
 
 
 def _trait_rows(snap: Snapshot, project_id: int, window: Window, filters: Filters, sql: str, extra: list,

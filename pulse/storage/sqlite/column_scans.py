@@ -41,21 +41,31 @@ class Matched:
             return np.empty(0, dtype=np.int64)
         return np.concatenate([segment.cols[name][rows].astype(np.int64) for segment, rows in self.parts])
 
-    def prop(self, key: str) -> tuple[np.ndarray, list[str]]:
-        """For each matching event that has the key, its index among the matching events and its value's code
-        in the returned list of values."""
+    def _hits(self, segment: Segment, rows: np.ndarray, prop) -> tuple[np.ndarray, np.ndarray | slice]:
+        """(indexes among `rows`, positions in prop.rows) of the rows that have the key."""
+        first, last = int(rows[0]), int(rows[-1])
+        bounds = np.array([first, last], dtype=prop.rows.dtype)  # the haystack's type: no copy of it
+        low, high = np.searchsorted(prop.rows, bounds[0]), np.searchsorted(prop.rows, bounds[1], "right")
+        have = prop.rows[low:high].astype(np.int64)
+        if last - first + 1 == len(rows):  # every row of a range: no search needed
+            return have - first, slice(low, high)
+        at = np.searchsorted(rows, have)
+        hit = rows[np.minimum(at, len(rows) - 1)] == have
+        return at[hit], np.flatnonzero(hit) + low
+
+    def prop(self, key: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """For each matching event that has the key: its index among the matching events (the order of
+        `column`), the code of its value, and the values the codes stand for."""
         values: dict[str, int] = {}
         found_at, found_codes = [], []
         offset = 0
         for segment, rows in self.parts:
             prop = segment.props.get(key)
             if prop is not None and len(rows):
-                at = np.searchsorted(rows, prop.rows)
-                hit = at < len(rows)
-                hit[hit] = rows[at[hit]] == prop.rows[hit]
+                at, where = self._hits(segment, rows, prop)
                 remap = np.array([values.setdefault(v, len(values)) for v in prop.values], dtype=np.int64)
-                found_at.append(at[hit] + offset)
-                found_codes.append(remap[prop.codes[hit].astype(np.int64)])
+                found_at.append(at + offset)
+                found_codes.append(remap[prop.codes[where].astype(np.int64)])
             offset += len(rows)
         if not found_at:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), []
@@ -68,11 +78,9 @@ class Matched:
         for segment, rows in self.parts:
             if len(rows):
                 for key, prop in segment.props.items():
-                    at = np.searchsorted(rows, prop.rows)
-                    hit = at < len(rows)
-                    hit[hit] = rows[at[hit]] == prop.rows[hit]
-                    if hit.any():
-                        gathered.setdefault(key, []).append(at[hit] + offset)
+                    at, _ = self._hits(segment, rows, prop)
+                    if len(at):
+                        gathered.setdefault(key, []).append(at + offset)
             offset += len(rows)
         for key, parts in gathered.items():
             yield key, np.concatenate(parts)
@@ -146,12 +154,22 @@ def _terms(snap: Snapshot, project_id: int, filters: Filters):
     return equal, tables
 
 
+def _view(snap: Snapshot, project_id: int) -> tuple | None:
+    key = ("columns", project_id)
+    if key not in snap.memo:
+        snap.memo[key] = project_view(snap.columns, snap.conn, project_id)
+    return snap.memo[key]
+
+
+def available(snap: Snapshot, project_id: int) -> bool:
+    """Whether this read can count the project's events from the columns."""
+    return _view(snap, project_id) is not None
+
+
 def matched(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters) -> Matched | None:
     """The non-bot events of [start, end) that match the filters, from the columns; None when the columns
     cannot answer (then the raw table is read instead)."""
-    got = snap.memo.get(("columns", project_id))
-    if got is None:
-        got = snap.memo[("columns", project_id)] = project_view(snap.columns, snap.conn, project_id)
+    got = _view(snap, project_id)
     if got is None:
         return None
     segments, _ = got

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
+import numpy as np
 from msgspec import structs
 
 from pulse.protocol import Counts, OverviewStats, PeriodStats, ProjectSummary, TopEvent
 from pulse.storage.model import Filters, Window
 from pulse.storage.model import DAY_MS, HOUR_MS
+from pulse.storage.sqlite import column_scans
 from pulse.storage.sqlite.aggregates import Totals, hourly, name_id
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import cached_digests, totals, totals_and_names
@@ -49,10 +51,10 @@ def overview(snap: Snapshot, project_id: int, window: Window, now_ms: int,
 
 
 def cache_for_filters(snap: Snapshot, project_id: int, window: Window) -> None:
-    """Fill the day cache with what any trait filter is answered from (the start-up warm-up): the `People`
-    of the window's whole hours, and its sessions by start day (`SessionDay`)."""
+    """Fill the day cache with what any trait filter is answered from (the start-up warm-up): without event
+    columns, the `People` of the window's whole hours; and its sessions by start day (`SessionDay`)."""
     hours, _ = window.split()
-    if hours is not None:
+    if hours is not None and not column_scans.available(snap, project_id):  # the columns answer them otherwise
         for _ in cached_people(snap, project_id, hours):
             pass
     for _ in session_days(snap, project_id, window):
@@ -82,6 +84,14 @@ def timeseries(snap: Snapshot, project_id: int, bounds: list[int], filters: Filt
             if hour in covered:
                 buckets[bisect_right(bounds, hour * HOUR_MS) - 1].add(total)
     for start, end in _uncovered(window, covered):  # the rest from raw events, range by range
+        found = column_scans.matched(snap, project_id, start, end, filters)
+        if found is not None:
+            ts, persons, sessions = found.column("ts"), found.column("person"), found.column("session")
+            at = np.searchsorted(bounds, ts, "right") - 1
+            for bucket, rows in column_scans.groups(at):
+                buckets[bucket].add(Totals(len(rows), column_scans.bitmap(persons[rows]),
+                                           column_scans.bitmap(sessions[rows][sessions[rows] > 0])))
+            continue
         where, params = event_conditions(snap, project_id, start, end, filters)
         for ts, person_id, session_id in snap.conn.execute(
             f"SELECT e.ts, e.person_id, e.session_id {RAW_FROM} WHERE {where}", params
