@@ -154,10 +154,15 @@ def _terms(snap: Snapshot, project_id: int, filters: Filters):
     return equal, tables
 
 
-def _view(snap: Snapshot, project_id: int) -> tuple | None:
+def _view(snap: Snapshot, project_id: int) -> tuple[list[Segment], int] | None:
+    """The project's segments, and the last event id this read's snapshot holds (the builder may have read
+    a newer snapshot: rows past it are left out, so that a read sees one state of the table)."""
     key = ("columns", project_id)
     if key not in snap.memo:
-        snap.memo[key] = project_view(snap.columns, snap.conn, project_id)
+        got = project_view(snap.columns, snap.conn, project_id)
+        if got is not None:
+            got = (got[0], snap.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+        snap.memo[key] = got
     return snap.memo[key]
 
 
@@ -172,7 +177,7 @@ def matched(snap: Snapshot, project_id: int, start: int, end: int, filters: Filt
     got = _view(snap, project_id)
     if got is None:
         return None
-    segments, _ = got
+    segments, highest = got
     start = max(start, _cut(snap, project_id))
     if not segments or start >= end:
         return Matched([])
@@ -189,7 +194,7 @@ def matched(snap: Snapshot, project_id: int, start: int, end: int, filters: Filt
         i, j = segment.span(start, end)
         if i == j:
             continue
-        keep = np.ones(j - i, dtype=bool)
+        keep = np.ones(j - i, dtype=bool) if segment.hi <= highest else segment.cols["id"][i:j] <= highest
         for column, value in equal:
             keep &= segment.cols[column][i:j] == np.int64(value)
         for column, table in tables:
