@@ -120,8 +120,8 @@ def generate(seed: int = 11, persons: int = 40) -> tuple[list[list[dict]], list[
                                        "anon_id": anonymous, "traits": {"tier": tier}}, item))
                 # the next event: in the same millisecond now and then (not as the first page view, whose UTM
                 # source is the session's), else seconds, minutes or hours later
-                ts += rng.choice([0 if position else SECOND, rng.randrange(10 * SECOND, 20 * MINUTE), rng.randrange(10 * SECOND, 20 * MINUTE),
-                                  rng.randrange(HOUR, 5 * HOUR)])
+                ts += rng.choice([0 if position else SECOND, rng.randrange(10 * SECOND, 20 * MINUTE),
+                                  rng.randrange(10 * SECOND, 20 * MINUTE), rng.randrange(HOUR, 5 * HOUR)])
         if not identified:
             for item in sent[first_sent:]:
                 item.tier = None
@@ -229,7 +229,9 @@ FUNNELS = [
     (["page_view:/", "page_view", "page_view:/signup"], "1h"),  # a page view that is two steps
 ]
 FILTERS = [{}, {"browser": "Firefox"}, {"prop.plan": "pro"}, {"trait.tier": "gold"}, {"utm_source": "google"},
-           {"path": "/pricing"}, {"event": "signup"}, {"browser": "Chrome", "prop.plan": "free", "trait.tier": "silver"}]
+           {"path": "/pricing"}, {"event": "signup"},
+           {"browser": "Chrome", "prop.plan": "free", "trait.tier": "silver"},
+           {"utm_source": "nowhere"}, {"prop.plan": "none"}]  # the last two match nothing
 BREAKDOWNS = [None, "browser", "prop.plan", "trait.tier", "utm_source"]
 PATHS = [("/", "page_view:/", 3, 3), ("signup", "signup", 4, 2), ("page_view", "page_view", 2, 5)]
 

@@ -304,7 +304,8 @@ def _values(snap: Snapshot, breakdown: str, by: str | tuple[str, str] | None, id
     chunk = json.dumps(keys)
     if breakdown.startswith("trait."):
         found = dict(snap.conn.execute(
-            "SELECT id, CAST(json_extract(traits, ?) AS TEXT) FROM persons WHERE id IN (SELECT value FROM json_each(?))",
+            "SELECT id, CAST(json_extract(traits, ?) AS TEXT) FROM persons"
+            " WHERE id IN (SELECT value FROM json_each(?))",
             (json_path(breakdown[6:]), chunk)))
     elif by == "agent":
         found = dict(snap.conn.execute(

@@ -118,11 +118,9 @@ def _string_ids(snap: Snapshot, values: list[str]) -> dict[str, int]:
 def _step_keys(snap: Snapshot, names: np.ndarray, paths: np.ndarray, page_view: int) -> np.ndarray:
     """Each event's step as one integer, equal for two events exactly when `step_name` names them alike (an
     event named like `page_view:/path` is that page's view)."""
-    distinct = np.unique(names).tolist()
+    distinct = np.flatnonzero(np.bincount(names)).tolist()
     names = names.astype(np.int64)
-    keys = names << _PATH_BITS
-    viewed = names == page_view
-    keys[viewed] |= paths[viewed]
+    keys = (names << _PATH_BITS) | np.where(names == page_view, paths, 0)
     named = strings(snap, distinct)
     prefix = f"{PAGE_VIEW}:"
     lookalikes = {name_id: text[len(prefix):] for name_id, text in named.items()
@@ -149,7 +147,7 @@ def _from_columns(snap: Snapshot, found: column_scans.Matched, start: tuple[str,
     name, path = start
     ids = _string_ids(snap, [text for text in (name, path, PAGE_VIEW) if text is not None])
     start_name, start_path = ids.get(name, -1), None if path is None else ids.get(path, -1)
-    if start_name < 0 or start_path is not None and start_path < 0:
+    if not found.parts or start_name < 0 or start_path is not None and start_path < 0:
         return _answer(label, _Node(), limit)
     # segments in id order: within each, events are in (ts, id) order, so events of equal time are in id order
     # in the parts taken one after the other
