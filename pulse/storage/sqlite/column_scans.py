@@ -21,6 +21,7 @@ from pulse.storage.model import HOUR_MS, PAGE_VIEW, Filters
 from pulse.storage.sqlite.aggregates import Totals
 from pulse.storage.sqlite.columns import Segment, project_view
 from pulse.storage.sqlite.day_cache import Snapshot
+from pulse.storage.sqlite.lookups import strings, trait_people
 
 _STRING_FILTERS = (("name", "event"), ("path", "path"), ("referrer", "referrer"), ("country", "country"),
                    ("language", "language"), ("screen", "screen"))
@@ -146,7 +147,6 @@ def _terms(snap: Snapshot, project_id: int, filters: Filters):
             return False
         tables.append(("session", _lookup(sessions)))
     if filters.traits:
-        from pulse.storage.sqlite.scans import trait_people  # scans reads through this module
         people = trait_people(snap, project_id, filters.traits)
         if not people:
             return False
@@ -272,7 +272,6 @@ def per_value(keys: np.ndarray, persons: np.ndarray) -> dict[int, Totals]:
 
 def digest_parts(snap: Snapshot, found: Matched):
     """(total, hours, names, pages, agents) of the matching events, as `scans.Digest` holds them."""
-    from pulse.storage.sqlite.scans import strings
     if not len(found):
         return Totals(), {}, {}, {}, {}
     ts, persons, sessions = found.column("ts"), found.column("person"), found.column("session")

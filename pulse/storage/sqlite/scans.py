@@ -17,6 +17,7 @@ from pulse.storage.model import Filters
 from pulse.storage.model import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite import column_scans
 from pulse.storage.sqlite.aggregates import Totals, from_rollups, name_id
+from pulse.storage.sqlite.lookups import json_path, strings, trait_people  # noqa: F401 (read from here too)
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
 
 STRING_ID = "(SELECT id FROM strings WHERE value = ?)"  # the id of a string given as a parameter
@@ -50,10 +51,6 @@ def event_conditions(snap: Snapshot, project_id: int, start: int, end: int, filt
         clauses.append("e.person_id IN (SELECT value FROM json_each(?))")
         params.append(json.dumps(list(trait_people(snap, project_id, filters.traits))))
     return " AND ".join(clauses), params
-
-
-def json_path(key: str) -> str:
-    return '$."' + key.replace('"', '""') + '"'
 
 
 def scan_sql(snap: Snapshot, project_id: int, start: int, end: int, filters: Filters) -> tuple[str, str, list]:
@@ -90,24 +87,6 @@ def scan_totals(snap: Snapshot, project_id: int, start: int, end: int, filters: 
     return found
 
 
-def trait_people(snap: Snapshot, project_id: int, traits: tuple[tuple[str, str], ...]) -> BitMap:
-    """The persons of the project that have every trait given; kept until the writer next merges traits
-    into one of the project's persons."""
-    row = snap.conn.execute("SELECT value FROM meta WHERE key = ?", (f"traits:{project_id}",)).fetchone()
-    generation = 0 if row is None else row[0]
-    key = (snap.conn.filename, project_id, "trait people", traits)
-    found = snap.days.get(key, generation)
-    if found is None:
-        sql = "SELECT id FROM persons WHERE project_id = ?"
-        params: list = [project_id]
-        for name, value in traits:
-            sql += " AND CAST(json_extract(traits, ?) AS TEXT) = ?"
-            params += [json_path(name), value]
-        found = BitMap(row[0] for row in snap.conn.execute(sql, params))
-        snap.days.put(key, generation, found)
-    return found
-
-
 def cached_scans(snap: Snapshot, project_id: int, hours: tuple[int, int], filters: Filters, kind: tuple,
                  compute: Callable[[int, int], object]) -> Iterator[object]:
     """`compute(start_ms, end_ms)` from raw events under `filters` (which must be `by_hour`), per whole day and
@@ -121,11 +100,6 @@ def cached_scans(snap: Snapshot, project_id: int, hours: tuple[int, int], filter
 
     return cached_spans(snap, project_id, hours, 0, ("filtered", filters, *kind),
                         lambda span: compute(span[0] * HOUR_MS, span[1] * HOUR_MS), who if people is not None else None)
-
-
-def strings(snap: Snapshot, ids) -> dict[int, str]:
-    return dict(snap.conn.execute("SELECT id, value FROM strings WHERE id IN (SELECT value FROM json_each(?))",
-                                  (json.dumps(list(ids)),)))
 
 
 @dataclass(frozen=True, slots=True)
