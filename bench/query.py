@@ -2,12 +2,21 @@
 
     python bench/query.py [--events 10000000] [--runs 5]
 
-Loads the events through the real writer (30 days, ~50 event names, 100k users with traits, 300k sessions),
-starts `pulse serve` on that database and waits for its start-up warm-up, times each endpoint over HTTP for
-range=30d, unfiltered and with trait.gender=Female (the first request apart: nothing is cached for a new
-filter), the journeys among them (a 3-step funnel over the month, 8 weeks of retention, the paths from a page),
-and times a plain SQL scan of the raw events giving the same answer in the same run. Prints p50
-and p95 (ms) and the ratio raw scan / endpoint. Loopback only; stops by itself.
+Loads the events through the real writer (30 days, ~50 event names, 100k users with traits, 300k sessions, a
+quarter of them from a newsletter link), then runs `pulse serve` on that database twice, one after the other
+(one server per database):
+
+- first with no cache (PULSE_CACHE_MIB=0, no start-up warm-up), so that every request is a first request: it
+  times how long the event columns take to build at the first start (or to load, when they exist), their size
+  on disk, and one request per endpoint and filter kind;
+- then as configured: it waits for the start-up warm-up, times each endpoint over HTTP for range=30d, under each
+  filter kind, the first request and the repeats, the journeys among them (a 3-step funnel over the month, 8
+  weeks of retention, the paths from a page).
+
+Each server's timing starts once its columns are built. A plain SQL scan of the raw events giving the same
+answer is timed in the same run. Prints p50 and p95 (ms), the ratio raw scan / endpoint, and per filter kind
+and endpoint the first request with nothing cached next to the repeats' p50 and p95. Loopback only; stops by
+itself.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -73,6 +83,7 @@ async def load(path: Path, events: int, days: int = 30, users: int = 100_000, se
             agent = user % len(AGENTS)
             ts = start + day * DAY_MS + rng.randrange(DAY_MS)
             session = f"s{day}-{number}"
+            campaign = "?utm_source=newsletter" if number % 4 == 0 else ""  # no random draw: the rest is as before
             if user not in seen_users:
                 seen_users.add(user)
                 day_events.append((ts, agent, IngestEvent(event="$identify", distinct_id=f"u{user}", session_id=session,
@@ -81,7 +92,7 @@ async def load(path: Path, events: int, days: int = 30, users: int = 100_000, se
                 name = "page_view" if step == 0 else rng.choice(NAMES)
                 day_events.append((ts, agent, IngestEvent(
                     event=name, distinct_id=f"u{user}", session_id=session, timestamp=ts,
-                    page_url="https://shop.example" + rng.choice(PAGES),
+                    page_url="https://shop.example" + rng.choice(PAGES) + (campaign if step == 0 else ""),
                     referrer=rng.choice(REFERRERS) if step == 0 else None,
                     properties={"plan": rng.choice(["free", "pro"]), "n": step} if name != "page_view" else None,
                 )))
@@ -150,19 +161,50 @@ RAW = {
 }
 
 
-async def time_endpoints(url: str, token: str, runs: int, filters: dict) -> dict[str, list[float]]:
+# every endpoint of the per-kind tables: ENDPOINTS and the reports the dashboard adds
+ALL_ENDPOINTS = [*ENDPOINTS, "countries", "traits", "goals"]
+
+# the filter kinds of the per-kind tables (values the loaded month has)
+KINDS = {
+    "none": {},
+    "trait.gender": {"trait.gender": "Female"},
+    "prop.plan": {"prop.plan": "pro"},
+    "path": {"path": "/page/1"},
+    "referrer": {"referrer": "google.com"},
+    "utm_source": {"utm_source": "newsletter"},
+    "browser": {"browser": "Chrome"},
+    "os": {"os": "iOS"},
+    "device": {"device": "mobile"},
+    "event": {"event": "event_07"},
+    "two traits": {"trait.age_group": ">40", "trait.gender": "Male"},
+    "trait + event": {"trait.gender": "Other", "event": "event_07"},
+    "prop + browser + trait": {"prop.plan": "pro", "browser": "Chrome", "trait.gender": "Female"},
+}
+
+
+async def time_endpoints(url: str, token: str, runs: int, filters: dict,
+                         endpoints: list[str] = ENDPOINTS) -> dict[str, list[float]]:
+    """`runs` requests of each endpoint in turn (ms each); an answer other than 200 is recorded as NaN (with
+    its status in `refused`), not timed."""
     timings: dict[str, list[float]] = {}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
-        for endpoint in ENDPOINTS:
+        for endpoint in endpoints:
             path, _, query = endpoint.partition("?")
             params = {"range": "30d", **filters, **dict(p.split("=") for p in query.split("&") if p)}
             for _ in range(runs):
                 began = time.perf_counter()
                 async with session.get(f"{url}/api/v1/projects/1/{path}", params=params) as response:
                     await response.read()
-                    assert response.status == 200, (endpoint, response.status)
-                timings.setdefault(endpoint, []).append((time.perf_counter() - began) * 1000)
+                    status = response.status
+                elapsed = (time.perf_counter() - began) * 1000
+                if status != 200:
+                    refused[(endpoint, tuple(filters.items()))] = status
+                    elapsed = math.nan
+                timings.setdefault(endpoint, []).append(elapsed)
     return timings
+
+
+refused: dict[tuple, int] = {}  # (endpoint, filters) -> the status of an answer other than 200
 
 
 OTHER_FILTERS = {  # answered from per-person counts, like trait.gender, or by their own scan of the raw events
@@ -191,6 +233,56 @@ def rss(pid: int) -> str:
     return f"{int(status['VmRSS'].split()[0]) / 1024:.0f} MiB (peak {int(status['VmHWM'].split()[0]) / 1024:.0f} MiB)"
 
 
+def columns_size(data_dir: Path) -> int:
+    """Bytes of the event columns on disk (`pulse.db-columns/`)."""
+    return sum(f.stat().st_size for f in (data_dir / "pulse.db-columns").rglob("*") if f.is_file())
+
+
+def wait_columns(data_dir: Path, highest: int, server: subprocess.Popen) -> None:
+    """Until the columns' manifest says every event of the database is built (the server builds them behind
+    its start when the database has none yet)."""
+    manifest = data_dir / "pulse.db-columns" / "manifest.json"
+    while True:
+        try:
+            if json.loads(manifest.read_text())["through"] >= highest:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"pulse serve exited ({server.returncode}) before its columns were built")
+        time.sleep(0.1)
+
+
+def serve(data_dir: Path, **env: str) -> tuple[subprocess.Popen, str, float]:
+    """`pulse serve` on the data directory, once its columns are built and its warm-up done: the process, its
+    URL and the seconds from its start until its columns were built."""
+    port = free_port()
+    began = time.monotonic()
+    server = subprocess.Popen([sys.executable, "-m", "pulse.cli", "serve", "--port", str(port), "--data-dir",
+                               str(data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              env={**os.environ, "PULSE_QUERY_TIMEOUT_S": "120", **env})
+    try:
+        conn = connect(data_dir / "pulse.db", readonly=True)
+        highest = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        conn.close()
+        wait_columns(data_dir, highest, server)
+        built = time.monotonic() - began
+        wait_http(port, timeout=120)
+        url = f"http://127.0.0.1:{port}"
+        while not json.loads(urlopen(f"{url}/health").read())["warmed_up"]:
+            time.sleep(0.2)
+    except BaseException:
+        server.terminate()
+        server.wait(60)
+        raise
+    return server, url, built
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(60)
+
+
 def time_raw(path: Path, runs: int) -> dict[str, float]:
     conn = connect(path, readonly=True)
     now = int(time.time() * 1000)
@@ -212,6 +304,10 @@ WIDTH = max(len(endpoint) for endpoint in ENDPOINTS)
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def cell(value: float, width: int = 8) -> str:
+    return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.1f}"
 
 
 def main() -> None:
@@ -245,25 +341,31 @@ def main() -> None:
     print(f"{counts[0]:,} events, {counts[1]:,} persons, {counts[2]:,} sessions; "
           f"{sum(f.stat().st_size for f in data_dir.glob('pulse.db*')) / counts[0]:.0f} bytes/event on disk")
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "pulse.cli", "serve", "--port", str(port), "--data-dir",
-                               str(data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ,
-                                                                                           "PULSE_QUERY_TIMEOUT_S": "120"})
+    columns_existed = (data_dir / "pulse.db-columns" / "manifest.json").exists()
+    # every request a first request: no cache (and so no warm-up to fill it)
+    server, url, built = serve(data_dir, PULSE_CACHE_MIB="0", PULSE_WARM_DAYS="0")
     try:
-        wait_http(port)
-        url = f"http://127.0.0.1:{port}"
-        began = time.monotonic()
-        while not json.loads(urlopen(f"{url}/health").read())["warmed_up"]:
-            time.sleep(0.2)
+        print(f"event columns {'loaded' if columns_existed else 'built'} {built:.1f}s after the server's start:"
+              f" {columns_size(data_dir) / counts[0]:.1f} bytes/event on disk; server RSS {rss(server.pid)}")
+        first = {kind: asyncio.run(time_endpoints(url, token, 1, filters, ALL_ENDPOINTS))
+                 for kind, filters in KINDS.items()}
+        print(f"server RSS after the first requests (no cache) {rss(server.pid)}")
+    finally:
+        stop(server)
+
+    began = time.monotonic()
+    server, url, _ = serve(data_dir)
+    try:
         print(f"warm-up at start (the readers' cache of the last 31 days): {time.monotonic() - began:.1f}s;"
               f" server RSS {rss(server.pid)}")
+        others = asyncio.run(first_overviews(url, token))  # before anything is cached for those filters
         plain = asyncio.run(time_endpoints(url, token, args.runs, {}))
         filtered = asyncio.run(time_endpoints(url, token, args.runs, {"trait.gender": "Female"}))
-        others = asyncio.run(first_overviews(url, token))
+        repeated = {kind: asyncio.run(time_endpoints(url, token, args.runs, filters, ALL_ENDPOINTS))
+                    for kind, filters in KINDS.items()}
         print(f"server RSS after the requests {rss(server.pid)}")
     finally:
-        server.terminate()
-        server.wait(60)
+        stop(server)
     raw = time_raw(db, max(1, args.runs // 2))
     print(f"\nrange=30d, {args.runs} requests each over HTTP after the start-up warm-up; filtered: the first"
           " request (nothing cached for that filter) and the repeats; raw: the same answer from a plain scan (median)")
@@ -277,6 +379,19 @@ def main() -> None:
               f"{p(b[1:], 0.95):>8.1f}   {'' if scan is None else f'{scan:.0f}':>11} {ratio:>8}")
     print("\nthe first overview under other new filters (ms): "
           + ", ".join(f"{name} {ms:,.0f}" for name, ms in others.items()))
+
+    print(f"\nper filter kind, range=30d (ms): 1st = the first request on a server with no cache"
+          f" (PULSE_CACHE_MIB=0); p50, p95 = requests 2..{args.runs} on the server as configured;"
+          " raw: the plain scan's median, unfiltered")
+    for kind, filters in KINDS.items():
+        print(f"\n{kind}: " + ("&".join(f"{k}={v}" for k, v in filters.items()) or "no filter"))
+        print(f"  {'endpoint':<{WIDTH}} {'1st':>8} {'p50':>8} {'p95':>8}   {'raw scan ms':>11}")
+        for endpoint in ALL_ENDPOINTS:
+            cold, warm = first[kind][endpoint][0], repeated[kind][endpoint][1:]
+            scan = raw.get(endpoint) if not filters else None
+            note = refused.get((endpoint, tuple(filters.items())))
+            print(f"  {endpoint:<{WIDTH}} {cell(cold)} {cell(p(warm, 0.5))} {cell(p(warm, 0.95))}   "
+                  f"{'' if scan is None else f'{scan:.0f}':>11}" + (f"   (answered {note})" if note else ""))
     if not args.keep:
         shutil.rmtree(data_dir)
 

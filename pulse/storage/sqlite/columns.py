@@ -344,10 +344,12 @@ class ColumnIndex:
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(scratch, self.directory / "manifest.json")
-        old = {s.name for parts in self.view.segments.values() for s in parts}
         self.view = view
-        for name in old - set(manifest["segments"]):
-            shutil.rmtree(self.directory / name, ignore_errors=True)
+        # every other segment goes: those the view no longer names, and those a pass made and merged at once
+        named = set(manifest["segments"])
+        for path in self.directory.iterdir():
+            if path.is_dir() and path.name not in named:
+                shutil.rmtree(path, ignore_errors=True)
 
     def build_once(self, conn: apsw.Connection) -> bool:
         """Build the next events into segments and merge; True when more are waiting."""
