@@ -203,7 +203,7 @@ def _matching(part: dict[str, Totals], day: SessionDay, matched: BitMap) -> dict
     for value, total in part.items():
         sessions = total.sessions & matched
         if sessions:
-            people = BitMap(day.persons[i] for i in day.positions(sessions))
+            people = column_scans.bitmap(day.column(day.persons, day.positions(sessions)))
             found[value] = Totals(len(sessions), people, sessions)
     return found
 
