@@ -7,8 +7,8 @@ function (18.16 has none that takes an escaped key): the raw JSON of the value f
 which no string inside the object can hold (its quotes are escaped). Which raw JSON texts SQLite reads as the
 text asked for is worked out here with SQLite itself (the library the SQLite store runs on): the string, the
 integer, `true` for `1` and `false` for `0`, and the one float whose text it is. A number that SQLite reads
-as a float from an integer beyond 64 bits cannot be listed that way, nor a key SQLite cannot name in a JSON
-path (one with a `"`): filters on those raise NotAvailable.
+as a float from an integer beyond 64 bits cannot be listed that way, nor is a key with a `"` looked for (its
+escaped form in the stored text is not worked out here): filters on those raise NotAvailable.
 
 Person traits are kept per person and key (`person_traits`, newest `seq` wins, `null` deletes a key: what
 json_patch does with flat objects, in commit order), so a trait filter is the persons whose current value is
@@ -53,7 +53,7 @@ def sqlite_text(raw: str) -> str | None:
 def check_key(key: str) -> None:
     if '"' in key:
         raise NotAvailable(f"property or trait keys with a double quote ({key!r}) are not available on the"
-                           " ClickHouse store: SQLite cannot name them in a JSON path")
+                           " ClickHouse store")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,6 +29,16 @@ class Totals:
         return 64 + 2 * (len(self.users) + len(self.sessions))
 
 
+def summed_hours(hours: dict[int, Totals]) -> Totals:
+    """The totals of disjoint hours: events add up, sets unite."""
+    total = Totals()
+    if hours:
+        total.events = sum(t.events for t in hours.values())
+        total.users = BitMap.union(*(t.users for t in hours.values()))
+        total.sessions = BitMap.union(*(t.sessions for t in hours.values()))
+    return total
+
+
 def merge(parts: Iterator[dict], into: dict | None = None) -> dict:
     """Add up {value: Totals} parts into fresh totals (cached parts are never changed)."""
     found: dict = defaultdict(Totals) if into is None else into

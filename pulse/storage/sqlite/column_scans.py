@@ -18,7 +18,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from pulse.storage.model import HOUR_MS, PAGE_VIEW, Filters
-from pulse.storage.sqlite.aggregates import Totals
+from pulse.storage.sqlite.aggregates import Totals, summed_hours
 from pulse.storage.sqlite.columns import Segment, project_view
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.lookups import strings, trait_people
@@ -205,11 +205,9 @@ def matched(snap: Snapshot, project_id: int, start: int, end: int, filters: Filt
             if code is None:
                 keep[:] = False
                 break
-            memo_key = ("prop rows", id(segment), key, value)
-            rows = snap.memo.get(memo_key)
-            if rows is None:
-                rows = snap.memo[memo_key] = prop.rows[prop.codes == code].astype(np.int64)
-            rows = rows[np.searchsorted(rows, i):np.searchsorted(rows, j)] - i
+            rows = prop.rows_of(code)
+            bounds = np.array([i, j], dtype=rows.dtype)  # the haystack's type: no copy of it
+            rows = rows[np.searchsorted(rows, bounds[0]):np.searchsorted(rows, bounds[1])].astype(np.int64) - i
             has = np.zeros(j - i, dtype=bool)
             has[rows] = True
             keep &= has
@@ -270,6 +268,18 @@ def per_value(keys: np.ndarray, persons: np.ndarray) -> dict[int, Totals]:
     return {key: Totals(len(rows), bitmap(persons[rows])) for key, rows in groups(keys)}
 
 
+def _hours(ts: np.ndarray) -> Iterator[tuple[int, np.ndarray | slice]]:
+    """(hour, its rows) of a time column: slices when it is in time order (one segment's part), else indexes."""
+    if len(ts) and bool(np.all(ts[1:] >= ts[:-1])):
+        first, last = int(ts[0]) // HOUR_MS, int(ts[-1]) // HOUR_MS
+        edges = np.searchsorted(ts, np.arange(first, last + 2, dtype=np.int64) * HOUR_MS).tolist()
+        for hour, (low, high) in enumerate(zip(edges, edges[1:]), start=first):
+            if low < high:
+                yield hour, slice(low, high)
+        return
+    yield from groups(ts // HOUR_MS)
+
+
 def digest_parts(snap: Snapshot, found: Matched):
     """(total, hours, names, pages, agents) of the matching events, as `scans.Digest` holds them."""
     if not len(found):
@@ -277,10 +287,10 @@ def digest_parts(snap: Snapshot, found: Matched):
     ts, persons, sessions = found.column("ts"), found.column("person"), found.column("session")
     names, paths = found.column("name"), found.column("path")
     hours = {}
-    for hour, rows in groups(ts // HOUR_MS):
+    for hour, rows in _hours(ts):
         hour_sessions = sessions[rows]
-        hours[hour] = Totals(len(rows), bitmap(persons[rows]), bitmap(hour_sessions[hour_sessions > 0]))
-    total = Totals(len(ts), bitmap(persons), bitmap(sessions[sessions > 0]))
+        hours[hour] = Totals(len(hour_sessions), bitmap(persons[rows]), bitmap(hour_sessions[hour_sessions > 0]))
+    total = summed_hours(hours)
     by_name = per_value(names, persons)
     page_view = snap.conn.execute("SELECT id FROM strings WHERE value = ?", (PAGE_VIEW,)).fetchone()
     viewed = (names == page_view[0]) & (paths > 0) if page_view is not None else np.zeros(len(ts), dtype=bool)

@@ -57,11 +57,11 @@ _PROPS_SQL = ("SELECT e.project_id, e.id, j.key, CAST(j.value AS TEXT) FROM even
               " WHERE e.id > ? AND e.id <= ? AND e.props IS NOT NULL AND coalesce(a.is_bot, 0) = 0"
               " AND j.type != 'null'{project} ORDER BY e.id")
 
-BUILD_ROWS = 500_000  # events read by one pass of the builder at most
+BUILD_ROWS = 100_000  # events read by one pass of the builder at most (their rows are Python objects a while)
 MERGE_FANOUT = 4  # this many segments of about one size are merged into one
-MERGE_MAX_ROWS = 16_000_000  # segments this large are merged no more
+MERGE_MAX_ROWS = 8_000_000  # merges make no larger segment (a merge holds about 40 bytes per row a while)
 DELTA_MAX_ROWS = 200_000  # a read builds at most this many events itself; past that, columns are not used
-VERSION = 1
+VERSION = 2  # of the files: segments of another version are built again
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
@@ -74,16 +74,27 @@ def _narrow(values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Prop:
-    """One property key in a segment: the rows that have it (ascending) and the code of each one's value."""
+    """One property key in a segment: the rows that have it (ascending) and the code of each one's value, and
+    the same rows by value (`postings[starts[c]:starts[c + 1]]` are the rows of value c, ascending)."""
 
     rows: np.ndarray
     codes: np.ndarray
     values: list[str]
     index: dict[str, int]
+    postings: np.ndarray
+    starts: np.ndarray
 
     @classmethod
-    def of(cls, rows: np.ndarray, codes: np.ndarray, values: list[str]) -> Prop:
-        return cls(rows, codes, values, {value: code for code, value in enumerate(values)})
+    def of(cls, rows: np.ndarray, codes: np.ndarray, values: list[str], postings: np.ndarray | None = None,
+           starts: np.ndarray | None = None) -> Prop:
+        if postings is None:
+            postings = rows[np.argsort(codes, kind="stable")]
+            starts = np.searchsorted(np.sort(codes), np.arange(len(values) + 1)).astype(np.int64)
+        return cls(rows, codes, values, {value: code for code, value in enumerate(values)}, postings, starts)
+
+    def rows_of(self, code: int) -> np.ndarray:
+        """The rows whose value is `code`, ascending."""
+        return self.postings[int(self.starts[code]):int(self.starts[code + 1])]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -189,7 +200,7 @@ def merge(parts: list[Segment], cut_ts: int = 0) -> Segment:
     order = np.lexsort((ids, ts))
     order = order[keep[order]]
     for name in FIELDS:
-        joined = np.concatenate([p.cols[name].astype(np.int64) for p in parts])[order]
+        joined = np.concatenate([p.cols[name] for p in parts])[order]  # in the widest of the parts' types
         cols[name] = joined if name in _WIDE else _narrow(joined)
     # old position (in the concatenation) -> new position, -1 when cut
     where = np.full(len(ts), -1, dtype=np.int64)
@@ -228,6 +239,8 @@ def _save(segment: Segment, root: Path) -> Segment:
     for i, (key, prop) in enumerate(segment.props.items()):
         np.save(scratch / f"k{i}.rows.npy", prop.rows)
         np.save(scratch / f"k{i}.codes.npy", prop.codes)
+        np.save(scratch / f"k{i}.postings.npy", prop.postings)
+        np.save(scratch / f"k{i}.starts.npy", prop.starts)
         keys.append({"key": key, "values": prop.values})
     (scratch / "props.json").write_text(json.dumps(keys))
     for path in scratch.iterdir():  # on disk before the manifest names the segment
@@ -238,12 +251,18 @@ def _save(segment: Segment, root: Path) -> Segment:
     return _load(target, segment.project, segment.lo, segment.hi)
 
 
+def _mapped(path: Path) -> np.ndarray:
+    """An .npy file read through the page cache, as a plain array (numpy's memmap type costs on every slice)."""
+    return np.load(path, mmap_mode="r").view(np.ndarray)
+
+
 def _load(directory: Path, project: int, lo: int, hi: int) -> Segment:
-    cols = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in FIELDS}
+    cols = {name: _mapped(directory / f"{name}.npy") for name in FIELDS}
     props = {}
     for i, entry in enumerate(json.loads((directory / "props.json").read_text())):
-        props[entry["key"]] = Prop.of(np.load(directory / f"k{i}.rows.npy", mmap_mode="r"),
-                                      np.load(directory / f"k{i}.codes.npy", mmap_mode="r"), entry["values"])
+        props[entry["key"]] = Prop.of(*(_mapped(directory / f"k{i}.{part}.npy") for part in ("rows", "codes")),
+                                      entry["values"],
+                                      *(_mapped(directory / f"k{i}.{part}.npy") for part in ("postings", "starts")))
     return Segment(project, lo, hi, cols, props, directory)
 
 

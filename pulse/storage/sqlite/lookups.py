@@ -10,7 +10,8 @@ from pulse.storage.sqlite.day_cache import Snapshot
 
 
 def json_path(key: str) -> str:
-    return '$."' + key.replace('"', '""') + '"'
+    """The JSON path of a top-level key, quoted: SQLite reads backslash escapes in a quoted label."""
+    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def trait_people(snap: Snapshot, project_id: int, traits: tuple[tuple[str, str], ...]) -> BitMap:

@@ -16,7 +16,7 @@ from pyroaring import BitMap
 from pulse.storage.model import Filters
 from pulse.storage.model import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite import column_scans
-from pulse.storage.sqlite.aggregates import Totals, from_rollups, name_id
+from pulse.storage.sqlite.aggregates import Totals, from_rollups, name_id, summed_hours
 from pulse.storage.sqlite.lookups import json_path, strings, trait_people  # noqa: F401 (read from here too)
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
 
@@ -157,15 +157,6 @@ def scan_pass(snap: Snapshot, project_id: int, start: int, end: int, filters: Fi
     named = strings(snap, names.keys() | pages.keys())
     return Scanned(hours, sessions, {named[i]: people for i, people in names.items()},
                 {named[i]: people for i, people in pages.items()}, agents)
-
-
-def summed_hours(hours: dict[int, Totals]) -> Totals:
-    total = Totals()
-    if hours:
-        total.events = sum(t.events for t in hours.values())
-        total.users = BitMap.union(*(t.users for t in hours.values()))
-        total.sessions = BitMap.union(*(t.sessions for t in hours.values()))
-    return total
 
 
 def _counted(people: dict) -> dict:

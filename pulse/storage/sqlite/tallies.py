@@ -15,9 +15,9 @@ from pyroaring import BitMap
 
 from pulse.storage.model import Filters
 from pulse.storage.model import HOUR_MS
-from pulse.storage.sqlite.aggregates import Totals
+from pulse.storage.sqlite.aggregates import Totals, summed_hours
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
-from pulse.storage.sqlite.scans import PAIR, Digest, scan_pass, summed_hours
+from pulse.storage.sqlite.scans import PAIR, Digest, scan_pass
 
 
 @dataclass(frozen=True, slots=True)
