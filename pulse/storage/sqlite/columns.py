@@ -4,8 +4,8 @@ so that any filter is a few comparisons of columns instead of a read of the rows
 A segment holds every non-bot event of one project whose id is in [lo, hi], sorted by (ts, id): one array per
 field (event id, time, person, session, and the interned ids of name, path, referrer domain, user agent, country,
 language and screen class; 0 for none), and per property key the rows that have it with the code of its value
-(the value as text, as `prop.KEY=VALUE` compares it). The server builds segments behind the writer (`Builder`:
-the events after the last one built, every second), merges small ones into larger ones, and writes each
+(the value as text, as `prop.KEY=VALUE` compares it). A child process of the server builds segments behind the
+writer (the events after the last one built, every second), merges small ones into larger ones, and writes each
 segment's arrays as .npy files that are read through the page cache (memory-mapped), never all held. A read
 takes the segments of its project that overlap the window and builds the few events the builder has not yet
 reached from the table (`delta`), so answers are exact at the read's snapshot.
@@ -17,12 +17,15 @@ gone or its id was taken again by a newer project).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import select
 import shutil
+import subprocess
+import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,79 +279,138 @@ class View:
 
 
 class ColumnIndex:
-    """The segments of a database, shared by the server's readers (`view`) and its builder thread."""
+    """The segments of a database: built by a child process of the server (`start`), so that building never
+    holds the server's interpreter, and read by the server's readers (`view`, loaded again whenever the builder
+    has published a new manifest)."""
 
     def __init__(self, db_path: Path, directory: Path | None = None, interval_s: float = 1.0) -> None:
         self.db_path = db_path
         self.directory = directory or db_path.with_name(db_path.name + "-columns")
         self.interval_s = interval_s
-        self.view = View(0, {}, {})
-        self.ready = threading.Event()  # set once the builder has caught up with the table the first time
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
+        self._view = View(0, {}, {})
+        self._seen: tuple[int, int, int] | None = None  # (mtime, size, inode) of the manifest `_view` was read from
+        self._loaded: dict[str, Segment] = {}  # segments mapped already, by name
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
 
-    # -- the builder --------------------------------------------------------------------------------------
+    # -- the readers' side ----------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / "manifest.json"
+
+    @property
+    def view(self) -> View:
+        """The segments the last manifest names (read again when it changed: one stat per call)."""
+        try:
+            stat = os.stat(self.manifest)
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._seen:
+            with self._lock:
+                if stamp != self._seen:
+                    self._reload()
+        return self._view
+
+    def _reload(self) -> None:
+        """Read the manifest and map the segments it names that are not mapped yet. The builder removes the
+        segments an older manifest named only after the new one is in place: a segment gone while being
+        mapped means a newer manifest, read again."""
+        for _ in range(5):
+            try:
+                stat = os.stat(self.manifest)
+                manifest = json.loads(self.manifest.read_text())
+                if manifest.get("version") != VERSION or manifest.get("database") != self._identity():
+                    raise ValueError("another database's columns")
+                segments: dict[int, list[Segment]] = {}
+                loaded = {}
+                for name in manifest["segments"]:
+                    segment = self._loaded.get(name)
+                    if segment is None:
+                        project, lo, hi = (int(x) for x in name[1:].split("-"))
+                        segment = _load(self.directory / name, project, lo, hi)
+                    loaded[name] = segment
+                    segments.setdefault(segment.project, []).append(segment)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError):
+                break
+            self._loaded = loaded
+            self._view = View(manifest["through"], {p: tuple(s) for p, s in segments.items()},
+                              {int(p): c for p, c in manifest["created"].items()})
+            self._seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            return
+        self._loaded, self._view = {}, View(0, {}, {})
+        try:
+            stat = os.stat(self.manifest)
+            self._seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except FileNotFoundError:
+            self._seen = None
+
+    # -- the builder ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pulse-columns", daemon=True)
-        self._thread.start()
+        """Start the builder process; it ends when `stop` is called or the server goes (its stdin closes)."""
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "pulse.storage.sqlite.columns", str(self.db_path), str(self.directory),
+             str(self.interval_s)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def poke(self) -> None:
         """Build now rather than at the next interval (tests)."""
-        self._wake.set()
+        if self._process is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.write(b"\n")
+                self._process.stdin.flush()
 
-    def _run(self) -> None:
-        conn = None
+    def serve(self, commands: int) -> None:
+        """The builder process: a pass, then wait for the interval or a poke on `commands`, until it closes."""
+        conn = connect(self.db_path, readonly=True)
         try:
-            conn = connect(self.db_path, readonly=True)
             self._open()
-            while not self._stop.is_set():
+            while True:
                 try:
                     behind = self.build_once(conn)
                 except Exception:  # noqa: BLE001 - the columns are an index: reads fall back to the table
                     log.exception("event columns: build failed; retrying")
-                    behind = False
-                    self._stop.wait(5)
-                if not behind:
-                    self.ready.set()
-                    self._wake.wait(self.interval_s)
-                    self._wake.clear()
-        except Exception:  # noqa: BLE001
-            log.exception("event columns: builder stopped")
+                    behind, wait = False, 5.0
+                else:
+                    wait = 0.0 if behind else self.interval_s
+                readable, _, _ = select.select([commands], [], [], wait)
+                if readable and not os.read(commands, 4096):
+                    return
         finally:
-            if conn is not None:
-                conn.close()
+            conn.close()
 
     def _identity(self) -> str:
         stat = os.stat(self.db_path)
         return f"{stat.st_dev}:{stat.st_ino}"
 
     def _open(self) -> None:
-        """Load the segments a manifest names, if it is this database's; drop everything else in the folder."""
+        """At the builder's start: keep the segments of a manifest of this database, drop everything else in the
+        folder (a manifest of another database or version goes first, so that no reader uses it meanwhile)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        manifest_path = self.directory / "manifest.json"
-        keep: set[str] = set()
         try:
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("version") != VERSION or manifest.get("database") != self._identity():
-                raise ValueError("another database's columns")
-            segments: dict[int, list[Segment]] = {}
-            for name in manifest["segments"]:
-                project, lo, hi = (int(x) for x in name[1:].split("-"))
-                segments.setdefault(project, []).append(_load(self.directory / name, project, lo, hi))
-                keep.add(name)
-            self.view = View(manifest["through"], {p: tuple(s) for p, s in segments.items()},
-                             {int(p): c for p, c in manifest["created"].items()})
-        except (OSError, ValueError, KeyError):
-            self.view = View(0, {}, {})
-            keep = set()
+            manifest = json.loads(self.manifest.read_text())
+            valid = manifest.get("version") == VERSION and manifest.get("database") == self._identity()
+        except (OSError, ValueError):
+            valid = False
+        if not valid:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.manifest)
+        keep = {s.name for parts in self.view.segments.values() for s in parts}
         for path in self.directory.iterdir():
             if path.is_dir() and path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
@@ -362,8 +424,12 @@ class ColumnIndex:
             json.dump(manifest, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.rename(scratch, self.directory / "manifest.json")
-        self.view = view
+        os.rename(scratch, self.manifest)
+        with self._lock:
+            stat = os.stat(self.manifest)
+            self._seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            self._loaded = {s.name: s for parts in view.segments.values() for s in parts}
+            self._view = view
         # every other segment goes: those the view no longer names, and those a pass made and merged at once
         named = set(manifest["segments"])
         for path in self.directory.iterdir():
@@ -452,3 +518,14 @@ def project_view(index: ColumnIndex | None, conn: apsw.Connection, project_id: i
         if delta is not None:
             found.append(delta)
     return found, view.through
+
+
+def main() -> None:
+    """`python -m pulse.storage.sqlite.columns DB DIRECTORY INTERVAL`: the builder process of `ColumnIndex.start`."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    database, directory, interval = sys.argv[1:4]
+    ColumnIndex(Path(database), Path(directory), float(interval)).serve(sys.stdin.fileno())
+
+
+if __name__ == "__main__":
+    main()
