@@ -262,8 +262,7 @@ async def test_the_start_up_warm_up_computes_recent_days_before_they_are_asked_f
         return [key for key in client.app[STORE].reader.days._entries if key[:3] == (str(settings.db_path), project.id, kind)]
 
     assert day // (24 * HOUR) not in {key[-1] for key in cached(first, "sessions")}
-    # without event columns (which answer trait filters themselves) the warm-up also counts per person
-    again = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=3, columns=False)))
+    again = await aiohttp_client(create_app(dataclasses.replace(settings, warm_days=3)))
     for _ in range(200):
         if (await (await again.get("/health")).json())["warmed_up"]:
             break

@@ -268,7 +268,7 @@ def per_value(keys: np.ndarray, persons: np.ndarray) -> dict[int, Totals]:
     return {key: Totals(len(rows), bitmap(persons[rows])) for key, rows in groups(keys)}
 
 
-def _hours(ts: np.ndarray) -> Iterator[tuple[int, np.ndarray | slice]]:
+def hour_spans(ts: np.ndarray) -> Iterator[tuple[int, np.ndarray | slice]]:
     """(hour, its rows) of a time column: slices when it is in time order (one segment's part), else indexes."""
     if len(ts) and bool(np.all(ts[1:] >= ts[:-1])):
         first, last = int(ts[0]) // HOUR_MS, int(ts[-1]) // HOUR_MS
@@ -287,7 +287,7 @@ def digest_parts(snap: Snapshot, found: Matched):
     ts, persons, sessions = found.column("ts"), found.column("person"), found.column("session")
     names, paths = found.column("name"), found.column("path")
     hours = {}
-    for hour, rows in _hours(ts):
+    for hour, rows in hour_spans(ts):
         hour_sessions = sessions[rows]
         hours[hour] = Totals(len(hour_sessions), bitmap(persons[rows]), bitmap(hour_sessions[hour_sessions > 0]))
     total = summed_hours(hours)

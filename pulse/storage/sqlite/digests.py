@@ -1,7 +1,7 @@
 """Event-level numbers of a window (events, users, sessions, and per event name), each part answered the
 cheapest way it can be: whole hours from the rollups when nothing but the event name is filtered; under
-filters fixed per hour, whole hours from cached digests (counted from the event columns; without them, cut
-from per-person tallies under trait filters alone, else scanned once per day); the minutes at the edges, and UTM filters over the whole window, by
+filters fixed per hour, whole hours from cached digests (cut from per-person tallies under trait filters
+alone, else counted from the event columns, or without them scanned, once per day); the minutes at the edges, and UTM filters over the whole window, by
 raw scans.
 """
 
@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 
 from pulse.storage.model import Filters, Window
-from pulse.storage.sqlite import column_scans
 from pulse.storage.sqlite.aggregates import Totals, from_rollups, merge, name_id, names_from_rollups
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.scans import Digest, cached_scans, scan_digest, scan_totals, trait_people
@@ -22,7 +21,7 @@ from pulse.storage.sqlite.tallies import from_tallies
 def cached_digests(snap: Snapshot, project_id: int, hours: tuple[int, int], filters: Filters
                    ) -> Iterator[Digest]:
     """Digests of the whole days and single hours in `hours` under `filters` (which must be `by_hour`)."""
-    if filters.traits_only and not column_scans.available(snap, project_id):
+    if filters.traits_only:
         people = trait_people(snap, project_id, filters.traits)
 
         def compute(start: int, end: int) -> Digest:

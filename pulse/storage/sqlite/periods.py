@@ -51,10 +51,10 @@ def overview(snap: Snapshot, project_id: int, window: Window, now_ms: int,
 
 
 def cache_for_filters(snap: Snapshot, project_id: int, window: Window) -> None:
-    """Fill the day cache with what any trait filter is answered from (the start-up warm-up): without event
-    columns, the `People` of the window's whole hours; and its sessions by start day (`SessionDay`)."""
+    """Fill the day cache with what any trait filter is answered from (the start-up warm-up): the `People`
+    of the window's whole hours, and its sessions by start day (`SessionDay`)."""
     hours, _ = window.split()
-    if hours is not None and not column_scans.available(snap, project_id):  # the columns answer them otherwise
+    if hours is not None:
         for _ in cached_people(snap, project_id, hours):
             pass
     for _ in session_days(snap, project_id, window):

@@ -15,6 +15,7 @@ from pyroaring import BitMap
 from pulse.protocol import SessionStats
 from pulse.storage.model import DAY_MS, Filters, Window
 from pulse.storage.sqlite.connection import checkpoint
+from pulse.storage.sqlite.column_scans import bitmap
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import totals
 
@@ -77,19 +78,12 @@ class SessionDay:
 
 
 def _session_day(snap: Snapshot, project_id: int, start: int, end: int) -> SessionDay:
-    ids, bounced = BitMap(), BitMap()
-    durations, pageviews, persons = array("q"), array("q"), array("q")
-    for session_id, bounce, duration, pages, person_id in snap.conn.execute(
+    rows = snap.conn.execute(
         f"SELECT s.id, s.events = 1, s.last_ts - s.first_ts, s.pageviews, s.person_id {SESSIONS_FROM}"
-        f" WHERE {SESSIONS_WHERE} ORDER BY s.id", (project_id, start, end)
-    ):
-        ids.add(session_id)
-        if bounce:
-            bounced.add(session_id)
-        durations.append(duration)
-        pageviews.append(pages)
-        persons.append(person_id)
-    return SessionDay(ids, bounced, durations, pageviews, persons)
+        f" WHERE {SESSIONS_WHERE} ORDER BY s.id", (project_id, start, end)).fetchall()
+    table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+    columns = [array("q", np.ascontiguousarray(table[:, i]).tobytes()) for i in (2, 3, 4)]
+    return SessionDay(bitmap(table[:, 0]), bitmap(table[table[:, 1] == 1, 0]), *columns)
 
 
 def session_days(snap: Snapshot, project_id: int, window: Window) -> Iterator[SessionDay]:

@@ -11,12 +11,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from pyroaring import BitMap
 
 from pulse.storage.model import Filters
-from pulse.storage.model import HOUR_MS
-from pulse.storage.sqlite.aggregates import Totals, summed_hours
+from pulse.storage.model import HOUR_MS, PAGE_VIEW
+from pulse.storage.sqlite import column_scans
+from pulse.storage.sqlite.aggregates import Totals, name_id, summed_hours
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
+from pulse.storage.sqlite.lookups import strings
 from pulse.storage.sqlite.scans import PAIR, Digest, scan_pass
 
 
@@ -93,7 +96,40 @@ def _tallied(people: dict) -> dict:
     return {key: Tally.of(ids) for key, ids in people.items()}
 
 
+def _column_tally(persons: np.ndarray) -> Tally:
+    """`Tally.of` a column of person ids, counted with numpy."""
+    counts = np.bincount(persons)
+    ids = np.flatnonzero(counts)
+    counts = counts[ids]
+    top = int(counts.max()).bit_length()
+    return Tally(tuple(column_scans.bitmap(ids[(counts >> j) & 1 == 1]).serialize() for j in range(top)))
+
+
+def _column_people(snap: Snapshot, found: column_scans.Matched) -> People:
+    """The `People` of the events found in the columns."""
+    ts, persons, sessions = found.column("ts"), found.column("person"), found.column("session")
+    names, paths = found.column("name"), found.column("path")
+    hours, pairs = {}, {}
+    for hour, rows in column_scans.hour_spans(ts):
+        hours[hour] = _column_tally(persons[rows])
+        hour_sessions = sessions[rows]
+        kept = hour_sessions > 0
+        both = np.unique(persons[rows][kept] << 32 | hour_sessions[kept])  # by person, then session
+        pairs[hour] = (array("q", (both >> 32).tobytes()), array("q", (both & 0xFFFFFFFF).tobytes()))
+    page_view = name_id(snap, PAGE_VIEW)
+    viewed = (names == page_view) & (paths > 0)
+    by_name = {key: _column_tally(persons[rows]) for key, rows in column_scans.groups(names)}
+    by_page = {key: _column_tally(persons[viewed][rows]) for key, rows in column_scans.groups(paths[viewed])}
+    agents = {key or None: _column_tally(persons[rows]) for key, rows in column_scans.groups(found.column("agent"))}
+    named = strings(snap, by_name.keys() | by_page.keys())
+    return People(hours, pairs, {named[k]: t for k, t in by_name.items()}, {named[k]: t for k, t in by_page.items()},
+                  agents)
+
+
 def scan_people(snap: Snapshot, project_id: int, start: int, end: int) -> People:
+    columns = column_scans.matched(snap, project_id, start, end, Filters())
+    if columns is not None:
+        return _column_people(snap, columns)
     found = scan_pass(snap, project_id, start, end, Filters(), pairs=True)
     return People(_tallied(found.hours), {hour: _unpaired(found.sessions.get(hour, ())) for hour in found.hours},
                   _tallied(found.names), _tallied(found.pages), _tallied(found.agents))
