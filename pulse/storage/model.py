@@ -77,13 +77,6 @@ class Filters:
         return self == Filters(event=self.event)
 
     @property
-    def by_hour(self) -> bool:
-        """Whether what the filters match in an hour is fixed by that hour's events and, for trait filters,
-        by which of its users have the traits. UTM filters are not: a session's UTM values are those of
-        its first page view, which a late event can change."""
-        return self.utm_source is None and self.utm_medium is None and self.utm_campaign is None
-
-    @property
     def traits_only(self) -> bool:
         """Whether person traits are all that is filtered: such filters are answered over whole hours from
         per-person counts of all the events (`People`, `Tally`), cut down to the persons with the traits."""

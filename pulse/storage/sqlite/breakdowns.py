@@ -87,10 +87,8 @@ def _by_value(snap: Snapshot, project_id: int, window: Window, filters: Filters,
         pass
     elif whole_hours is not None:
         found = whole_hours(hours)  # fresh totals, safe to add to
-    elif filters.by_hour:
-        found = merge(cached_scans(snap, project_id, hours, filters, kind, scan))
     else:
-        raw = [(window.start, window.end)]
+        found = merge(cached_scans(snap, project_id, hours, filters, kind, scan))
     return merge((scan(start, end) for start, end in raw), found)
 
 

@@ -21,7 +21,7 @@ from pulse.storage.model import HOUR_MS, PAGE_VIEW, Filters
 from pulse.storage.sqlite.aggregates import Totals, summed_hours
 from pulse.storage.sqlite.columns import Segment, project_view
 from pulse.storage.sqlite.day_cache import Snapshot
-from pulse.storage.sqlite.lookups import strings, trait_people
+from pulse.storage.sqlite.lookups import strings, trait_people, utm_sessions
 
 _STRING_FILTERS = (("name", "event"), ("path", "path"), ("referrer", "referrer"), ("country", "country"),
                    ("language", "language"), ("screen", "screen"))
@@ -136,13 +136,8 @@ def _terms(snap: Snapshot, project_id: int, filters: Filters):
         if not agents:
             return False
         tables.append(("agent", _lookup(agents)))
-    utm_terms = [(c, v) for c, v in (("utm_source_id", filters.utm_source), ("utm_medium_id", filters.utm_medium),
-                                     ("utm_campaign_id", filters.utm_campaign)) if v is not None]
-    if utm_terms:
-        sessions = [row[0] for row in snap.conn.execute(
-            "SELECT id FROM sessions WHERE project_id = ? AND "
-            + " AND ".join(f"{c} = (SELECT id FROM strings WHERE value = ?)" for c, _ in utm_terms),
-            [project_id, *(v for _, v in utm_terms)])]
+    sessions = utm_sessions(snap, project_id, filters)
+    if sessions is not None:
         if not sessions:
             return False
         tables.append(("session", _lookup(sessions)))

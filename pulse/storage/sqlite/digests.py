@@ -1,8 +1,8 @@
 """Event-level numbers of a window (events, users, sessions, and per event name), each part answered the
 cheapest way it can be: whole hours from the rollups when nothing but the event name is filtered; under
-filters fixed per hour, whole hours from cached digests (cut from per-person tallies under trait filters
-alone, else counted from the event columns, or without them scanned, once per day); the minutes at the edges, and UTM filters over the whole window, by
-raw scans.
+other filters, whole hours from cached digests (cut from per-person tallies under trait filters alone, else
+counted from the event columns, or without them scanned, once per day); the minutes at the edges by raw
+scans.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pulse.storage.sqlite.tallies import from_tallies
 
 def cached_digests(snap: Snapshot, project_id: int, hours: tuple[int, int], filters: Filters
                    ) -> Iterator[Digest]:
-    """Digests of the whole days and single hours in `hours` under `filters` (which must be `by_hour`)."""
+    """Digests of the whole days and single hours in `hours` under `filters`."""
     if filters.traits_only:
         people = trait_people(snap, project_id, filters.traits)
 
@@ -36,10 +36,8 @@ def digests(snap: Snapshot, project_id: int, window: Window, filters: Filters) -
     """Digests that together cover the window: whole hours from the day cache (for filters it can hold),
     the rest scanned now."""
     hours, raw = window.split()
-    if hours is not None and filters.by_hour:
+    if hours is not None:
         yield from cached_digests(snap, project_id, hours, filters)
-    elif hours is not None:
-        raw = [(window.start, window.end)]
     for start, end in raw:
         yield scan_digest(snap, project_id, start, end, filters)
 

@@ -285,11 +285,9 @@ def _gathered(snap: Snapshot, project_id: int, window: Window, filters: Filters,
     ordered by time."""
     hours, raw = window.split()
     spans: list[StepEvents] = []
-    if hours is not None and filters.by_hour:
+    if hours is not None:
         spans += cached_scans(snap, project_id, hours, filters, ("funnel steps", step_ids, by),
                               lambda start, end: _step_events(snap, project_id, start, end, filters, step_ids, by))
-    elif hours is not None:
-        raw = [(window.start, window.end)]
     spans += [_step_events(snap, project_id, start, end, filters, step_ids, by) for start, end in raw]
     return sorted((span for span in spans if len(span.ts)), key=lambda span: int(span.ts[0]))
 

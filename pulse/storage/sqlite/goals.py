@@ -126,11 +126,9 @@ def earned(snap: Snapshot, project_id: int, window: Window, filters: Filters) ->
     hold), the rest scanned now."""
     hours, raw = window.split()
     parts: list[Earned] = []
-    if hours is not None and filters.by_hour:
+    if hours is not None:
         parts += cached_scans(snap, project_id, hours, filters, ("revenue",),
                               lambda start, end: _earned(snap, project_id, start, end, filters))
-    elif hours is not None:
-        raw = [(window.start, window.end)]
     parts += (_earned(snap, project_id, start, end, filters) for start, end in raw)
     found: Earned = defaultdict(lambda: defaultdict(Decimal))
     for part in parts:

@@ -35,6 +35,25 @@ def trait_people(snap: Snapshot, project_id: int, traits: tuple[tuple[str, str],
     return found
 
 
+_UTM_COLUMNS = (("utm_source", "utm_source_id"), ("utm_medium", "utm_medium_id"), ("utm_campaign", "utm_campaign_id"))
+
+
+def utm_sessions(snap: Snapshot, project_id: int, filters) -> BitMap | None:
+    """The sessions of the project whose UTM values are those the filters ask for (None without UTM filters):
+    a session's values are those of its first page view, now, so this is read at every read."""
+    terms = [(column, getattr(filters, name)) for name, column in _UTM_COLUMNS if getattr(filters, name) is not None]
+    if not terms:
+        return None
+    key = ("utm sessions", project_id, tuple(terms))
+    found = snap.memo.get(key)
+    if found is None:
+        found = snap.memo[key] = BitMap(row[0] for row in snap.conn.execute(
+            "SELECT id FROM sessions WHERE project_id = ? AND "
+            + " AND ".join(f"{column} = (SELECT id FROM strings WHERE value = ?)" for column, _ in terms),
+            [project_id, *(value for _, value in terms)]))
+    return found
+
+
 def strings(snap: Snapshot, ids) -> dict[int, str]:
     return dict(snap.conn.execute("SELECT id, value FROM strings WHERE id IN (SELECT value FROM json_each(?))",
                                   (json.dumps(list(ids)),)))

@@ -67,7 +67,7 @@ def timeseries(snap: Snapshot, project_id: int, bounds: list[int], filters: Filt
     window = Window(bounds[0], bounds[-1])
     hours, _ = window.split()
     covered: set[int] = set()  # hours answered by the rollups or the day cache
-    if hours is not None and (filters.rollup_ready or filters.by_hour):
+    if hours is not None:
         if filters.rollup_ready:
             event_id = name_id(snap, filters.event)
             if event_id < 0:

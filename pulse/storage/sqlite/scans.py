@@ -17,7 +17,7 @@ from pulse.storage.model import Filters
 from pulse.storage.model import HOUR_MS, PAGE_VIEW
 from pulse.storage.sqlite import column_scans
 from pulse.storage.sqlite.aggregates import Totals, from_rollups, name_id, summed_hours
-from pulse.storage.sqlite.lookups import json_path, strings, trait_people  # noqa: F401 (read from here too)
+from pulse.storage.sqlite.lookups import json_path, strings, trait_people, utm_sessions  # noqa: F401 (read from here too)
 from pulse.storage.sqlite.day_cache import Snapshot, cached_spans, size
 
 STRING_ID = "(SELECT id FROM strings WHERE value = ?)"  # the id of a string given as a parameter
@@ -89,17 +89,22 @@ def scan_totals(snap: Snapshot, project_id: int, start: int, end: int, filters: 
 
 def cached_scans(snap: Snapshot, project_id: int, hours: tuple[int, int], filters: Filters, kind: tuple,
                  compute: Callable[[int, int], object]) -> Iterator[object]:
-    """`compute(start_ms, end_ms)` from raw events under `filters` (which must be `by_hour`), per whole day and
-    single hour of `hours` from the day cache. Under trait filters a span is also told apart by which of its
-    users have the traits now, so a trait that changes later is never answered from an older count."""
+    """`compute(start_ms, end_ms)` from raw events under `filters`, per whole day and single hour of `hours` from
+    the day cache. Under trait filters a span is also told apart by which of its users have the traits now, and
+    under UTM filters by which of its sessions have the values now (those of their first page view, which a
+    late event can change), so a trait or a session that changes later is never answered from an older count."""
     people = trait_people(snap, project_id, filters.traits) if filters.traits else None
+    sessions = utm_sessions(snap, project_id, filters)
 
     def who(span: tuple[int, int]) -> bytes:
-        return hashlib.blake2b((from_rollups(snap, project_id, span, 0).users & people).serialize(),
-                               digest_size=16).digest()
+        rolled = from_rollups(snap, project_id, span, 0)
+        held = [] if people is None else [(rolled.users & people).serialize()]
+        held += [] if sessions is None else [(rolled.sessions & sessions).serialize()]
+        return hashlib.blake2b(b"/".join(held), digest_size=16).digest()
 
     return cached_spans(snap, project_id, hours, 0, ("filtered", filters, *kind),
-                        lambda span: compute(span[0] * HOUR_MS, span[1] * HOUR_MS), who if people is not None else None)
+                        lambda span: compute(span[0] * HOUR_MS, span[1] * HOUR_MS),
+                        who if people is not None or sessions is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
