@@ -172,6 +172,25 @@ def is_step(item: Sent, step: str) -> bool:
 WINDOW_MS = {"1h": HOUR, "1d": DAY, "7d": 7 * DAY}
 
 
+def best_chain(events: list, steps: list[str], window_ms: int, is_step) -> list:
+    """One person's events (in time order) that reach furthest into the funnel: from each first-step event,
+    every later event in order taking the next step when it is one, until the window after the first step is
+    over; the first of equals."""
+    best: list = []
+    for i, first in enumerate(events):
+        if not is_step(first, steps[0]):
+            continue
+        chain = [first]
+        for later in events[i + 1:]:
+            if len(chain) == len(steps) or later.ts > first.ts + window_ms:
+                break
+            if is_step(later, steps[len(chain)]):
+                chain.append(later)
+        if len(chain) > len(best):
+            best = chain
+    return best
+
+
 def expected_funnel(sent: list[Sent], steps: list[str], window: str, start: int, end: int, filters: dict,
                     breakdown: str | None = None):
     """Per person: each first-step event, then every later event in time order taking the next step when it
@@ -183,18 +202,7 @@ def expected_funnel(sent: list[Sent], steps: list[str], window: str, start: int,
             by_person.setdefault(item.person, []).append(item)
     groups: dict = {}
     for events in by_person.values():
-        best: list[Sent] = []
-        for i, first in enumerate(events):
-            if not is_step(first, steps[0]):
-                continue
-            chain = [first]
-            for later in events[i + 1:]:
-                if len(chain) == len(steps) or later.ts > first.ts + WINDOW_MS[window]:
-                    break
-                if is_step(later, steps[len(chain)]):
-                    chain.append(later)
-            if len(chain) > len(best):
-                best = chain
+        best = best_chain(events, steps, WINDOW_MS[window], is_step)
         if best:
             value = {None: None, "browser": best[0].browser, "prop.plan": best[0].plan,
                      "trait.tier": best[0].tier}[breakdown]

@@ -44,6 +44,7 @@ from tests.server.test_funnels import (
     TZ,
     WINDOW_MS,
     answer,
+    best_chain,
     bound,
     local_ms,
 )
@@ -174,18 +175,7 @@ def expected_funnel(sent: list[Sent], steps: list[str], window: str, start: int,
     overall = [[] for _ in steps]
     groups: dict = {}
     for events in by_person.values():
-        best: list[Sent] = []
-        for i, first in enumerate(events):
-            if not is_step(first, steps[0]):
-                continue
-            chain = [first]
-            for later in events[i + 1:]:
-                if len(chain) == len(steps) or later.ts > first.ts + WINDOW_MS[window]:
-                    break
-                if is_step(later, steps[len(chain)]):
-                    chain.append(later)
-            if len(chain) > len(best):
-                best = chain
+        best = best_chain(events, steps, WINDOW_MS[window], is_step)
         if best:
             group = groups.setdefault(VALUE[breakdown](best[0]) if breakdown else None, [[] for _ in steps])
             for k, item in enumerate(best):

@@ -30,16 +30,9 @@ from pulse.storage.sqlite.maintenance import prune
 from pulse.storage.sqlite.projects import create_project, delete_project, get_project
 from pulse.storage.sqlite.schema import migrate
 from pulse.storage.sqlite.writer import EventWriter
+from tests.server.test_analytics import AGENTS, BOT  # user agent -> (browser, os, device); a crawler
 
 BASE = 1_790_000_000_000 - 1_790_000_000_000 % HOUR_MS  # an hour boundary
-AGENTS = {  # user agent -> (browser, os, device)
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36":
-        ("Chrome", "Windows", "desktop"),
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 "
-    "Mobile/15E148 Safari/604.1": ("Mobile Safari", "iOS", "mobile"),
-    "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0": ("Firefox", "Linux", "desktop"),
-}
-BOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 PAGES = ["/", "/pricing", "/docs", "/blog/launch"]
 REFERRERS = {None: None, "https://www.google.com/search?q=pulse": "google.com",
              "https://news.ycombinator.com/item?id=1": "news.ycombinator.com"}
