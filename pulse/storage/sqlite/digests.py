@@ -12,10 +12,11 @@ from collections.abc import Iterator
 
 
 from pulse.storage.model import Filters, Window
+from pulse.storage.sqlite import column_scans
 from pulse.storage.sqlite.aggregates import Totals, from_rollups, merge, name_id, names_from_rollups
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.scans import Digest, cached_scans, scan_digest, scan_totals, trait_people
-from pulse.storage.sqlite.tallies import from_tallies
+from pulse.storage.sqlite.tallies import from_tallies, tallies_kept
 
 
 def cached_digests(snap: Snapshot, project_id: int, hours: tuple[int, int], filters: Filters
@@ -25,6 +26,8 @@ def cached_digests(snap: Snapshot, project_id: int, hours: tuple[int, int], filt
         people = trait_people(snap, project_id, filters.traits)
 
         def compute(start: int, end: int) -> Digest:
+            if not tallies_kept(snap, project_id, start, end) and column_scans.available(snap, project_id):
+                return scan_digest(snap, project_id, start, end, filters)  # quicker than the tallies made anew
             return from_tallies(snap, project_id, start, end, people)
     else:
         def compute(start: int, end: int) -> Digest:

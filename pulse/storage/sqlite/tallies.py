@@ -151,6 +151,15 @@ def cached_people(snap: Snapshot, project_id: int, hours: tuple[int, int]) -> It
                         lambda span: scan_people(snap, project_id, span[0] * HOUR_MS, span[1] * HOUR_MS))
 
 
+def tallies_kept(snap: Snapshot, project_id: int, start: int, end: int) -> bool:
+    """Whether the `People` of the whole day or single hour [start, end) are in the day cache, as they are now
+    (the warm-up computes them; other filters' results may have pushed them out since)."""
+    hours = (start // HOUR_MS, end // HOUR_MS)
+    events = snap.conn.execute("SELECT total(events) FROM hourly WHERE project_id = ? AND name_id = 0 AND bot = 0"
+                               " AND hour >= ? AND hour < ?", (project_id, *hours)).fetchone()[0]
+    return snap.days.get((snap.conn.filename, project_id, "people", *hours), events) is not None
+
+
 def from_tallies(snap: Snapshot, project_id: int, start: int, end: int, people: BitMap) -> Digest:
     """The digest of the whole day or single hour [start, end) under filters on traits alone (`people`:
     the persons with the traits), cut from its `People`."""
