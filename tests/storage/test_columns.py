@@ -40,8 +40,8 @@ COUNTRIES = [None, "GB", "DE", "IN"]
 LANGUAGES = {None: None, "en": "en", "de-AT": "de"}  # an event's own tag is cut to its base
 SCREENS = {None: None, 390: "mobile", 800: "tablet", 1200: "laptop", 1920: "desktop"}
 UTMS = [(None, None, None), ("news", "email", "launch"), ("ads", "cpc", "launch"), ("ads", None, None)]
-# property values of every kind: text, integers, floats, booleans, JSON null (absent), a nested object; keys with
-# dots, quotes, a backslash and letters outside ASCII
+# property values of every kind: text, integers, floats, booleans, JSON null (a key with no value), a nested
+# object; keys with dots, quotes, a backslash and letters outside ASCII
 PROP_CHOICES = {
     "plan": ["free", "pro", "1", ""],
     "n": [0, 1, 7, -3, 12_345_678_901],
@@ -184,16 +184,15 @@ def table_rows(conn, project: int) -> np.ndarray:
 
 
 def table_props(conn, project: int) -> dict[tuple[int, str], str]:
-    """(event id, key) -> the value as text, for every key of every non-bot event that has a value."""
+    """(event id, key) -> the value as text, for every key of every non-bot event (None for a JSON null)."""
     found = {}
     for event_id, props in conn.execute(
             "SELECT e.id, e.props FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
             " WHERE e.project_id = ? AND coalesce(a.is_bot, 0) = 0 AND e.props IS NOT NULL", (project,)):
         for key, value in json.loads(props).items():
-            if value is not None:
-                text = conn.execute("SELECT CAST(json_extract(?, ?) AS TEXT)", (props, json_path(key))).fetchone()[0]
-                assert text == prop_text(value), (key, value, text)  # the recount's text is SQLite's
-                found[(event_id, key)] = text
+            text = conn.execute("SELECT CAST(json_extract(?, ?) AS TEXT)", (props, json_path(key))).fetchone()[0]
+            assert text == prop_text(value), (key, value, text)  # the recount's text is SQLite's (None for null)
+            found[(event_id, key)] = text
     return found
 
 
@@ -253,7 +252,7 @@ async def test_segments_hold_every_non_bot_event_with_its_properties(settings, t
     index = ColumnIndex(settings.db_path, tmp_path / "columns")
     build_all(index, settings.db_path)
     assert_columns_equal_table(index, settings.db_path, list(two_projects))
-    # and against what was sent: every non-bot event once, with the keys that have a value
+    # and against what was sent: every non-bot event once, with every key (None for a JSON null)
     conn = connect(settings.db_path, readonly=True)
     uids = dict(conn.execute("SELECT id, lower(hex(uuid)) FROM events"))
     conn.close()
@@ -263,7 +262,7 @@ async def test_segments_hold_every_non_bot_event_with_its_properties(settings, t
         s.uid.replace("-", "") for s in expected)
     by_uid = {s.uid.replace("-", ""): s for s in expected}
     assert props == {(i, key): prop_text(value) for i in rows[:, 0].tolist()
-                     for key, value in by_uid[uids[i]].props.items() if value is not None}
+                     for key, value in by_uid[uids[i]].props.items()}
     assert any(key == 'say "hi"' for _, key in props) and any(value == "1" for value in props.values())
 
 

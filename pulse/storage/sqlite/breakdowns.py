@@ -252,7 +252,8 @@ def _column_properties(found: column_scans.Matched, key: str | None) -> dict[str
     if key is None:
         return {name: Totals(len(rows), column_scans.bitmap(persons[rows])) for name, rows in found.keys()}
     rows, codes, values = found.prop(key)
-    return {values[code]: total for code, total in column_scans.per_value(codes, persons[rows]).items()}
+    return {values[code]: total for code, total in column_scans.per_value(codes, persons[rows]).items()
+            if values[code] is not None}  # a JSON null is no value
 
 
 def property_keys(snap: Snapshot, project_id: int, window: Window, filters: Filters, limit: int) -> list[Ranked]:

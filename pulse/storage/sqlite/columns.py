@@ -54,17 +54,18 @@ _WIDE = ("id", "ts")  # kept as int64; the others as the narrowest unsigned type
 _ROWS_SQL = ("SELECT e.project_id, " + ", ".join(FIELDS.values()) +
              " FROM events e LEFT JOIN agents a ON a.id = e.agent_id"
              " WHERE e.id > ? AND e.id <= ? AND coalesce(a.is_bot, 0) = 0{project} ORDER BY e.id")
-# each top-level property of each event, as text the way CAST(json_extract(props, '$."k"') AS TEXT) reads it
+# each top-level property of each event, as text the way CAST(json_extract(props, '$."k"') AS TEXT) reads it;
+# a JSON null is kept as the value None: the key is there (property keys count it), no filter matches it
 _PROPS_SQL = ("SELECT e.project_id, e.id, j.key, CAST(j.value AS TEXT) FROM events e JOIN json_each(e.props) j"
               " LEFT JOIN agents a ON a.id = e.agent_id"
-              " WHERE e.id > ? AND e.id <= ? AND e.props IS NOT NULL AND coalesce(a.is_bot, 0) = 0"
-              " AND j.type != 'null'{project} ORDER BY e.id")
+              " WHERE e.id > ? AND e.id <= ? AND e.props IS NOT NULL AND coalesce(a.is_bot, 0) = 0{project}"
+              " ORDER BY e.id")
 
 BUILD_ROWS = 100_000  # events read by one pass of the builder at most (their rows are Python objects a while)
 MERGE_FANOUT = 4  # this many segments of about one size are merged into one
-MERGE_MAX_ROWS = 8_000_000  # merges make no larger segment (a merge holds about 40 bytes per row a while)
+MERGE_MAX_ROWS = 2_000_000  # merges make no larger segment (a merge holds about 60 bytes per row a while)
 DELTA_MAX_ROWS = 200_000  # a read builds at most this many events itself; past that, columns are not used
-VERSION = 2  # of the files: segments of another version are built again
+VERSION = 3  # of the files: segments of another version are built again
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
@@ -82,8 +83,8 @@ class Prop:
 
     rows: np.ndarray
     codes: np.ndarray
-    values: list[str]
-    index: dict[str, int]
+    values: list[str | None]  # None: a JSON null
+    index: dict[str | None, int]
     postings: np.ndarray
     starts: np.ndarray
 

@@ -189,7 +189,7 @@ class StepEvents:
 
     def cache_size(self) -> int:
         arrays = (self.ts, self.person, self.steps) + (() if self.by is None else (self.by,))
-        return 64 + sum(a.nbytes for a in arrays) + sum(64 + len(v) for v in self.values)
+        return 64 + sum(a.nbytes for a in arrays) + sum(64 + len(v or "") for v in self.values)
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
