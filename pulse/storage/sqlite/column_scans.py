@@ -21,7 +21,7 @@ from pulse.storage.model import HOUR_MS, PAGE_VIEW, Filters
 from pulse.storage.sqlite.aggregates import Totals, summed_hours
 from pulse.storage.sqlite.columns import Segment, project_view
 from pulse.storage.sqlite.day_cache import Snapshot
-from pulse.storage.sqlite.lookups import strings, trait_people, utm_sessions
+from pulse.storage.sqlite.lookups import string_ids, strings, trait_people, utm_sessions
 
 _STRING_FILTERS = (("name", "event"), ("path", "path"), ("referrer", "referrer"), ("country", "country"),
                    ("language", "language"), ("screen", "screen"))
@@ -87,13 +87,6 @@ class Matched:
             yield key, np.concatenate(parts)
 
 
-def _string_ids(snap: Snapshot, values: list[str]) -> dict[str, int]:
-    if not values:
-        return {}
-    marks = ", ".join("?" * len(values))
-    return dict(snap.conn.execute(f"SELECT value, id FROM strings WHERE value IN ({marks})", values))
-
-
 def _lookup(ids: BitMap | list[int]) -> np.ndarray:
     """A table that is True at each id given, for indexing by a column."""
     ids = np.fromiter(ids, dtype=np.int64)
@@ -119,7 +112,7 @@ def _terms(snap: Snapshot, project_id: int, filters: Filters):
     """The filters as (column, id) equalities and (column, lookup table) memberships; False when nothing can
     match."""
     wanted = {attr: getattr(filters, attr) for _, attr in _STRING_FILTERS if getattr(filters, attr) is not None}
-    ids = _string_ids(snap, list(wanted.values()))
+    ids = string_ids(snap, list(wanted.values()))
     equal: list[tuple[str, int]] = []
     for column, attr in _STRING_FILTERS:
         if attr in wanted:

@@ -68,7 +68,8 @@ DELTA_MAX_ROWS = 200_000  # a read builds at most this many events itself; past 
 VERSION = 3  # of the files: segments of another version are built again
 
 
-def _narrow(values: np.ndarray) -> np.ndarray:
+def narrow(values: np.ndarray) -> np.ndarray:
+    """Non-negative ids in the narrowest unsigned type that holds them."""
     top = int(values.max()) if len(values) else 0
     for kind in (np.uint8, np.uint16, np.uint32):
         if top <= np.iinfo(kind).max:
@@ -129,6 +130,13 @@ class Segment:
         ts = self.cols["ts"]
         return int(np.searchsorted(ts, start, "left")), int(np.searchsorted(ts, end, "left"))
 
+    def at(self, field: str, rows: np.ndarray) -> np.ndarray:
+        """One column at some rows (ascending): a view when they are consecutive (every row of a span, as when
+        nothing is filtered), else a copy."""
+        if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):
+            return self.cols[field][int(rows[0]):int(rows[-1]) + 1]
+        return self.cols[field][rows]
+
     @property
     def name(self) -> str:
         return f"p{self.project}-{self.lo}-{self.hi}"
@@ -153,7 +161,7 @@ def _segments(rows: list[tuple], prop_rows: list[tuple], lo: int, hi: int) -> di
         cols = {}
         for i, name in enumerate(FIELDS, start=1):
             column = part[order, i]
-            cols[name] = column if name in _WIDE else _narrow(column)
+            cols[name] = column if name in _WIDE else narrow(column)
         found[project] = Segment(project, lo, hi, cols, _props(part[:, 1], order, by_project.get(project, [])))
     return found
 
@@ -180,7 +188,7 @@ def _props(ids: np.ndarray, order: np.ndarray, prop_rows: list[tuple]) -> dict[s
     found = {}
     for key, (rows, codes, values) in keys.items():
         rows_a = np.array(rows, dtype=np.uint32)
-        codes_a = _narrow(np.array(codes, dtype=np.int64))
+        codes_a = narrow(np.array(codes, dtype=np.int64))
         sort = np.argsort(rows_a, kind="stable")
         found[key] = Prop.of(rows_a[sort], codes_a[sort], list(values))
     return found
@@ -205,7 +213,7 @@ def merge(parts: list[Segment], cut_ts: int = 0) -> Segment:
     order = order[keep[order]]
     for name in FIELDS:
         joined = np.concatenate([p.cols[name] for p in parts])[order]  # in the widest of the parts' types
-        cols[name] = joined if name in _WIDE else _narrow(joined)
+        cols[name] = joined if name in _WIDE else narrow(joined)
     # old position (in the concatenation) -> new position, -1 when cut
     where = np.full(len(ts), -1, dtype=np.int64)
     where[order] = np.arange(len(order))
@@ -225,7 +233,7 @@ def merge(parts: list[Segment], cut_ts: int = 0) -> Segment:
         kept = rows_a >= 0
         rows_a, codes_a = rows_a[kept], codes_a[kept]
         sort = np.argsort(rows_a, kind="stable")
-        props[key] = Prop.of(rows_a[sort].astype(np.uint32), _narrow(codes_a[sort]), list(values))
+        props[key] = Prop.of(rows_a[sort].astype(np.uint32), narrow(codes_a[sort]), list(values))
     return Segment(parts[0].project, parts[0].lo, parts[-1].hi, cols, props)
 
 

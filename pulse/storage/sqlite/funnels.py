@@ -28,6 +28,7 @@ import numpy as np
 from pulse.protocol import FunnelGroup, FunnelStep
 from pulse.storage.model import Filters, Window
 from pulse.storage.sqlite import column_scans
+from pulse.storage.sqlite.columns import narrow
 from pulse.storage.sqlite.connection import checkpoint
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.scans import cached_scans, json_path, scan_sql, strings
@@ -192,26 +193,8 @@ class StepEvents:
         return 64 + sum(a.nbytes for a in arrays) + sum(64 + len(v or "") for v in self.values)
 
 
-def _narrow(values: np.ndarray) -> np.ndarray:
-    """Non-negative ids in the narrowest unsigned type that holds them."""
-    top = int(values.max()) if len(values) else 0
-    for kind in (np.uint8, np.uint16, np.uint32):
-        if top <= np.iinfo(kind).max:
-            return values.astype(kind)
-    return values
-
-
 def _one_run(rows: np.ndarray) -> bool:
     return bool(len(rows)) and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
-
-
-def gather(segment, field: str, rows: np.ndarray) -> np.ndarray:
-    """A segment's column at `rows` (ascending positions): a slice, not a copy, when they are one run, as every
-    row of a span is when nothing is filtered."""
-    column = segment.cols[field]
-    if _one_run(rows):
-        return column[int(rows[0]):int(rows[-1]) + 1]
-    return column[rows]
 
 
 def picked(rows: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -242,7 +225,7 @@ def _step_events(snap: Snapshot, project_id: int, start: int, end: int, filters:
     ts, ids, person, steps, values_by = [], [], [], [], []
     values: dict[str, int] = {}
     for segment, rows in found.parts:
-        name = gather(segment, "name", rows)
+        name = segment.at("name", rows)
         path = None
         mask = np.zeros(len(rows), dtype=np.uint16)
         for k, (step_name_id, step_path_id) in enumerate(step_ids):
@@ -251,7 +234,7 @@ def _step_events(snap: Snapshot, project_id: int, start: int, end: int, filters:
             hit = name == np.int64(step_name_id)
             if step_path_id is not None:
                 if path is None:
-                    path = gather(segment, "path", rows)
+                    path = segment.at("path", rows)
                 hit &= path == np.int64(step_path_id)
             mask |= hit.astype(np.uint16) << np.uint16(k)
         keep = np.flatnonzero(mask)
@@ -274,8 +257,8 @@ def _step_events(snap: Snapshot, project_id: int, start: int, end: int, filters:
     chosen = None
     if by is not None:
         chosen = np.concatenate(values_by)[order]
-        chosen = chosen if isinstance(by, tuple) else _narrow(chosen)
-    return StepEvents(ts_all[order], _narrow(np.concatenate(person)[order]), np.concatenate(steps)[order], chosen,
+        chosen = chosen if isinstance(by, tuple) else narrow(chosen)
+    return StepEvents(ts_all[order], narrow(np.concatenate(person)[order]), np.concatenate(steps)[order], chosen,
                       tuple(values))
 
 

@@ -26,7 +26,6 @@ from pulse.storage.sqlite.column_scans import Matched
 from pulse.storage.sqlite.connection import immediate
 from pulse.storage.sqlite.day_cache import Snapshot
 from pulse.storage.sqlite.digests import totals_and_names
-from pulse.storage.sqlite.lists import field_at
 from pulse.storage.sqlite.scans import cached_scans, scan_sql, strings
 
 MAX_GOALS = 100  # per project
@@ -212,7 +211,7 @@ def _from_columns(snap: Snapshot, found: Matched, paths: list[str]
     `revenue` or `amount` property (whether it is a number is the table's to say)."""
     if not len(found):
         return 0, {}, {goal: (0, 0) for goal in paths}, {}
-    parts = [(field_at(segment, rows, "name"), field_at(segment, rows, "person")) for segment, rows in found.parts]
+    parts = [(segment.at("name", rows), segment.at("person", rows)) for segment, rows in found.parts]
     top = max(int(persons.max()) for _, persons in parts)
     per_name = np.zeros(0, dtype=np.int64)
     for names, _ in parts:
@@ -230,7 +229,7 @@ def _from_columns(snap: Snapshot, found: Matched, paths: list[str]
     if paths and viewed_id is not None:
         views = []
         for (names, persons), (segment, rows) in zip(parts, found.parts):
-            page_paths = field_at(segment, rows, "path")
+            page_paths = segment.at("path", rows)
             viewed = (names == viewed_id) & (page_paths > 0)
             views.append((page_paths[viewed], persons[viewed]))
         viewed_paths = np.concatenate([viewed for viewed, _ in views])

@@ -92,17 +92,9 @@ def users(snap: Snapshot, project_id: int, window: Window, filters: Filters, lim
     return [_user(row, counts.get(row[0], 0)) for row in rows[:limit]], after
 
 
-def field_at(segment: Segment, rows: np.ndarray, name: str) -> np.ndarray:
-    """One column of a segment at some of its rows (ascending): a view when they are consecutive (every row
-    of a span, as when nothing is filtered), else a copy."""
-    if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):
-        return segment.cols[name][int(rows[0]):int(rows[-1]) + 1]
-    return segment.cols[name][rows]
-
-
 def _per_person(found: Matched) -> np.ndarray:
     """How many of the matching events each person id had."""
-    persons = [field_at(segment, rows, "person") for segment, rows in found.parts]
+    persons = [segment.at("person", rows) for segment, rows in found.parts]
     counts = np.zeros(max((int(part.max()) + 1 for part in persons if len(part)), default=0), dtype=np.int64)
     for part in persons:
         counts += np.bincount(part, minlength=len(counts))
@@ -247,7 +239,7 @@ def _timeline_from_columns(snap: Snapshot, project_id: int, person: tuple, seen:
     (which the columns leave out) from the hours whose crawler rollup has the person and the minutes at the
     edges. The page's events are then read by id."""
     person_id = person[0]
-    mine = [(segment, rows[field_at(segment, rows, "person") == person_id]) for segment, rows in found.parts]
+    mine = [(segment, rows[segment.at("person", rows) == person_id]) for segment, rows in found.parts]
     times, ids = _newest(mine, limit + 1, cursor)
     page, page_params = _cursor(cursor)
     for start, stop in _crawler_ranges(snap, project_id, person_id, seen):

@@ -54,6 +54,14 @@ def utm_sessions(snap: Snapshot, project_id: int, filters) -> BitMap | None:
     return found
 
 
+def string_ids(snap: Snapshot, values: list[str]) -> dict[str, int]:
+    """The interned id of each of `values` that has one."""
+    if not values:
+        return {}
+    marks = ", ".join("?" * len(values))
+    return dict(snap.conn.execute(f"SELECT value, id FROM strings WHERE value IN ({marks})", values))
+
+
 def strings(snap: Snapshot, ids) -> dict[int, str]:
     return dict(snap.conn.execute("SELECT id, value FROM strings WHERE id IN (SELECT value FROM json_each(?))",
                                   (json.dumps(list(ids)),)))

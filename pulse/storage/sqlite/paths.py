@@ -22,7 +22,8 @@ from pulse.storage.model import PAGE_VIEW, Filters, Window
 from pulse.storage.sqlite import column_scans
 from pulse.storage.sqlite.connection import checkpoint
 from pulse.storage.sqlite.day_cache import Snapshot
-from pulse.storage.sqlite.funnels import gather, picked
+from pulse.storage.sqlite.funnels import picked
+from pulse.storage.sqlite.lookups import string_ids
 from pulse.storage.sqlite.scans import scan_sql, strings
 
 
@@ -110,11 +111,6 @@ def add_session(root: _Node, events: Iterable[tuple[str, str | None]], name: str
 _PATH_BITS = 32  # a step as one integer: its name id << _PATH_BITS | its path id (page views only)
 
 
-def _string_ids(snap: Snapshot, values: list[str]) -> dict[str, int]:
-    marks = ", ".join("?" * len(values))
-    return dict(snap.conn.execute(f"SELECT value, id FROM strings WHERE value IN ({marks})", values))
-
-
 def _step_keys(snap: Snapshot, names: np.ndarray, paths: np.ndarray, page_view: int) -> np.ndarray:
     """Each event's step as one integer, equal for two events exactly when `step_name` names them alike (an
     event named like `page_view:/path` is that page's view)."""
@@ -126,7 +122,7 @@ def _step_keys(snap: Snapshot, names: np.ndarray, paths: np.ndarray, page_view: 
     lookalikes = {name_id: text[len(prefix):] for name_id, text in named.items()
                   if name_id != page_view and text.startswith(prefix)}
     if lookalikes and page_view > 0:
-        path_ids = _string_ids(snap, list(set(lookalikes.values())))
+        path_ids = string_ids(snap, list(set(lookalikes.values())))
         for name_id, path in lookalikes.items():
             if path in path_ids:
                 keys[names == name_id] = page_view << _PATH_BITS | path_ids[path]
@@ -145,7 +141,7 @@ def _from_columns(snap: Snapshot, found: column_scans.Matched, start: tuple[str,
                   depth: int, limit: int) -> PathNode:
     """`paths`, answered from the events that matched, in the columns."""
     name, path = start
-    ids = _string_ids(snap, [text for text in (name, path, PAGE_VIEW) if text is not None])
+    ids = string_ids(snap, [text for text in (name, path, PAGE_VIEW) if text is not None])
     start_name, start_path = ids.get(name, -1), None if path is None else ids.get(path, -1)
     if not found.parts or start_name < 0 or start_path is not None and start_path < 0:
         return _answer(label, _Node(), limit)
@@ -155,7 +151,7 @@ def _from_columns(snap: Snapshot, found: column_scans.Matched, start: tuple[str,
     # each session's first start event
     hits = {field: [] for field in ("session", "ts", "id")}
     for segment, rows in parts:
-        at = picked(rows, gather(segment, "name", rows) == np.int64(start_name))
+        at = picked(rows, segment.at("name", rows) == np.int64(start_name))
         if start_path is not None:
             at = at[segment.cols["path"][at] == np.int64(start_path)]
         for field, gathered in hits.items():
@@ -176,7 +172,7 @@ def _from_columns(snap: Snapshot, found: column_scans.Matched, start: tuple[str,
     # the events of those sessions from their first start event on
     columns = {field: [] for field in ("which", "ts", "name", "path")}
     for segment, rows in parts:
-        sessions = gather(segment, "session", rows)
+        sessions = segment.at("session", rows)
         if sessions.dtype.itemsize <= 4:  # ids below `below` wrap around past the table's end
             offsets = sessions - np.uint32(below)
         else:
