@@ -49,9 +49,11 @@ async def test_every_filter_chip_is_shown_at_80x24(server, memory):
     app = make_app(server, memory, DashboardQuery(range="custom", start="2026-03-01", end="2026-03-05", filters=filters))
     async with app.run_test(size=SMALL) as pilot:
         screen = await open_dashboard(pilot, app)
+        wanted = [f"{k}={v} ×" for k, v in filters]
+        await until(pilot, lambda: [str(chip.label) for chip in screen.query("FilterBar .chip")] == wanted, "the chips")
         await pilot.pause(0.2)
         chips = list(screen.query("FilterBar .chip"))
-        assert [str(chip.label) for chip in chips] == [f"{k}={v} ×" for k, v in filters]
+        assert [str(chip.label) for chip in chips] == wanted
         assert all(on_screen(chip) for chip in chips)
         assert not any(a.region.overlaps(b.region) for i, a in enumerate(chips) for b in chips[i + 1:])
 
