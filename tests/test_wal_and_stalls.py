@@ -25,7 +25,7 @@ from tests.test_faults import children, stored_uuids
 
 pytestmark = pytest.mark.slow
 MB = 1024 * 1024
-WAL_BOUND = 64 * MB  # README: the -wal file stays under 64 MiB (restarted at 16 MiB)
+WAL_BOUND = 64 * MB  # README: the -wal file stays under 64 MiB (restarted at 32 MiB)
 LIMIT = aiohttp.ClientTimeout(total=30)  # generous: only so that a hung request cannot hang the test
 
 

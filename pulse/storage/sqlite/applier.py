@@ -133,7 +133,7 @@ class BatchApplier:
             if session_id is not None and event_id > session_marks.get(session_id, 0):
                 parts = split_url(url) if url is not None and is_page else None
                 utm = (parts.utm_source, parts.utm_medium, parts.utm_campaign) if parts is not None else (None,) * 3
-                kept.count_in_session(session_id, ts, is_page, path_id, referrer_id, utm, agent_id)
+                kept.count_in_session(session_id, ts, is_page, path_id, referrer_id, *utm, agent_id)
         self.identities.rebuild_current(set(kept.sessions), kept)
         kept.since = kept.rows_since = time.monotonic()
 
@@ -161,7 +161,8 @@ class BatchApplier:
         identities.write_people(kept, traits, traited, flush, last, self.next_event_id)
         days = identities.write_sessions(kept, flush, last)
         if flush:
-            self._write_rows(kept.sealed_persons, kept.sealed_sessions, kept.sealed_through, days)
+            self._write_rows(*kept.take_sealed(len(kept.sealed_persons) + len(kept.sealed_sessions)),
+                             kept.sealed_through, days)
             self._write_rows(kept.persons, kept.sessions, last, days)
             kept.rows_since = None
             self._rows_through(last)
@@ -204,8 +205,7 @@ class BatchApplier:
                 return
             kept.seal(last)
         size = max(DRAIN_SLICE_ROWS if drain else SLICE_ROWS, added)
-        persons = _take(kept.sealed_persons, size)
-        sessions = _take(kept.sealed_sessions, size - len(persons))
+        persons, sessions = kept.take_sealed(size)
         self._write_rows(persons, sessions, kept.sealed_through, days)
         if not kept.sealed_persons and not kept.sealed_sessions:
             self._rows_through(kept.sealed_through)
@@ -243,50 +243,43 @@ class BatchApplier:
         self.interner.trim()
         self.rollups.trim()
 
-    def _look_up(self, jobs: list[Submit]) -> list[tuple[bytes, str, list, list]]:
-        """Load every distinct id and session key the batch names at once, and the current inferred sessions
-        of the persons of events without a session key; returns for each job its ip hash, the distinct id of
-        its events that have none, and per event the person and session ids already known then (else None:
-        known ids stay what they are within a batch, so each is looked up once)."""
+    def _look_up(self, jobs: list[Submit]) -> list[tuple[bytes, str]]:
+        """Load every distinct id and session key the batch names that the caches lack, at once, and the current
+        inferred sessions of the persons of events without a session key; returns each job's ip hash and the
+        distinct id of its events that have none. Set operations in C find what is missing: most of a busy
+        site's ids are cached, and this runs for every event."""
         identities = self.identities
         anonymous = []
         people: dict[int, set[str]] = {}
         session_keys: dict[int, set[str]] = {}
         keyless: dict[int, set[str]] = {}
         for job in jobs:
+            project_id, events = job.project_id, job.events
             ip_hash = hashlib.sha256(
-                b"%s%d\x00%s\x00%s" % (self.interner.salt(job.received // DAY_MS), job.project_id, job.ip.encode(),
+                b"%s%d\x00%s\x00%s" % (self.interner.salt(job.received // DAY_MS), project_id, job.ip.encode(),
                                        job.user_agent.encode())
             ).digest()[:8]
             anonymous_id = "$ip:" + ip_hash.hex()
-            person_ids: list[int | None] = []
-            session_ids: list[int | None] = []
-            anonymous.append((ip_hash, anonymous_id, person_ids, session_ids))
-            known_people = identities.persons.setdefault(job.project_id, {})
-            known_sessions = identities.sessions.setdefault(job.project_id, {})
-            wanted = people.setdefault(job.project_id, set())
-            keys = session_keys.setdefault(job.project_id, set())
-            named = keyless.setdefault(job.project_id, set())
-            for ev in job.events:
-                distinct_id = ev[DISTINCT_ID] or anonymous_id
-                person_id = known_people.get(distinct_id)
-                if person_id is None:
-                    wanted.add(distinct_id)
-                anon_id = ev[ANON_ID]
-                if anon_id is not None and anon_id not in known_people:
-                    wanted.add(anon_id)
-                person_ids.append(person_id)
-                session_key = ev[SESSION_KEY]
-                session_id = None
-                if session_key is None or session_key.startswith(INFERRED):
-                    named.add(distinct_id)
-                    if anon_id is not None:
-                        named.add(anon_id)
-                else:
-                    session_id = known_sessions.get(session_key)
-                    if session_id is None:
-                        keys.add(session_key)
-                session_ids.append(session_id)
+            anonymous.append((ip_hash, anonymous_id))
+            known_people = identities.persons.setdefault(project_id, {})
+            known_sessions = identities.sessions.setdefault(project_id, {})
+            named = {ev[DISTINCT_ID] or anonymous_id for ev in events}
+            anon_ids = {ev[ANON_ID] for ev in events}
+            anon_ids.discard(None)
+            named |= anon_ids
+            missing = named.difference(known_people)  # a dict: each name looked up in it
+            if missing:
+                people.setdefault(project_id, set()).update(missing)
+            keys = {ev[SESSION_KEY] for ev in events}
+            if None in keys or any(key.startswith(INFERRED) for key in keys if key is not None):
+                without = [ev for ev in events if ev[SESSION_KEY] is None or ev[SESSION_KEY].startswith(INFERRED)]
+                found = keyless.setdefault(project_id, set())
+                found.update(ev[DISTINCT_ID] or anonymous_id for ev in without)
+                found.update(ev[ANON_ID] for ev in without if ev[ANON_ID] is not None)
+                keys = {key for key in keys if key is not None and not key.startswith(INFERRED)}
+            missing = keys.difference(known_sessions)
+            if missing:
+                session_keys.setdefault(project_id, set()).update(missing)
         identities.load(people, session_keys, keyless)
         return anonymous
 
@@ -303,7 +296,7 @@ class BatchApplier:
                 found.update((project_id, uid) for (uid,) in self.conn.execute(_STORED_UUIDS, (project_id, chunk)))
         return found
 
-    def _resolve_and_count(self, jobs: list[Submit], anonymous: list[tuple[bytes, str, list, list]],
+    def _resolve_and_count(self, jobs: list[Submit], anonymous: list[tuple[bytes, str]],
                            seen: set[tuple[int, bytes]]) -> tuple[list[tuple], list[Result], list, set[int]]:
         """One row per new event, with its person, session and string ids, and what it adds to rollups,
         persons and sessions counted into the changes kept from earlier commits.
@@ -319,7 +312,8 @@ class BatchApplier:
         string_id = interner.string_id
         new_person, identify, new_session = identities.new_person, identities.identify, identities.new_session
         inferred_session = identities.inferred_session
-        count, count_in_session = self.kept.count, self.kept.count_in_session
+        count_person, count_in_session = self.kept.count_person, self.kept.count_in_session
+        counted = self.kept.counted.extend  # the rollup changes (write_behind.Kept.count_rollup, unrolled)
         event_id = self.next_event_id
         for index, job in enumerate(jobs):
             project_id = job.project_id
@@ -328,7 +322,8 @@ class BatchApplier:
             bot = int(is_bot)
             country = job.country
             country_id = None if country is None else (strings.get(country) or string_id(country))
-            ip_hash, anonymous_id, person_ids, session_ids = anonymous[index]
+            country_code = country_id or 0
+            ip_hash, anonymous_id = anonymous[index]
             persons = identities.persons[project_id]
             sessions = identities.sessions[project_id]
             duplicates: list[int] = []
@@ -347,13 +342,11 @@ class BatchApplier:
                 if anon_id is not None:
                     person_id = identify(project_id, distinct_id, anon_id, ts)
                 else:
-                    person_id = (person_ids[position] or persons.get(distinct_id)
-                                 or new_person(project_id, distinct_id, ts))
+                    person_id = persons.get(distinct_id) or new_person(project_id, distinct_id, ts)
                 if session_key is None or session_key.startswith(INFERRED):
                     session_id = inferred_session(project_id, person_id, ts)
                 else:
-                    session_id = (session_ids[position] or sessions.get(session_key)
-                                  or new_session(project_id, session_key, person_id))
+                    session_id = sessions.get(session_key) or new_session(project_id, session_key, person_id)
                 name_id = strings.get(name) or string_id(name)
                 path_id = None if path is None else (strings.get(path) or string_id(path))
                 referrer_domain_id = None if referrer_domain is None else (
@@ -369,13 +362,14 @@ class BatchApplier:
                 event_id += 1
 
                 page_view = name == PAGE_VIEW
-                count(project_id, ts, name_id, bot, person_id, session_id, agent_id, path_id if page_view else None,
-                      country_id, language_id, screen_id)
+                counted((project_id, ts, name_id, bot, person_id, session_id, agent_id,
+                         (path_id or 0) if page_view else 0, country_code, language_id or 0, screen_id or 0))
+                count_person(person_id, ts)
                 if traits is not None:
                     merged.append((traits, person_id))
                     traited.add(project_id)
-                count_in_session(session_id, ts, page_view, path_id, referrer_domain_id,
-                                 (utm_source, utm_medium, utm_campaign), agent_id)
+                count_in_session(session_id, ts, page_view, path_id, referrer_domain_id, utm_source, utm_medium,
+                                 utm_campaign, agent_id)
             results.append((job.job_id, len(job.events) - len(duplicates), duplicates))
         self.next_event_id = event_id
         return rows, results, merged, traited
@@ -390,18 +384,8 @@ class BatchApplier:
     def _flush(self) -> None:
         """Write every kept rollup change and move derived_through to the last event stored."""
         kept = self.kept
-        groups, dims = kept.groups, kept.dims
-        kept.groups, kept.dims = {}, {}
-        self.rollups.write(groups, dims, seq=self.next_event_id)  # unique per commit
+        self.rollups.write(kept.take_counted(), seq=self.next_event_id)  # unique per commit
         kept.derived_through = self.next_event_id - 1
         self.conn.execute(WRITE_DERIVED_THROUGH, (kept.derived_through,))
         kept.since = None
 
-
-def _take(changes: dict, count: int) -> dict:
-    """Up to `count` of the changes, taken out of `changes`."""
-    if count >= len(changes):
-        taken = dict(changes)
-        changes.clear()
-        return taken
-    return dict(changes.popitem() for _ in range(count))

@@ -8,10 +8,14 @@ events by user agent, country, language and screen class. The sets are roaring b
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import apsw
+import numpy as np
 from pyroaring import BitMap
+
+from pulse.storage.model import HOUR_MS
 
 DIM_AGENT = 1  # browser, OS and device follow from the user agent
 DIM_PAGE = 2  # page views by path
@@ -122,24 +126,40 @@ class RollupSets:
             if len(store.cache) > ROLLUP_CACHE_LIMIT and not store.uncompacted:
                 store.cache.clear()
 
-    def write(self, groups: dict[tuple[int, int, int, int], list], dims: dict[tuple[int, int, int, int, int], list],
-              seq: int) -> None:
+    def write(self, counted: np.ndarray, seq: int) -> None:
         """Each key of both tables with counted events gets a row of what they add (per event and for all).
 
-        groups: (project, hour, name, bot) -> [events, person ids, session ids]; dims: (project, dim, hour,
-        value, bot) -> [events, person ids]; seq: unique per commit."""
-        deltas: dict[tuple[int, int, int, int], list] = {}
-        for (project_id, hour, name_id, bot), (count, users, sessions) in groups.items():
-            for key in ((project_id, hour, name_id, bot), (project_id, hour, 0, bot)):
-                delta = deltas.get(key)
-                if delta is None:
-                    deltas[key] = [count, BitMap(users), BitMap(sessions)]
-                else:
-                    delta[0] += count
-                    delta[1].update(users)
-                    delta[2].update(sessions)
+        counted: one row per event, its COUNTED fields (0: none); seq: unique per commit."""
+        if not len(counted):
+            return
+        (project, ts, name, bot, person, session, agent, page, country, language,
+         screen) = np.ascontiguousarray(counted.T)
+        hour = ts // HOUR_MS
+        by_person = np.argsort(person)
+        by_session = np.argsort(session)
+        deltas: dict[tuple, list] = {}
+        for names in (name, np.zeros_like(name)):  # name 0: every event
+            keys, codes = _group(project, hour, names, bot)
+            counts = np.bincount(codes, minlength=len(keys))
+            users = _sets(codes, person, by_person, len(keys))
+            sessions = _sets(codes, session, by_session, len(keys))
+            for key, count, user_set, session_set in zip(keys, counts.tolist(), users, sessions):
+                session_set.discard(0)  # an event of no session
+                deltas[key] = [count, user_set, session_set]
         self.hourly.add(deltas, seq)
-        self.dims.add({key: [count, BitMap(users), None] for key, (count, users) in dims.items()}, seq)
+        dims: dict[tuple, list] = {}
+        for dim, values in ((DIM_AGENT, agent), (DIM_PAGE, page), (DIM_COUNTRY, country), (DIM_LANGUAGE, language),
+                            (DIM_SCREEN, screen)):
+            known = values != 0
+            if not known.any():
+                continue
+            keys, codes = _group(project, hour, values, bot)
+            counts = np.bincount(codes, minlength=len(keys))
+            users = _sets(codes, person, by_person, len(keys), known)
+            for (project_id, hour_key, value, bot_key), count, user_set in zip(keys, counts.tolist(), users):
+                if value:
+                    dims[(project_id, dim, hour_key, value, bot_key)] = [count, user_set, None]
+        self.dims.add(dims, seq)
 
     def compact_due(self, now: float) -> bool:
         return now - self.compacted_at > COMPACT_EVERY_S and bool(self.hourly.uncompacted or self.dims.uncompacted)
@@ -148,3 +168,52 @@ class RollupSets:
         """Merge the rows of every key of both tables kept in several rows; returns how many keys."""
         self.compacted_at = time.monotonic()
         return self.hourly.compact() + self.dims.compact()
+
+
+# what the writer counts of each event for the rollups (write_behind.Kept.count_rollup), in this order; 0 is
+# none (every id starts at 1)
+COUNTED = ("project_id", "ts", "name_id", "bot", "person_id", "session_id", "agent_id", "page_path_id",
+           "country_id", "language_id", "screen_id")
+
+
+def _group(project: np.ndarray, hour: np.ndarray, value: np.ndarray, bot: np.ndarray
+           ) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+    """The distinct (project, hour, value, bot) of the rows, and each row's index among them.
+
+    The four are packed into one integer (each an offset from its least, in as many values as it spans), as a
+    sort of one int64 column is many times faster than numpy's sort of rows; a span too wide to pack (never
+    seen: it takes hours and ids billions apart) is sorted as rows."""
+    columns = (project, hour, value, bot)
+    lows = [int(column.min()) for column in columns]
+    spans = [int(column.max()) - low + 1 for column, low in zip(columns, lows)]
+    if spans[0] * spans[1] * spans[2] * spans[3] >= 1 << 62:
+        keys, codes = np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)
+        return [tuple(key) for key in keys.tolist()], codes.reshape(-1)
+    packed = np.zeros(len(project), dtype=np.int64)
+    for column, low, span in zip(columns, lows, spans):
+        packed *= span
+        packed += column - low
+    found, codes = np.unique(packed, return_inverse=True)
+    keys = []
+    for number in found.tolist():
+        key = []
+        for low, span in zip(reversed(lows), reversed(spans)):
+            number, offset = divmod(number, span)
+            key.append(offset + low)
+        keys.append(tuple(reversed(key)))
+    return keys, codes
+
+
+def _sets(codes: np.ndarray, values: np.ndarray, by_value: np.ndarray, groups: int,
+          rows: np.ndarray | None = None) -> list[BitMap]:
+    """Per group, the set of its rows' values (only `rows`, a mask, if given). `by_value`: the rows in the order
+    of their values, so a stable sort by group leaves each group's values sorted (a bitmap is built from a
+    sorted array in a single pass)."""
+    order = by_value if rows is None else by_value[rows[by_value]]
+    group_codes = codes[order]
+    if groups <= 1 << 16:  # numpy sorts 16-bit integers stably by radix, in one pass
+        group_codes = group_codes.astype(np.uint16)
+    order = order[np.argsort(group_codes, kind="stable")]
+    bounds = np.searchsorted(codes[order], np.arange(groups + 1)).tolist()
+    ordered = values[order].astype(np.uint32).tobytes()
+    return [BitMap(array("I", ordered[start * 4:end * 4])) for start, end in zip(bounds, bounds[1:])]

@@ -46,17 +46,19 @@ out until they are written.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 
-from pulse.storage.model import HOUR_MS
-from pulse.storage.sqlite.rollup_sets import DIM_AGENT, DIM_COUNTRY, DIM_LANGUAGE, DIM_PAGE, DIM_SCREEN
+import numpy as np
+
+from pulse.storage.sqlite.rollup_sets import COUNTED
 
 # when the rollups are written, and everything (above)
 FLUSH_AFTER_S = 0.5
 FLUSH_IDLE_S = 0.05
 FLUSH_EVENTS = 100_000
 # when the changes kept of sessions and persons are sealed, and how many rows a commit writes of them (above)
-ROWS_AFTER_S = 5.0
+ROWS_AFTER_S = 30.0
 ROWS_LIMIT = 300_000
 SLICE_ROWS = 2_000
 DRAIN_SLICE_ROWS = 20_000  # while a read waits (below)
@@ -87,10 +89,8 @@ class Kept:
     def __init__(self, opt_string_id: Callable[[str | None], int | None], derived_through: int,
                  rows_through: int) -> None:
         self.opt_string_id = opt_string_id  # interns an entry page's UTM values when the entry changes
-        # (project, hour, name, bot) -> [events, person ids, session ids]
-        self.groups: dict[tuple[int, int, int, int], list] = {}
-        # (project, dim, hour, value, bot) -> [events, person ids]
-        self.dims: dict[tuple[int, int, int, int, int], list] = {}
+        # the rollup_sets.COUNTED fields of every event counted, one after another (counted_rows: as an array)
+        self.counted = array("q")
         # person id -> [first ts, last ts, events]
         self.persons: dict[int, list[int]] = {}
         # session id -> [first_ts, … agent_id] as SESSION_FIELDS
@@ -99,6 +99,8 @@ class Kept:
         self.sealed_persons: dict[int, list[int]] = {}
         self.sealed_sessions: dict[int, list] = {}
         self.sealed_through = 0
+        self._person_order: list[int] = []  # the sealed ids, highest first (take_sealed takes from the end)
+        self._session_order: list[int] = []
         self.since: float | None = None  # when the oldest rollup change kept was made (monotonic)
         self.rows_since: float | None = None  # when the oldest session or person change kept was made
         self.derived_through = derived_through  # the last event whose rollup changes are all written
@@ -108,8 +110,29 @@ class Kept:
         """Seal the session and person changes kept of the events up to `through` (none is sealed now)."""
         self.sealed_persons, self.persons = self.persons, {}
         self.sealed_sessions, self.sessions = self.sessions, {}
+        self._person_order = _descending(self.sealed_persons)
+        self._session_order = _descending(self.sealed_sessions)
         self.sealed_through = through
         self.rows_since = None
+
+    def take_sealed(self, count: int) -> tuple[dict[int, list[int]], dict[int, list]]:
+        """Up to `count` sealed person and session changes (taken out), the lowest ids of each table first, in
+        the same share of each: a slice changes rows that lie together (a few pages of each table and index)
+        rather than rows all over the tables, so every page is written about once per seal, not once a slice."""
+        persons, sessions = self.sealed_persons, self.sealed_sessions
+        total = len(persons) + len(sessions)
+        if count >= total:
+            taken = dict(persons), dict(sessions)
+            self.clear_sealed()
+            return taken
+        share = -(-count * len(persons) // total)  # rounded up: a person change left alone is taken too
+        return _take(persons, self._person_order, share), _take(sessions, self._session_order, count - share)
+
+    def clear_sealed(self) -> None:
+        """Forget the sealed changes (they are written)."""
+        self.sealed_persons.clear()
+        self.sealed_sessions.clear()
+        self._person_order, self._session_order = [], []
 
     def count_person(self, person_id: int, ts: int) -> None:
         """Add one event to its person's kept changes."""
@@ -123,46 +146,23 @@ class Kept:
                 person[1] = ts
             person[2] += 1
 
-    def count(self, project_id: int, ts: int, name_id: int, bot: int, person_id: int, session_id: int | None,
-              agent_id: int, page_path_id: int | None, country_id: int | None, language_id: int | None,
-              screen_id: int | None) -> None:
-        """Add one event to the kept rollup and person changes (see count_rollup)."""
-        self.count_rollup(project_id, ts, name_id, bot, person_id, session_id, agent_id, page_path_id, country_id,
-                          language_id, screen_id)
-        self.count_person(person_id, ts)
-
     def count_rollup(self, project_id: int, ts: int, name_id: int, bot: int, person_id: int, session_id: int | None,
                      agent_id: int, page_path_id: int | None, country_id: int | None, language_id: int | None,
                      screen_id: int | None) -> None:
         """Add one event to the kept rollup changes; page_path_id: its path if a page view; the string ids
         of its country, language and screen class when known."""
-        hour = ts // HOUR_MS
-        key = (project_id, hour, name_id, bot)
-        group = self.groups.get(key)
-        if group is None:
-            group = self.groups[key] = [0, [], []]
-        group[0] += 1
-        group[1].append(person_id)
-        if session_id is not None:
-            group[2].append(session_id)
-        dims = self.dims
-        # one key per dimension the event has a value of (unrolled: this runs for every event)
-        for key in ((project_id, DIM_AGENT, hour, agent_id, bot),
-                    None if page_path_id is None else (project_id, DIM_PAGE, hour, page_path_id, bot),
-                    None if country_id is None else (project_id, DIM_COUNTRY, hour, country_id, bot),
-                    None if language_id is None else (project_id, DIM_LANGUAGE, hour, language_id, bot),
-                    None if screen_id is None else (project_id, DIM_SCREEN, hour, screen_id, bot)):
-            if key is None:
-                continue
-            dim = dims.get(key)
-            if dim is None:
-                dim = dims[key] = [0, []]
-            dim[0] += 1
-            dim[1].append(person_id)
+        self.counted.extend((project_id, ts, name_id, bot, person_id, session_id or 0, agent_id, page_path_id or 0,
+                             country_id or 0, language_id or 0, screen_id or 0))
+
+    def take_counted(self) -> np.ndarray:
+        """The events counted for the rollups, a row each (rollup_sets.COUNTED), taken out."""
+        counted, self.counted = self.counted, array("q")
+        return np.frombuffer(counted, dtype=np.int64).reshape(-1, len(COUNTED))
 
     def count_in_session(self, session_id: int, ts: int, page_view: bool, path_id: int | None,
-                         referrer_id: int | None, utm: tuple, agent_id: int) -> None:
-        """Add one event to its session's kept changes; utm is (source, medium, campaign) of its page."""
+                         referrer_id: int | None, source: str | None, medium: str | None, campaign: str | None,
+                         agent_id: int) -> None:
+        """Add one event to its session's kept changes; source, medium, campaign: its page's UTM values."""
         changes = self.sessions
         delta = changes.get(session_id)
         if delta is None:
@@ -175,9 +175,29 @@ class Kept:
         if page_view:
             delta[PAGEVIEWS] += 1
             if delta[ENTRY_TS] is None or ts < delta[ENTRY_TS]:
-                source, medium, campaign = utm
-                delta[ENTRY_TS:EXIT_TS] = (ts, path_id, referrer_id, self.opt_string_id(source),
-                                           self.opt_string_id(medium), self.opt_string_id(campaign))
+                delta[ENTRY_TS] = ts
+                delta[ENTRY_PATH] = path_id
+                delta[ENTRY_REF] = referrer_id
+                if source is None and medium is None and campaign is None:  # most pages: no string to intern
+                    delta[ENTRY_SRC] = delta[ENTRY_MED] = delta[ENTRY_CAMP] = None
+                else:
+                    intern = self.opt_string_id
+                    delta[ENTRY_SRC], delta[ENTRY_MED], delta[ENTRY_CAMP] = (intern(source), intern(medium),
+                                                                             intern(campaign))
             if delta[EXIT_TS] is None or ts >= delta[EXIT_TS]:
                 delta[EXIT_TS] = ts
                 delta[EXIT_PATH] = path_id
+
+
+def _descending(changes: dict) -> list[int]:
+    """The ids of the changes, highest first (numpy: a seal of 100,000 rows sorts in milliseconds)."""
+    return np.sort(np.fromiter(changes, dtype=np.int64, count=len(changes)))[::-1].tolist()
+
+
+def _take(changes: dict, order: list[int], count: int) -> dict:
+    """The `count` changes of the lowest ids, taken out of `changes` and `order`."""
+    if count <= 0:
+        return {}
+    ids = order[-count:]
+    del order[-count:]
+    return {row_id: changes.pop(row_id) for row_id in reversed(ids)}

@@ -48,7 +48,7 @@ COMMIT_GAP_S = 0.0003
 # holds its snapshot. A RESTART checkpoint waits at most CHECKPOINT_WAIT_MS for readers; one that could
 # not finish is retried after CHECKPOINT_RETRY_S, then twice as long each time, up to
 # CHECKPOINT_BACKOFF_MAX_S (the passive checkpoints back off the same way on a full disk).
-WAL_RESET_BYTES = 16 * 1024 * 1024
+WAL_RESET_BYTES = 32 * 1024 * 1024
 # KiB of pages the writer's connection keeps (pages are read only as they are touched): a busy site's
 # sessions and persons rows (~100 bytes each), updated all over their tables by every flush, stay in memory
 # rather than being read again from the file each time (8 MiB held 2,000 open sessions' tails but not 200,000)
