@@ -161,8 +161,7 @@ class BatchApplier:
         identities.write_people(kept, traits, traited, flush, last, self.next_event_id)
         days = identities.write_sessions(kept, flush, last)
         if flush:
-            self._write_rows(*kept.take_sealed(len(kept.sealed_persons) + len(kept.sealed_sessions)),
-                             kept.sealed_through, days)
+            self._write_rows(*kept.take_sealed(), kept.sealed_through, days)
             self._write_rows(kept.persons, kept.sessions, last, days)
             kept.rows_since = None
             self._rows_through(last)

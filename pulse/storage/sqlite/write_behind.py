@@ -89,7 +89,7 @@ class Kept:
     def __init__(self, opt_string_id: Callable[[str | None], int | None], derived_through: int,
                  rows_through: int) -> None:
         self.opt_string_id = opt_string_id  # interns an entry page's UTM values when the entry changes
-        # the rollup_sets.COUNTED fields of every event counted, one after another (counted_rows: as an array)
+        # the rollup_sets.COUNTED fields of every event counted, one after another (take_counted: as rows)
         self.counted = array("q")
         # person id -> [first ts, last ts, events]
         self.persons: dict[int, list[int]] = {}
@@ -115,24 +115,19 @@ class Kept:
         self.sealed_through = through
         self.rows_since = None
 
-    def take_sealed(self, count: int) -> tuple[dict[int, list[int]], dict[int, list]]:
-        """Up to `count` sealed person and session changes (taken out), the lowest ids of each table first, in
-        the same share of each: a slice changes rows that lie together (a few pages of each table and index)
-        rather than rows all over the tables, so every page is written about once per seal, not once a slice."""
+    def take_sealed(self, count: int | None = None) -> tuple[dict[int, list[int]], dict[int, list]]:
+        """Up to `count` sealed person and session changes (all if None; taken out), the lowest ids of each table
+        first, in the same share of each: a slice changes rows that lie together (a few pages of each table and
+        index) rather than rows all over the tables, so every page is written about once per seal, not once a
+        slice."""
         persons, sessions = self.sealed_persons, self.sealed_sessions
         total = len(persons) + len(sessions)
-        if count >= total:
-            taken = dict(persons), dict(sessions)
-            self.clear_sealed()
-            return taken
+        if count is None or count >= total:
+            self.sealed_persons, self.sealed_sessions = {}, {}
+            self._person_order, self._session_order = [], []
+            return persons, sessions
         share = -(-count * len(persons) // total)  # rounded up: a person change left alone is taken too
         return _take(persons, self._person_order, share), _take(sessions, self._session_order, count - share)
-
-    def clear_sealed(self) -> None:
-        """Forget the sealed changes (they are written)."""
-        self.sealed_persons.clear()
-        self.sealed_sessions.clear()
-        self._person_order, self._session_order = [], []
 
     def count_person(self, person_id: int, ts: int) -> None:
         """Add one event to its person's kept changes."""
