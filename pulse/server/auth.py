@@ -148,7 +148,9 @@ class KeyRing:
 
     def ingest_project(self, secret: str) -> Project:
         """The project an ingest key sends to, wherever the request carried it (401 or 403 otherwise)."""
-        found = self.grant(secret)
+        return self._ingest_grant(self.grant(secret))
+
+    def _ingest_grant(self, found: KeyGrant | None) -> Project:
         if found is None:
             raise ApiError(401, "invalid or revoked ingest key")
         if found.kind != INGEST:
@@ -159,15 +161,19 @@ class KeyRing:
         """`ingest`, for a key made a moment ago too: an unknown key is looked for in the catalog once (one
         reload, if its version changed) before it is refused."""
         secret = request.headers.get("X-API-Key") or request.query.get("key")
-        if secret and self.grant(secret) is None:
+        if not secret:
+            return self.ingest(request)  # the 401 for a missing key
+        found = self.grant(secret)
+        if found is None:
             key_digest = digest(secret)
             if self._unknown.get(key_digest, 0.0) <= time.monotonic():
                 await self._catch_up()
-                if self.grant(secret) is None:
+                found = self.grant(secret)
+                if found is None:
                     if len(self._unknown) >= UNKNOWN_KEYS_MAX:
                         self._unknown.clear()
                     self._unknown[key_digest] = time.monotonic() + UNKNOWN_KEY_S
-        return self.ingest(request)
+        return self._ingest_grant(found)
 
     async def _catch_up(self) -> None:
         """Reload if the catalog changed since the last reload, by a look that starts after this call (one

@@ -20,6 +20,8 @@ OFF = "off"
 _V4_DATA = "geoip2fast.dat.gz"
 _V6_DATA = "geoip2fast-ipv6.dat.gz"
 _UNKNOWN = "--"  # geoip2fast's country code for an address it has no country for
+RECENT_MAX = 65_536  # addresses whose country is kept (then all are forgotten at once)
+_NOT_KEPT = object()
 
 
 class GeoipUnavailable(Exception):
@@ -33,6 +35,8 @@ class Countries:
         self._by_v4: Callable[[str], str | None] | None = None
         self._by_v6: Callable[[str], str | None] | None = None
         self._loading_v6: asyncio.Future | None = None
+        # the countries of recent addresses: a visitor sends many requests, each looked up once per address
+        self._recent: dict[str, str | None] = {}
         self.source = setting or "builtin"
         if setting == OFF:
             return
@@ -42,6 +46,15 @@ class Countries:
             self._by_v4 = _builtin(_V4_DATA)
 
     async def country(self, ip: str) -> str | None:
+        found = self._recent.get(ip, _NOT_KEPT)
+        if found is _NOT_KEPT:
+            found = await self._country(ip)
+            if len(self._recent) >= RECENT_MAX:
+                self._recent.clear()
+            self._recent[ip] = found
+        return found
+
+    async def _country(self, ip: str) -> str | None:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:

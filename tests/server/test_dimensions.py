@@ -21,6 +21,7 @@ from netaddr import IPSet
 
 from pulse.config import Settings
 from pulse.server.app import create_app
+from pulse.server import geo
 from pulse.server.geo import Countries, GeoipUnavailable
 from pulse.storage.sqlite.maintenance import verify
 from tests.servers import Server, pulse, read_api
@@ -200,6 +201,15 @@ async def test_unknown_and_private_addresses_have_no_country_and_off_looks_up_no
     assert await Countries("").country("8.8.8.8") == "US"
 
 
+async def test_countries_keep_a_bounded_number_of_addresses(monkeypatch):
+    monkeypatch.setattr(geo, "RECENT_MAX", 3)
+    countries = Countries("")
+    addresses = ["8.8.8.8", "10.0.0.1", "1.1.1.1", "8.8.4.4", "::1", "not an address", "8.8.8.8"]
+    found = [await countries.country(ip) for ip in addresses]
+    assert found == ["US", None, found[2], "US", None, None, "US"] and found[2] is not None
+    assert len(countries._recent) <= 3
+
+
 def write_mmdb(path) -> None:
     """A country database in MaxMind's format with a few test ranges, on purpose unlike the bundled data."""
     writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country")
@@ -218,6 +228,7 @@ async def test_mmdb_reader_maps_its_ranges(tmp_path):
                                                          "5.6.7.8", "9.9.9.9", "10.0.0.1")}
     assert found == {"8.8.8.8": "NZ", "81.2.69.160": "JP", "2001:4860:4860::8888": "FR", "5.6.7.8": None,
                      "9.9.9.9": None, "10.0.0.1": None}
+    assert {ip: await countries.country(ip) for ip in found} == found  # again, from the addresses it keeps
     (tmp_path / "broken.mmdb").write_bytes(b"not a database")
     for bad in (tmp_path / "missing.mmdb", tmp_path / "broken.mmdb"):
         with pytest.raises(GeoipUnavailable, match="--geoip"):
