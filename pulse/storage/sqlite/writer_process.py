@@ -63,6 +63,8 @@ class Channel:
         self.sock = sock
         self.buffer = bytearray()
         self.closed = False
+        # read into one buffer made once: a recv() of READ_SIZE allocates (and maps) that much each call
+        self.scratch = memoryview(bytearray(READ_SIZE))
 
     def send(self, message: object) -> None:
         """Send unless the server's end is gone (then the writer finishes its work and exits)."""
@@ -83,11 +85,11 @@ class Channel:
                 if not ready:
                     break
             timeout = 0.0  # only the first wait may be long: then take what else has arrived, and go
-            chunk = self.sock.recv(READ_SIZE)
-            if not chunk:
+            size = self.sock.recv_into(self.scratch)
+            if not size:
                 self.closed = True
                 break
-            self.buffer += chunk
+            self.buffer += self.scratch[:size]
             messages.extend(decode_to_writer(payload) for payload in read_frames(self.buffer))
             wait = block and not messages
         return messages
