@@ -314,6 +314,46 @@ async def test_tiered_merges_keep_every_row(settings, two_projects, population, 
 # -- restarts --------------------------------------------------------------------------------------------------
 
 
+async def caught_up(index: ColumnIndex, path) -> None:
+    """Poke the builder process until its manifest names every event (bounded, never timed)."""
+    conn = connect(path, readonly=True)
+    highest = conn.execute("SELECT max(id) FROM events").fetchone()[0]
+    conn.close()
+    for _ in range(1200):
+        if index.view.through == highest:
+            return
+        index.poke()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the builder did not reach event {highest}: {index.view.through}")
+
+
+async def test_a_builder_that_dies_is_started_again_and_builds_on(settings, two_projects, population, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(columns, "RESTART_AFTER_S", 0.05)
+    jobs, _ = population
+    await write(settings.db_path, jobs[:25])
+    index = ColumnIndex(settings.db_path, tmp_path / "columns", interval_s=0.1)
+    index.start()
+    try:
+        await caught_up(index, settings.db_path)
+        first = index._process
+        first.kill()  # as the kernel's OOM killer would
+        first.wait()
+        for _ in range(600):
+            if index._process is not first and index._process is not None and index._process.poll() is None:
+                break
+            await asyncio.sleep(0.05)
+        assert index.restarts == 1 and index._process is not first
+        await write(settings.db_path, jobs[25:])  # built by the new process, on top of what the first one built
+        await caught_up(index, settings.db_path)
+        assert_columns_equal_table(index, settings.db_path, list(two_projects))
+    finally:
+        index.stop()
+    assert index._process is None and first.returncode is not None
+    await asyncio.sleep(0.2)  # longer than the restart delay: a stopped builder stays stopped
+    assert index._process is None and index.restarts == 1
+
+
 def _files(directory) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_ino for p in directory.rglob("*.npy")}
 

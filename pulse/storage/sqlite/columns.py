@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,10 @@ MERGE_FANOUT = 4  # this many segments of about one size are merged into one
 MERGE_MAX_ROWS = 2_000_000  # merges make no larger segment (a merge holds about 60 bytes per row a while)
 DELTA_MAX_ROWS = 200_000  # a read builds at most this many events itself; past that, columns are not used
 VERSION = 3  # of the files: segments of another version are built again
+# a builder that ends on its own (killed, out of memory) is started again after RESTART_AFTER_S, twice as long
+# after each time it ends again within RESTART_BACKOFF_MAX_S of its start, up to that
+RESTART_AFTER_S = 1.0
+RESTART_BACKOFF_MAX_S = 60.0
 
 
 def narrow(values: np.ndarray) -> np.ndarray:
@@ -301,6 +306,9 @@ class ColumnIndex:
         self._loaded: dict[str, Segment] = {}  # segments mapped already, by name
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
+        self._starting = threading.Lock()  # a restart and `stop` one at a time
+        self._stopping = threading.Event()
+        self.restarts = 0  # times the builder was started again after it ended on its own
 
     # -- the readers' side ----------------------------------------------------------------------------------
 
@@ -360,13 +368,45 @@ class ColumnIndex:
     # -- the builder ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the builder process; it ends when `stop` is called or the server goes (its stdin closes)."""
-        self._process = subprocess.Popen(
+        """Start the builder process; it ends when `stop` is called or the server goes (its stdin closes), and
+        is started again whenever it ends otherwise (see `_watch`)."""
+        self._stopping.clear()
+        with self._starting:
+            self._process = self._spawn()
+        threading.Thread(target=self._watch, args=(self._process,), name="pulse-columns-watch", daemon=True).start()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "pulse.storage.sqlite.columns", str(self.db_path), str(self.directory),
              str(self.interval_s)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
 
+    def _watch(self, process: subprocess.Popen) -> None:
+        """Start the builder again when it ends on its own. Reads stay exact without it (they build what it has
+        not reached from the table), but past DELTA_MAX_ROWS unbuilt events filtered reads go back to the table."""
+        backoff = RESTART_AFTER_S
+        while True:
+            started = time.monotonic()
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+            if time.monotonic() - started > RESTART_BACKOFF_MAX_S:
+                backoff = RESTART_AFTER_S  # it ran a good while: not the same failure over again
+            log.warning("event columns: the builder ended (exit code %s); starting it again in %g s", code, backoff)
+            if self._stopping.wait(backoff):
+                return
+            with self._starting:
+                if self._stopping.is_set():
+                    return
+                process = self._process = self._spawn()
+                self.restarts += 1
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+
     def stop(self) -> None:
-        process, self._process = self._process, None
+        self._stopping.set()
+        with self._starting:
+            process, self._process = self._process, None
         if process is None:
             return
         with contextlib.suppress(OSError):
