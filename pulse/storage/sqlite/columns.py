@@ -419,10 +419,11 @@ class ColumnIndex:
 
     def poke(self) -> None:
         """Build now rather than at the next interval (tests)."""
-        if self._process is not None:
-            with contextlib.suppress(OSError):
-                self._process.stdin.write(b"\n")
-                self._process.stdin.flush()
+        process = self._process
+        if process is not None:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: it ended, its stdin is closed
+                process.stdin.write(b"\n")
+                process.stdin.flush()
 
     def serve(self, commands: int) -> None:
         """The builder process: a pass, then wait for the interval or a poke on `commands`, until it closes."""
