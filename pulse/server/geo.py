@@ -20,7 +20,7 @@ OFF = "off"
 _V4_DATA = "geoip2fast.dat.gz"
 _V6_DATA = "geoip2fast-ipv6.dat.gz"
 _UNKNOWN = "--"  # geoip2fast's country code for an address it has no country for
-RECENT_MAX = 65_536  # addresses whose country is kept (then all are forgotten at once)
+RECENT_MAX = 16_384  # addresses whose country is kept (then all are forgotten at once): a few MB
 _NOT_KEPT = object()
 
 
