@@ -9,11 +9,14 @@ import uuid
 
 import msgspec
 
-from pulse.storage.model import HOUR_MS
+from pulse.storage.model import DAY_MS, HOUR_MS, Filters, Window
 from pulse.storage.sqlite import applier as applier_module
 from pulse.storage.sqlite import identities
 from pulse.storage.sqlite.applier import BatchApplier
+from pulse.storage.sqlite.connection import connect
+from pulse.storage.sqlite.day_cache import DayCache, Snapshot
 from pulse.storage.sqlite.maintenance import verify
+from pulse.storage.sqlite.sessions import session_sums
 from tests.storage.test_writer import BASE, ev, job, submit
 
 PAGES = ["/", "/pricing", "/docs"]
@@ -212,4 +215,33 @@ def test_commits_larger_than_a_slice_do_not_pile_up_sealed_changes(db, project, 
         assert sealed <= 30, commit
     last = db.execute("SELECT max(id) FROM events").fetchone()[0]
     assert last - applier.kept.rows_through <= 30
+    assert verify(db, [project]) == []
+
+
+def test_a_day_read_between_two_commits_is_read_again_after_a_flush_with_no_new_event(db, project, settings,
+                                                                                        monkeypatch):
+    """A reader caches a whole day's sessions after the commit that stored their events and before the one that
+    writes what they changed (a flush that stores no new event: a read's, or the idle one). That day's generation
+    moves with the second commit too, so the next read counts the sessions again, whole."""
+    monkeypatch.setattr(applier_module, "ROWS_AFTER_S", 3600.0)  # the changes stay kept until the flush
+    applier = BatchApplier(db)
+    views = [ev("page_view", BASE + i * 60_000, "u1", "s1", page_url="https://site.example/") for i in range(3)]
+    with db:
+        applier.apply(submit(job(project.id, [*views, ev("click", BASE + 5 * 60_000, "u2", "s2")])), flush=False)
+    day = BASE // DAY_MS * DAY_MS
+    window = Window(day, day + DAY_MS)  # a whole UTC day: its sessions come from the day cache
+    cache = DayCache()
+    reader = connect(settings.db_path, readonly=True)
+    try:
+        before = session_sums(Snapshot(reader, cache), project.id, window, Filters())
+        with db:
+            applier.apply([], flush=True)
+        after = session_sums(Snapshot(reader, cache), project.id, window, Filters())
+        # (sessions, bounces, duration ms, page views), recounted from what was sent: s1 3 views over 2 minutes,
+        # s2 a single click
+        assert after == (2, 1, 2 * 60_000, 3)
+        assert before != after  # the first read did see the sessions before their changes were written
+        assert session_sums(Snapshot(reader, DayCache()), project.id, window, Filters()) == after
+    finally:
+        reader.close()
     assert verify(db, [project]) == []

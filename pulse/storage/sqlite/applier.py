@@ -47,6 +47,7 @@ _HIGHEST = (
     "SELECT coalesce((SELECT max(id) FROM events), 0),"
     " coalesce((SELECT max(value) FROM meta WHERE key IN ('derived_through', 'rows_through')), 0)"
 )
+_HIGHEST_DAY_GENERATION = "SELECT coalesce(max(generation), 0) FROM session_days"
 _EXISTING_PROJECTS = "SELECT id FROM projects WHERE id IN (SELECT value FROM json_each(?))"
 # the marks of the persons and sessions of the events after an event id (see write_behind)
 _PERSON_MARKS = "SELECT id, derived_through FROM persons WHERE id IN (SELECT person_id FROM events WHERE id > ?)"
@@ -77,6 +78,8 @@ class BatchApplier:
         # never below the marks: deleting the project with the newest events must not hand out ids that the
         # marks say are written already (its rollup rows' seq, too, must go on rising)
         self.next_event_id = max(self.conn.execute(_HIGHEST).fetchone()) + 1
+        # the generation last given to a session start day (see _touch_days)
+        self.day_generation = self.conn.execute(_HIGHEST_DAY_GENERATION).fetchone()[0]
         self._replay()
 
     def compact(self) -> int:
@@ -176,10 +179,19 @@ class BatchApplier:
                 self._flush()
             self._write_slice(now, last, days, drain, 2 * len(rows))
             identities.trim_current(lambda: set(kept.sessions) | set(kept.sealed_sessions))
-        identities.touch_days(days, self.next_event_id)  # above every earlier commit's
+        self._touch_days(days)
         if self.rollups.compact_due(now):
             self.compact()
         return results + gone
+
+    def _touch_days(self, days: set[tuple[int, int]]) -> None:
+        """Give the start days of the sessions this commit changed a generation above every earlier commit's. The
+        next event id alone is not: a commit that writes kept changes and no new event (a read's flush, the idle
+        one, a slice) has the same as the commit before it, and a day a reader cached in between would be
+        taken as unchanged."""
+        if days:
+            self.day_generation = max(self.next_event_id, self.day_generation + 1)
+            self.identities.touch_days(days, self.day_generation)
 
     def _write_rows(self, persons: dict[int, list[int]], sessions: dict[int, list], mark: int,
                     days: set[tuple[int, int]]) -> None:
