@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from textual.app import App
 from textual.geometry import Region
 
 from pulse.tui.app import PulseApp
 from pulse.tui.client import PulseClient
 from pulse.tui.state import DashboardQuery, change
+from pulse.tui.widgets.filter_bar import FilterBar
 from pulse.tui.widgets.live_feed import LiveFeed
 from pulse.tui.widgets.top_events import TopEventsChart
 from tests.tui.conftest import OPERATOR, POPULATION_QUERY
@@ -56,6 +61,33 @@ async def test_every_filter_chip_is_shown_at_80x24(server, memory):
         assert [str(chip.label) for chip in chips] == wanted
         assert all(on_screen(chip) for chip in chips)
         assert not any(a.region.overlaps(b.region) for i, a in enumerate(chips) for b in chips[i + 1:])
+
+
+async def test_chips_are_laid_out_when_the_line_they_follow_is_placed_after_the_bar():
+    """The bar can reach its size before the presets and range label are placed (they mount on their own):
+    the chips come once the line is placed, though the bar does not resize again."""
+    filters = (("trait.gender", "Female"), ("trait.age_group", "18-40"), ("browser", "Firefox"))
+
+    class Host(App):
+        CSS_PATH = Path(sys.modules[PulseApp.__module__].__file__).with_name(PulseApp.CSS_PATH)
+
+        def compose(self):
+            yield FilterBar()
+
+    async with Host().run_test(size=SMALL) as pilot:
+        bar = pilot.app.query_one(FilterBar)
+        line = bar.query_one("#filter-line")
+        for item in line.children:
+            item.display = False  # not placed: out of the layout, as before they are mounted
+        await pilot.pause(0.2)
+        bar.show(DashboardQuery(range="custom", start="2026-03-01", end="2026-03-05", filters=filters))
+        await pilot.pause(0.2)
+        for item in line.children:
+            item.display = True
+        wanted = [f"{k}={v} ×" for k, v in filters]
+        await until(pilot, lambda: [str(chip.label) for chip in bar.query(".chip")] == wanted, "the chips")
+        await pilot.pause(0.2)
+        assert all(on_screen(chip) for chip in bar.query(".chip"))
 
 
 async def test_breakdown_rows_and_the_feed_show_at_80x24_without_scrolling(server, memory):

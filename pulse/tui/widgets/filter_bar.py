@@ -37,8 +37,10 @@ class FilterBar(Vertical):
         self.chips = [(key, query.filter_text(key, value) + " ×") for key, value in query.filters]
         self.lay_out()
 
-    def on_resize(self) -> None:
-        self.lay_out()
+    def on_mount(self) -> None:
+        # The chips follow the presets and the range label, which are placed (once mounted) and change width
+        # (with the dates) without the bar itself resizing: lay out again after every layout of the screen.
+        self.screen.screen_layout_refresh_signal.subscribe(self, lambda _: self.lay_out())
 
     def lay_out(self) -> None:
         """Chips after the presets while they fit, then on as many lines below as they take."""
@@ -47,7 +49,7 @@ class FilterBar(Vertical):
         width = self.content_region.width
         taken = last.region.right + last.styles.margin.right - self.content_region.x
         if width <= 0 or taken <= 0 or self.laid_out == (width, taken, self.chips):
-            return  # not laid out yet (on_resize comes), or laid out as it is
+            return  # not placed yet (the next layout comes), or laid out as it is
         self.laid_out = (width, taken, list(self.chips))
         for chip in self.query(".chip"):
             chip.remove()
