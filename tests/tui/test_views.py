@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import inspect
 from pathlib import Path
 
 from textual.app import App
@@ -69,7 +69,7 @@ async def test_chips_are_laid_out_when_the_line_they_follow_is_placed_after_the_
     filters = (("trait.gender", "Female"), ("trait.age_group", "18-40"), ("browser", "Firefox"))
 
     class Host(App):
-        CSS_PATH = Path(sys.modules[PulseApp.__module__].__file__).with_name(PulseApp.CSS_PATH)
+        CSS_PATH = Path(inspect.getfile(PulseApp)).with_name(PulseApp.CSS_PATH)  # pulse's own styles
 
         def compose(self):
             yield FilterBar()
